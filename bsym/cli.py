@@ -1,0 +1,23 @@
+"""The ``bsym`` command line: one thin command per stage over typed library functions."""
+
+from __future__ import annotations
+
+import typer
+
+from bsym.export.cli import export_command
+from bsym.serving.cli import score_command, serve_command
+from bsym.simulate.cli import simulate_app
+from bsym.training.cli import evaluate_command, train_command
+
+app = typer.Typer(
+    name="bsym",
+    help="Symmetry-aware taggers: simulate, train, evaluate, export to ONNX, serve, score.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(simulate_app, name="simulate")
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
+app.command("export")(export_command)
+app.command("score")(score_command)
+app.command("serve")(serve_command)

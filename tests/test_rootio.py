@@ -1,0 +1,84 @@
+"""Opening and reading ROOT inputs: path syntax and every way a file can be bad."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uproot
+
+from bsym.errors import InputFileError, MissingBranchError
+from bsym.rootio import TreeSource, atomic_output, iterate_chunks, open_tree, parse_inputs, read_all
+
+
+def write_tree(path: Path, entries: int = 100) -> Path:
+    with uproot.recreate(path) as file:
+        file["Muons"] = {"Muon_pt": np.linspace(1, 2, entries), "Muon_eta": np.zeros(entries)}
+    return path
+
+
+def test_parse_inputs_globs_and_tree_suffix(tmp_path: Path) -> None:
+    for name in ("b.root", "a.root"):
+        write_tree(tmp_path / name)
+    sources = parse_inputs([f"{tmp_path}/*.root", f"{tmp_path}/a.root:Other"], "Muons")
+    assert sources == [
+        TreeSource(tmp_path / "a.root", "Muons"),
+        TreeSource(tmp_path / "b.root", "Muons"),
+        TreeSource(tmp_path / "a.root", "Other"),
+    ]
+    with pytest.raises(InputFileError, match="no file matches"):
+        parse_inputs([f"{tmp_path}/*.nothing"], "Muons")
+
+
+def test_read_all_and_chunks(tmp_path: Path) -> None:
+    source = TreeSource(write_tree(tmp_path / "a.root", 1000), "Muons")
+    arrays = read_all(source, ["Muon_pt"])
+    assert len(arrays) == 1000
+    tree = open_tree(source)
+    chunks = list(iterate_chunks(tree, source, ["Muon_pt"], step_size=300))
+    assert [len(c) for c in chunks] == [300, 300, 300, 100]
+
+
+def test_missing_file_tree_and_branch(tmp_path: Path) -> None:
+    path = write_tree(tmp_path / "a.root")
+    with pytest.raises(InputFileError, match="no such file"):
+        open_tree(TreeSource(tmp_path / "nope.root", "Muons"))
+    with pytest.raises(InputFileError, match="no tree 'Muon'; did you mean 'Muons'"):
+        open_tree(TreeSource(path, "Muon"))
+    source = TreeSource(path, "Muons")
+    with pytest.raises(MissingBranchError, match="no branch 'Muon_ptt'; did you mean 'Muon_pt'"):
+        list(iterate_chunks(open_tree(source), source, ["Muon_ptt"]))
+
+
+def test_corrupt_truncated_and_empty_files(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.root"
+    garbage.write_bytes(b"this is not a ROOT file" * 100)
+    with pytest.raises(InputFileError, match="not a readable ROOT file"):
+        open_tree(TreeSource(garbage, "Muons"))
+
+    whole = write_tree(tmp_path / "whole.root", 200_000).read_bytes()
+    truncated = tmp_path / "truncated.root"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputFileError, match=r"truncated\.root"):
+        read_all(TreeSource(truncated, "Muons"), ["Muon_pt"])
+
+    empty = tmp_path / "empty.root"
+    with uproot.recreate(empty) as file:
+        file.mktree("Muons", {"Muon_pt": np.float64})
+    with pytest.raises(InputFileError, match="empty"):
+        read_all(TreeSource(empty, "Muons"), ["Muon_pt"])
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.root"
+    target.write_text("previous complete output")
+    with pytest.raises(RuntimeError), atomic_output(target) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "previous complete output"
+    assert list(tmp_path.iterdir()) == [target]
+    with atomic_output(target) as temporary:
+        temporary.write_text("new")
+    assert target.read_text() == "new"
+    assert list(tmp_path.iterdir()) == [target]
