@@ -1,0 +1,400 @@
+"""torch → ONNX that verifies and records what it wrote.
+
+:func:`export_onnx` traces a checkpoint's model with a dynamic batch axis, runs
+``onnx.checker``, and compares ONNX Runtime against torch on held-out rows (the checkpoint's
+test split, or given files): the largest absolute difference of every output, on
+probabilities, must not exceed ``tolerance`` (default :data:`DEFAULT_TOLERANCE` = 1e-4),
+in large batches, in batches of one row and in an odd batch size. The feature spec, the
+config, the bsym version and git commit, the class labels and the parity result go into
+``metadata_props``, so the file alone says what it is and how to feed it.
+
+:func:`export_to_repository` does the same into a Triton model repository.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+import bsym
+from bsym.console import stderr
+from bsym.errors import ConfigError, SpecMismatchError
+from bsym.features import FeatureBatch
+from bsym.rootio import atomic_output, parse_inputs
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+    from bsym.export.triton_config import Flavour
+    from bsym.training.checkpoint import LoadedModel
+
+DEFAULT_TOLERANCE = 1e-4
+"""Largest allowed |torch − ONNX Runtime| on any output value (probabilities, absolute)."""
+DEFAULT_OPSET = 17
+PARITY_MAX_ROWS = 20_000
+PARITY_MIN_ROWS = 2_000
+PARITY_BATCH_SIZES = (4096, 333, 1)
+SINGLE_ROW_CHECKS = 64
+"""Batches of one row are slow in Python, so only the first rows are checked one by one."""
+
+DEFAULT_OUTPUT_NAMES = ("score",)
+MODEL_FILENAME = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """torch against ONNX Runtime on the same rows."""
+
+    rows: int
+    source: str
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: dict[str, float]
+    """Per output, the largest absolute difference over all rows and batch sizes."""
+    tolerance: float
+
+    @property
+    def worst(self) -> float:
+        return max(self.max_abs_diff.values())
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote and how it was verified."""
+
+    onnx_path: Path
+    model_name: str
+    model_type: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    opset: int
+    parity: ParityReport
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    """An export placed in a Triton model repository."""
+
+    export: ExportReport
+    repository: Path
+    model_dir: Path
+    version: int
+    flavour: str
+
+
+def export_onnx(
+    checkpoint: Path,
+    out: Path,
+    *,
+    parity_data: Sequence[str] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    force: bool = False,
+    opset: int = DEFAULT_OPSET,
+    name: str | None = None,
+) -> ExportReport:
+    """Export ``checkpoint`` to ``out`` after the checker and the parity check pass.
+
+    ``name`` overrides the model name recorded in the metadata (it names output branches,
+    so it must be an identifier). An existing ``out`` is replaced only with ``force``; the
+    file is written beside ``out`` and renamed, so a failed export leaves nothing behind.
+    """
+    _refuse_overwrite(out, force)
+    from bsym.training.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(Path(checkpoint))
+    return _export_loaded(
+        loaded, Path(out), parity_data=parity_data, tolerance=tolerance, opset=opset, name=name
+    )
+
+
+def export_to_repository(
+    checkpoint: Path,
+    repository: Path = Path("model_repository"),
+    *,
+    name: str | None = None,
+    version: int | None = None,
+    flavour: Flavour = "production",
+    force: bool = False,
+    parity_data: Sequence[str] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    opset: int = DEFAULT_OPSET,
+) -> RepositoryEntry:
+    """Export ``checkpoint`` as ``repository/<name>/<version>/model.onnx`` with its config.
+
+    ``version`` defaults to the next free one; an existing version is replaced only with
+    ``force``. ``flavour`` picks the Triton config (``production``: ONNX Runtime backend on
+    GPUs; ``cpu``: the Python backend on CPUs).
+    """
+    from bsym.export.triton_config import check_model_name, write_model_repository
+    from bsym.training.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(Path(checkpoint))
+    model_name = _model_name(loaded, name)
+    check_model_name(model_name)
+    repository = Path(repository)
+    model_dir = repository / model_name
+    if version is None:
+        version = next_version(model_dir)
+    elif version < 1:
+        raise ConfigError(f"model '{model_name}': version must be >= 1, got {version}")
+    elif (model_dir / str(version)).exists() and not force:
+        raise ConfigError(
+            f"model '{model_name}' version {version} already exists in {repository}; pass "
+            "--force to replace it, or leave --version out to take the next free one"
+        )
+    with tempfile.TemporaryDirectory(prefix="bsym-export-") as tmp:
+        report = _export_loaded(
+            loaded,
+            Path(tmp) / MODEL_FILENAME,
+            parity_data=parity_data,
+            tolerance=tolerance,
+            opset=opset,
+            name=model_name,
+        )
+        model_dir = write_model_repository(
+            report.onnx_path, repository, model_name, version, flavour=flavour, force=force
+        )
+    placed = dataclasses.replace(report, onnx_path=model_dir / str(version) / MODEL_FILENAME)
+    return RepositoryEntry(placed, repository, model_dir, version, flavour)
+
+
+def next_version(model_dir: Path) -> int:
+    """One above the highest numbered version directory in ``model_dir`` (1 if none)."""
+    if not model_dir.is_dir():
+        return 1
+    numbers = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(numbers, default=0) + 1
+
+
+def _export_loaded(
+    loaded: LoadedModel,
+    out: Path,
+    *,
+    parity_data: Sequence[str] | None,
+    tolerance: float,
+    opset: int,
+    name: str | None,
+) -> ExportReport:
+    import onnx
+
+    if not tolerance > 0:
+        raise ConfigError(f"the parity tolerance must be positive, got {tolerance}")
+    model = loaded.model
+    model_name = _model_name(loaded, name)
+    input_names = tuple(model.input_names)
+    output_names = tuple(getattr(model, "output_names", DEFAULT_OUTPUT_NAMES))
+    batch, source = _parity_batch(loaded, parity_data)
+    inputs = _inputs(batch, input_names)
+
+    proto = _to_onnx(model, inputs, input_names, output_names, opset)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise SpecMismatchError(
+            f"model '{model_name}': the exported graph fails onnx.checker: {error}"
+        ) from error
+    parity = check_parity(model, proto, inputs, output_names, tolerance=tolerance, source=source)
+    if parity.rows < PARITY_MIN_ROWS:
+        stderr.print(
+            f"[yellow]warning:[/] parity checked on only {parity.rows} rows from {source}",
+            highlight=False,
+        )
+    metadata = _metadata(loaded, model_name, parity)
+    onnx.helper.set_model_props(proto, metadata)
+    with atomic_output(out) as temporary:
+        onnx.save_model(proto, str(temporary))
+    return ExportReport(
+        onnx_path=out,
+        model_name=model_name,
+        model_type=str(loaded.payload.get("model_type", type(model).__name__)),
+        input_names=input_names,
+        output_names=output_names,
+        opset=opset,
+        parity=parity,
+        metadata=metadata,
+    )
+
+
+def check_parity(
+    model: torch.nn.Module,
+    proto: onnx.ModelProto,
+    inputs: dict[str, npt.NDArray[Any]],
+    output_names: Sequence[str],
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    source: str = "given rows",
+) -> ParityReport:
+    """Compare ONNX Runtime with torch on ``inputs``; raise if any output differs too much."""
+    import onnxruntime as ort
+
+    rows = len(next(iter(inputs.values())))
+    expected = _torch_outputs(model, inputs, output_names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    worst = dict.fromkeys(output_names, 0.0)
+    for batch_size in PARITY_BATCH_SIZES:
+        limit = min(rows, SINGLE_ROW_CHECKS) if batch_size == 1 else rows
+        for start in range(0, limit, batch_size):
+            stop = min(start + batch_size, limit)
+            feed = {key: value[start:stop] for key, value in inputs.items()}
+            results = session.run(list(output_names), feed)
+            for output, result in zip(output_names, results, strict=True):
+                reference = expected[output][start:stop]
+                if np.shape(result) != reference.shape:
+                    raise SpecMismatchError(
+                        f"output '{output}': ONNX Runtime gives shape {np.shape(result)}, "
+                        f"torch {reference.shape} (batch of {stop - start} rows)"
+                    )
+                deviation = float(np.max(np.abs(np.asarray(result, np.float64) - reference)))
+                worst[output] = max(worst[output], deviation)
+    for output, deviation in worst.items():
+        if not deviation <= tolerance:
+            raise SpecMismatchError(
+                f"output '{output}': ONNX Runtime differs from torch by up to {deviation:.3g} "
+                f"on {rows} rows from {source}, above the tolerance {tolerance:g}; "
+                "the ONNX file was not written"
+            )
+    return ParityReport(rows, source, PARITY_BATCH_SIZES, worst, tolerance)
+
+
+def _refuse_overwrite(out: Path, force: bool) -> None:
+    if Path(out).exists() and not force:
+        raise ConfigError(f"{out} already exists; pass --force to replace it")
+
+
+def _model_name(loaded: LoadedModel, name: str | None) -> str:
+    model_name = name or loaded.config.name
+    if not (model_name.isascii() and model_name.isidentifier()):
+        raise ConfigError(
+            f"model name '{model_name}' must be an identifier (letters, digits and '_', not "
+            "starting with a digit): it names the output branches"
+        )
+    return model_name
+
+
+def _parity_batch(
+    loaded: LoadedModel, parity_data: Sequence[str] | None
+) -> tuple[FeatureBatch, str]:
+    from bsym.training.dataset import read_rows, take
+
+    if parity_data:
+        tree = loaded.config.data.tree or loaded.spec.tree
+        sources = parse_inputs(parity_data, default_tree=tree)
+        batch, _ = read_rows(sources, loaded.spec, max_rows=PARITY_MAX_ROWS)
+        source = ", ".join(str(s) for s in sources)
+    else:
+        batch = loaded.held_out_test()
+        source = f"the test split of {loaded.path}"
+    if batch.n_rows > PARITY_MAX_ROWS:
+        batch = take(batch, np.arange(PARITY_MAX_ROWS, dtype=np.int64))
+    return batch, source
+
+
+def _inputs(batch: FeatureBatch, input_names: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
+    available = batch.inputs()
+    missing = [name for name in input_names if name not in available]
+    if missing:
+        raise SpecMismatchError(
+            f"the model takes {', '.join(input_names)}, but the parity data give no "
+            f"{', '.join(missing)} (found {', '.join(available) or 'none'})"
+        )
+    return {name: np.ascontiguousarray(available[name]) for name in input_names}
+
+
+def _to_onnx(
+    model: torch.nn.Module,
+    inputs: dict[str, npt.NDArray[Any]],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    opset: int,
+) -> onnx.ModelProto:
+    import onnx
+    import torch
+
+    example = tuple(torch.from_numpy(value[:2]) for value in inputs.values())
+    axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    buffer = io.BytesIO()
+    model.eval()
+    # The dynamo exporter needs onnxscript, which bsym does not depend on; the TorchScript
+    # exporter handles these models and warns only that it is the older path.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            example,
+            buffer,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _torch_outputs(
+    model: torch.nn.Module, inputs: dict[str, npt.NDArray[Any]], output_names: Sequence[str]
+) -> dict[str, npt.NDArray[np.float64]]:
+    import torch
+
+    rows = len(next(iter(inputs.values())))
+    chunks: dict[str, list[npt.NDArray[np.float64]]] = {name: [] for name in output_names}
+    with torch.inference_mode():
+        for start in range(0, rows, PARITY_BATCH_SIZES[0]):
+            tensors = [torch.from_numpy(v[start : start + PARITY_BATCH_SIZES[0]]) for v in inputs.values()]
+            result = model(*tensors)
+            outputs = result if isinstance(result, tuple | list) else (result,)
+            if len(outputs) != len(output_names):
+                raise SpecMismatchError(
+                    f"the model returns {len(outputs)} tensor(s), but names "
+                    f"{len(output_names)} outputs ({', '.join(output_names)})"
+                )
+            for output, tensor in zip(output_names, outputs, strict=True):
+                chunks[output].append(tensor.numpy().astype(np.float64))
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def _metadata(loaded: LoadedModel, model_name: str, parity: ParityReport) -> dict[str, str]:
+    labels = getattr(loaded.config, "class_labels", None) or ["signal"]
+    return {
+        "bsym_feature_spec": loaded.spec.to_json(),
+        "bsym_config": loaded.config.model_dump_json(),
+        "bsym_version": bsym.__version__,
+        "bsym_git_commit": git_commit(Path(bsym.__file__).resolve().parent),
+        "bsym_model_name": model_name,
+        "bsym_class_labels": json.dumps(list(labels)),
+        "bsym_parity_max_abs_diff": repr(parity.worst),
+        "bsym_parity_tolerance": repr(parity.tolerance),
+        "bsym_parity_rows": str(parity.rows),
+    }
+
+
+def git_commit(source_dir: Path) -> str:
+    """``git rev-parse HEAD`` of the tree holding ``source_dir``, or ``"unknown"``."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(source_dir), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else "unknown"

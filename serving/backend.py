@@ -1,0 +1,194 @@
+"""What the scorer needs from an inference backend, and the checks every backend shares.
+
+The scorer talks to a :class:`Backend` only, so the embedded ONNX Runtime backend and a
+Triton gRPC client are interchangeable. Both read the model's identity (name and feature
+spec) from the ``metadata_props`` that ``bsym export`` writes, and both check the tensors
+they are given against what the model declares before running it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from bsym.errors import SpecMismatchError, did_you_mean
+from bsym.features import FeatureSpec
+
+Tensor = npt.NDArray[np.generic]
+
+SPEC_KEY = "bsym_feature_spec"
+NAME_KEY = "bsym_model_name"
+VERSION_KEY = "bsym_version"
+COMMIT_KEY = "bsym_git_commit"
+CONFIG_KEY = "bsym_config"
+CLASS_LABELS_KEY = "bsym_class_labels"
+
+
+class Backend(Protocol):
+    """An inference backend serving one bsym model."""
+
+    @property
+    def name(self) -> str:
+        """The model name (``bsym_model_name``); output branches are named after it."""
+        ...
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        """How ROOT branches become this model's input tensors."""
+        ...
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """The model's ``metadata_props`` (version, git commit, class labels...)."""
+        ...
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The input tensors the model takes, a subset of constituents, mask, globals."""
+        ...
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The output tensors, ``score`` first."""
+        ...
+
+    def predict(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Run the model on a batch; every output has the batch size as its first axis."""
+        ...
+
+    def close(self) -> None:
+        """Release the session or connection."""
+        ...
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input as the model declares it; ``None`` dimensions are free (the batch)."""
+
+    name: str
+    dtype: np.dtype[np.generic]
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join("N" if d is None else str(d) for d in self.shape)
+        return f"[{dims}] {self.dtype}"
+
+
+def model_identity(metadata: Mapping[str, str], where: str) -> tuple[str, FeatureSpec]:
+    """The model name and feature spec from ``metadata_props``; ``where`` names the model."""
+    missing = [key for key in (NAME_KEY, SPEC_KEY) if not metadata.get(key)]
+    if missing:
+        raise SpecMismatchError(
+            f"{where} has no {' or '.join(repr(k) for k in missing)} in its metadata_props, "
+            "so bsym cannot tell which branches it reads; export it with 'bsym export'"
+        )
+    name = metadata[NAME_KEY]
+    if not name.isidentifier():
+        raise SpecMismatchError(
+            f"{where}: model name {name!r} cannot be used in branch names "
+            "(letters, digits and underscores only)"
+        )
+    try:
+        spec = FeatureSpec.from_json(metadata[SPEC_KEY])
+    except ValueError as error:  # pydantic's ValidationError and json's errors are ValueErrors
+        raise SpecMismatchError(
+            f"{where}: invalid {SPEC_KEY!r} in metadata_props: {error}"
+        ) from error
+    return name, spec
+
+
+def class_labels(metadata: Mapping[str, str]) -> list[str] | None:
+    """``bsym_class_labels`` as a list: a JSON list, or comma-separated names."""
+    text = metadata.get(CLASS_LABELS_KEY, "").strip()
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return [label.strip() for label in text.split(",")]
+    if isinstance(value, list):
+        return [str(label) for label in value]
+    return [str(value)]
+
+
+def check_inputs(model: str, expected: Sequence[TensorSpec], inputs: Mapping[str, Tensor]) -> int:
+    """Check names, dtypes and non-batch shapes of ``inputs``; return the batch size."""
+    names = [spec.name for spec in expected]
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise SpecMismatchError(
+            f"model '{model}' needs input tensor(s) {', '.join(map(repr, missing))}; "
+            f"found {', '.join(map(repr, inputs)) or 'none'}"
+        )
+    for name in inputs:
+        if name not in names:
+            raise SpecMismatchError(
+                f"model '{model}' has no input tensor '{name}'{did_you_mean(name, names)}; "
+                f"it takes {', '.join(map(repr, names))}"
+            )
+    batch_sizes: dict[str, int] = {}
+    for spec in expected:
+        array = inputs[spec.name]
+        found = f"[{', '.join(map(str, array.shape))}] {array.dtype}"
+        if array.dtype != spec.dtype:
+            raise SpecMismatchError(
+                f"model '{model}' input '{spec.name}': expected dtype {spec.dtype} "
+                f"({spec.describe()}), found {found}"
+            )
+        matches = array.ndim == len(spec.shape) and all(
+            want is None or want == have for want, have in zip(spec.shape, array.shape, strict=True)
+        )
+        if not matches:
+            raise SpecMismatchError(
+                f"model '{model}' input '{spec.name}': expected shape {spec.describe()}, "
+                f"found {found}"
+            )
+        batch_sizes[spec.name] = int(array.shape[0]) if array.ndim else 1
+    if len(set(batch_sizes.values())) > 1:
+        sizes = ", ".join(f"'{name}' has {rows}" for name, rows in batch_sizes.items())
+        raise SpecMismatchError(
+            f"model '{model}': input tensors disagree on the batch size: {sizes}"
+        )
+    return next(iter(batch_sizes.values()), 0)
+
+
+def probe_outputs(backend: Backend) -> dict[str, Tensor]:
+    """Run the model on one dummy row shaped by its own feature spec; return its outputs.
+
+    This checks the spec embedded in the model against the model's inputs before any file
+    is read, and tells the scorer the shape and dtype of every output.
+    """
+    spec = backend.feature_spec
+    tensors: dict[str, Tensor] = {}
+    if spec.constituents is not None:
+        count, features = spec.constituents.max_count, len(spec.constituents.features)
+        tensors["constituents"] = np.zeros((1, count, features), dtype=np.float32)
+        mask = np.zeros((1, count), dtype=np.bool_)
+        mask[0, 0] = True
+        tensors["mask"] = mask
+    if spec.global_names:
+        tensors["globals"] = np.zeros((1, len(spec.global_names)), dtype=np.float32)
+    where = f"the feature spec inside model '{backend.name}'"
+    for name in backend.input_names:
+        if name not in tensors:
+            raise SpecMismatchError(
+                f"{where} makes no '{name}' tensor, but the model takes one "
+                f"(the spec makes {', '.join(map(repr, tensors)) or 'none'})"
+            )
+    try:
+        outputs = backend.predict({name: tensors[name] for name in backend.input_names})
+    except SpecMismatchError as error:
+        raise SpecMismatchError(f"{where} does not match the model's inputs: {error}") from error
+    examples = {name: outputs[name] for name in backend.output_names}
+    for name, example in examples.items():
+        if example.ndim == 0 or example.shape[0] != 1:
+            raise SpecMismatchError(
+                f"model '{backend.name}' output '{name}': expected the batch size (1) as its "
+                f"first axis, found shape {list(example.shape)}"
+            )
+    return examples

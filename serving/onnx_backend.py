@@ -1,0 +1,135 @@
+"""The embedded backend: run ``model.onnx`` in-process with ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bsym.errors import InputFileError, ServerError, SpecMismatchError
+from bsym.features import FeatureSpec
+from bsym.serving.backend import Tensor, TensorSpec, check_inputs, model_identity
+
+_ORT_DTYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(bool)": np.bool_,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+DEFAULT_BATCH_SIZE = 4096
+
+
+class OnnxRuntimeBackend:
+    """A :class:`~bsym.serving.backend.Backend` over an ONNX Runtime inference session.
+
+    Large inputs are run in batches of ``batch_size`` rows, so a chunk of a ROOT file of any
+    size never makes ONNX Runtime allocate activations for all of it at once.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        import onnxruntime as ort
+
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise InputFileError(f"{self.path}: no such model file")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle intra-op threads spin by default, stealing the cores that read and build the
+        # next chunk while this one runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session: Any = ort.InferenceSession(
+                str(self.path),
+                sess_options=options,
+                providers=list(providers) if providers else ["CPUExecutionProvider"],
+            )
+        except Exception as error:  # onnxruntime raises its own pybind exception types
+            raise InputFileError(
+                f"{self.path}: ONNX Runtime cannot load the model ({error})"
+            ) from error
+        self._metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+        self._name, self._spec = model_identity(self._metadata, str(self.path))
+        self._inputs = [_tensor_spec(node) for node in self._session.get_inputs()]
+        outputs = [node.name for node in self._session.get_outputs()]
+        if "score" not in outputs:
+            raise SpecMismatchError(
+                f"{self.path}: model '{self._name}' has no output tensor 'score' "
+                f"(outputs: {', '.join(map(repr, outputs))})"
+            )
+        self._outputs = ("score", *(name for name in outputs if name != "score"))
+        self.batch_size = batch_size
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return self._spec
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self._metadata
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self._inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self._outputs
+
+    @property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(self._inputs)
+
+    def predict(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        rows = check_inputs(self._name, self._inputs, inputs)
+        parts: list[list[Tensor]] = [[] for _ in self._outputs]
+        for start in range(0, max(rows, 1), self.batch_size):
+            feed = {name: array[start : start + self.batch_size] for name, array in inputs.items()}
+            try:
+                results = self._session.run(list(self._outputs), feed)
+            except Exception as error:
+                raise ServerError(
+                    f"ONNX Runtime failed running model '{self._name}' on rows "
+                    f"{start}..{min(start + self.batch_size, rows)}: {error}"
+                ) from error
+            for part, result in zip(parts, results, strict=True):
+                part.append(np.asarray(result))
+        return {
+            name: part[0] if len(part) == 1 else np.concatenate(part)
+            for name, part in zip(self._outputs, parts, strict=True)
+        }
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> OnnxRuntimeBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _tensor_spec(node: Any) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(node.type)
+    if dtype is None:
+        raise SpecMismatchError(f"model input '{node.name}' has unsupported type {node.type}")
+    shape = tuple(dim if isinstance(dim, int) else None for dim in node.shape)
+    return TensorSpec(node.name, np.dtype(dtype), shape)

@@ -1,0 +1,323 @@
+"""Batch scoring: ROOT files in, one friend tree of model scores per file out.
+
+Each file is streamed one chunk at a time: a background thread reads the next chunk and
+builds its tensors while the backend runs the current one, and scores are buffered into
+large writes. A bad file is recorded and skipped; the others are still scored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from bsym.errors import BadValueError, BsymError, InputFileError, SpecMismatchError
+from bsym.features import FeatureBatch, FeatureSpec, Layout, build_features, detect_layout
+from bsym.features import required_branches
+from bsym.rootio import TreeSource, atomic_output, check_branches, iterate_chunks, open_tree
+from bsym.rootio import parse_inputs
+from bsym.serving.backend import (
+    COMMIT_KEY,
+    VERSION_KEY,
+    Backend,
+    Tensor,
+    class_labels,
+    probe_outputs,
+)
+from bsym.serving.friend_tree import Column, FriendTreeWriter, Provenance, output_mismatch
+from bsym.serving.friend_tree import plan_columns
+from bsym.serving.prefetch import prefetched
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One input that was scored now, or whose complete output was already there."""
+
+    source: str
+    output: Path
+    status: Literal["scored", "skipped"]
+    entries: int
+    objects: int
+    note: str = ""
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run did; ``failed`` holds (source, message) for every bad input."""
+
+    model: str
+    results: list[FileResult] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def scored(self) -> list[FileResult]:
+        return [result for result in self.results if result.status == "scored"]
+
+    @property
+    def skipped(self) -> list[FileResult]:
+        return [result for result in self.results if result.status == "skipped"]
+
+    @property
+    def entries(self) -> int:
+        """Tree entries scored in this run (rows of the output trees)."""
+        return sum(result.entries for result in self.scored)
+
+    @property
+    def objects(self) -> int:
+        """Objects scored in this run (equal to entries in the object layout)."""
+        return sum(result.objects for result in self.scored)
+
+    @property
+    def objects_per_second(self) -> float:
+        return self.objects / self.seconds if self.seconds > 0 else 0.0
+
+
+def output_path(out_dir: Path, source: TreeSource, model: str) -> Path:
+    """Where the friend tree of ``source`` goes: ``<out_dir>/<input stem>.<model>.root``."""
+    return out_dir / f"{source.path.stem}.{model}.root"
+
+
+def score_files(
+    inputs: list[str],
+    backend: Backend,
+    out_dir: Path,
+    *,
+    step_size: int | str = "100 MB",
+    force: bool = False,
+    progress: bool = True,
+) -> ScoreSummary:
+    """Score every input (``file.root``, ``dir/*.root``, ``file.root:tree``) into ``out_dir``.
+
+    A spec that does not match the model raises at once; a bad input file is recorded in
+    the summary's ``failed`` list and the run goes on with the next one.
+    """
+    scorer = _Scorer(backend, step_size=step_size, force=force, progress=progress)
+    summary = ScoreSummary(model=backend.name)
+    sources: list[TreeSource] = []
+    for pattern in inputs:
+        try:
+            sources += parse_inputs([pattern], backend.feature_spec.tree)
+        except BsymError as error:
+            summary.failed.append((pattern, str(error)))
+    sources = list(dict.fromkeys(sources))
+    claimed: dict[Path, TreeSource] = {}
+    start = time.perf_counter()
+    for number, source in enumerate(sources, start=1):
+        target = output_path(out_dir, source, backend.name)
+        if target in claimed:
+            summary.failed.append(
+                (
+                    str(source),
+                    f"its output {target} is also the output of {claimed[target]}; "
+                    "score them into separate output directories",
+                )
+            )
+            continue
+        claimed[target] = source
+        try:
+            summary.results.append(scorer.score(source, target, f"[{number}/{len(sources)}]"))
+        except (BsymError, OSError) as error:
+            summary.failed.append((str(source), str(error)))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+class _Scorer:
+    """Scores one source at a time with a model whose outputs have been probed."""
+
+    def __init__(
+        self, backend: Backend, *, step_size: int | str, force: bool, progress: bool
+    ) -> None:
+        self.backend = backend
+        self.spec: FeatureSpec = backend.feature_spec
+        self.examples = probe_outputs(backend)
+        self.columns: list[Column] = plan_columns(
+            backend.name, self.examples, class_labels(backend.metadata)
+        )
+        self.step_size = step_size
+        self.force = force
+        self.progress = progress
+
+    def score(self, source: TreeSource, target: Path, label: str) -> FileResult:
+        source, tree = _open(source, self.spec)
+        try:
+            layout = detect_layout(tree.keys(), self.spec)
+            branches = required_branches(self.spec, layout, with_label=False)
+            check_branches(tree, source, branches)
+            entries = int(tree.num_entries)
+            if entries == 0:
+                raise InputFileError(f"{source} is empty (0 entries)")
+            provenance = self._provenance(source, tree.file.uuid, entries, layout)
+            note = ""
+            if target.exists() and not self.force:
+                reason = output_mismatch(target, provenance)
+                if reason is None:
+                    return FileResult(str(source), target, "skipped", entries, 0)
+                note = f"replaced an out-of-date output: {reason}"
+            objects = self._write(tree, source, target, layout, branches, provenance, label)
+            return FileResult(str(source), target, "scored", entries, objects, note)
+        finally:
+            tree.file.close()
+
+    def _provenance(
+        self, source: TreeSource, uuid: object, entries: int, layout: Layout
+    ) -> Provenance:
+        metadata = self.backend.metadata
+        stat = source.path.stat()
+        return Provenance(
+            source_file=str(source.path.resolve()),
+            source_uuid=str(uuid),
+            source_bytes=stat.st_size,
+            source_mtime_ns=stat.st_mtime_ns,
+            source_tree=source.tree,
+            source_entries=entries,
+            layout=layout,
+            model_name=self.backend.name,
+            model_bsym_version=metadata.get(VERSION_KEY, ""),
+            model_git_commit=metadata.get(COMMIT_KEY, ""),
+            branches=",".join(self._branch_names(layout)),
+        )
+
+    def _branch_names(self, layout: Layout) -> list[str]:
+        if layout == "object":
+            return [column.name for column in self.columns]
+        objects = self.spec.objects
+        return [self.spec.count_branch, *(f"{objects}_{column.name}" for column in self.columns)]
+
+    def _write(
+        self,
+        tree: Any,
+        source: TreeSource,
+        target: Path,
+        layout: Layout,
+        branches: list[str],
+        provenance: Provenance,
+        label: str,
+    ) -> int:
+        from tqdm import tqdm
+
+        def produce() -> Iterator[tuple[int, int, FeatureBatch]]:
+            return _feature_chunks(tree, source, branches, self.spec, layout, self.step_size)
+
+        objects = 0
+        with atomic_output(target) as temporary:
+            writer = FriendTreeWriter(
+                temporary,
+                tree=source.tree,
+                title=f"{self.backend.name} scores, friend of {source.path.name}:{source.tree}",
+                columns=self.columns,
+                objects=self.spec.objects if layout == "event" else None,
+                provenance=provenance,
+                extra={"feature_spec": self.spec.to_json()},
+            )
+            try:
+                with (
+                    prefetched(produce) as chunks,
+                    tqdm(
+                        total=provenance.source_entries,
+                        desc=f"{label} {source.path.name}",
+                        unit=" entries",
+                        unit_scale=True,
+                        leave=False,
+                        disable=not self.progress,
+                    ) as bar,
+                ):
+                    for first, entries, batch in chunks:
+                        outputs = self._predict(batch, first, entries)
+                        writer.append(outputs, entries=entries, counts=batch.counts)
+                        objects += batch.n_rows
+                        bar.update(entries)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            if writer.entries != provenance.source_entries:
+                raise InputFileError(
+                    f"{source}: read {writer.entries} entries, the tree has "
+                    f"{provenance.source_entries}"
+                )
+        return objects
+
+    def _predict(self, batch: FeatureBatch, first: int, entries: int) -> Mapping[str, Tensor]:
+        rows = batch.n_rows
+        if rows == 0:
+            return {
+                name: np.empty((0, *example.shape[1:]), dtype=example.dtype)
+                for name, example in self.examples.items()
+            }
+        tensors = batch.inputs()
+        outputs = self.backend.predict({name: tensors[name] for name in self.backend.input_names})
+        where = f"entries {first}..{first + entries - 1}"
+        for name, example in self.examples.items():
+            found = outputs.get(name)
+            expected = (rows, *example.shape[1:])
+            if found is None or found.shape != expected:
+                shape = "nothing" if found is None else list(found.shape)
+                raise SpecMismatchError(
+                    f"model '{self.backend.name}' output '{name}' for {where}: expected shape "
+                    f"{list(expected)}, found {shape}"
+                )
+            if np.issubdtype(found.dtype, np.floating) and not np.isfinite(found).all():
+                bad = int(np.count_nonzero(~np.isfinite(found)))
+                raise BadValueError(
+                    f"model '{self.backend.name}' returned {bad} NaN or infinite values in "
+                    f"output '{name}' for {where}"
+                )
+        return outputs
+
+
+def _open(source: TreeSource, spec: FeatureSpec) -> tuple[TreeSource, Any]:
+    """Open the source's tree; for a file without the spec's default tree, its event tree.
+
+    A spec names the tree of its training files (``Muons``); NanoAOD-style files keep the
+    same objects in another tree (``Events``), recognised by the ``n<objects>`` branch.
+    """
+    try:
+        return source, open_tree(source)
+    except InputFileError:
+        fallback = _event_tree(source, spec) if source.tree == spec.tree else None
+        if fallback is None:
+            raise
+    return fallback, open_tree(fallback)
+
+
+def _event_tree(source: TreeSource, spec: FeatureSpec) -> TreeSource | None:
+    """The one tree of the file with the count branch ``n<objects>``, if there is exactly one."""
+    import uproot
+
+    try:
+        with uproot.open(source.path) as file:
+            trees = [
+                name
+                for name, kind in file.classnames(recursive=False, cycle=False).items()
+                if kind == "TTree" and spec.count_branch in file[name].keys()
+            ]
+    except Exception:  # an unreadable file keeps the error open_tree gave
+        return None
+    return TreeSource(source.path, trees[0]) if len(trees) == 1 else None
+
+
+def _feature_chunks(
+    tree: Any,
+    source: TreeSource,
+    branches: list[str],
+    spec: FeatureSpec,
+    layout: Layout,
+    step_size: int | str,
+) -> Iterator[tuple[int, int, FeatureBatch]]:
+    """(first entry, entries, tensors) for each chunk of the tree."""
+    first = 0
+    for arrays in iterate_chunks(tree, source, branches, step_size=step_size):
+        entries = len(arrays)
+        try:
+            batch = build_features(arrays, spec, layout)
+        except (BadValueError, SpecMismatchError) as error:
+            raise type(error)(f"entries {first}..{first + entries - 1}: {error}") from error
+        del arrays
+        yield first, entries, batch
+        first += entries

@@ -1,0 +1,192 @@
+"""Triton Python-backend model that serves ``model.onnx`` with ONNX Runtime on CPU.
+
+Copied by :func:`bsym.export.triton_config.write_model_repository` into each version directory
+of a ``cpu``-flavour model. It runs inside Triton's ``triton_python_backend_stub``, so it imports
+nothing from ``bsym``: only the standard library, numpy (< 2, which the stub needs) and
+onnxruntime. The pure helpers (:func:`checksum_key`, :func:`verify_checksum`,
+:func:`run_batched`) also import outside the stub so that the config writer and tests share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside the stub: only the pure helpers are usable
+    pb_utils = None
+
+Array = npt.NDArray[Any]
+
+MODEL_FILENAME = "model.onnx"
+_CHECKSUM_KEY = "sha256:{version}/" + MODEL_FILENAME
+_HASH_CHUNK = 1 << 20
+
+
+def checksum_key(version: int | str) -> str:
+    """Name of the config ``parameters`` entry holding the sha256 of ``<version>/model.onnx``."""
+    return _CHECKSUM_KEY.format(version=version)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so large models do not fill memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expected_checksum(model_config: Mapping[str, Any], model: str, version: str) -> str:
+    """The sha256 the model config records for ``version``; raise if it records none."""
+    key = checksum_key(version)
+    parameters = model_config.get("parameters") or {}
+    entry = parameters.get(key)
+    value = entry.get("string_value") if isinstance(entry, Mapping) else None
+    if not value:
+        found = sorted(k for k in parameters if k.startswith("sha256:")) or "none"
+        raise ValueError(
+            f"model '{model}' version {version}: config.pbtxt has no parameter '{key}' "
+            f"with the sha256 of {MODEL_FILENAME} (checksum parameters found: {found}); "
+            "regenerate the repository with bsym export"
+        )
+    return str(value)
+
+
+def verify_checksum(path: Path, expected: str, *, model: str, version: str) -> None:
+    """Refuse a ``model.onnx`` whose sha256 differs from the one its config records."""
+    if not path.is_file():
+        raise ValueError(f"model '{model}' version {version}: {path} does not exist")
+    found = sha256_of(path)
+    if found != expected.lower():
+        raise ValueError(
+            f"model '{model}' version {version}: sha256 of {path} is {found} but config.pbtxt "
+            f"parameter '{checksum_key(version)}' expects {expected}; the file was changed "
+            "after the repository was written, refusing to serve it"
+        )
+
+
+def check_numpy() -> None:
+    """The stub is built with an old pybind11: with numpy 2 it returns empty output tensors."""
+    major = int(np.__version__.split(".", 1)[0])
+    if major >= 2:
+        raise RuntimeError(
+            f"numpy {np.__version__} found in the Python backend environment; the Triton "
+            "python backend stub needs numpy < 2 (with numpy 2 it returns empty outputs)"
+        )
+
+
+def run_batched(
+    session: ort.InferenceSession,
+    requests: Sequence[Mapping[str, Array]],
+    output_names: Sequence[str],
+) -> list[dict[str, Array]]:
+    """Run several requests as one ONNX Runtime call and split the outputs back per request.
+
+    The config fixes every non-batch dimension, so the requests concatenate along axis 0.
+    """
+    if not requests:
+        return []
+    sizes = [len(next(iter(request.values()))) for request in requests]
+    if len(requests) == 1:
+        feeds = dict(requests[0])
+    else:
+        feeds = {
+            name: np.concatenate([request[name] for request in requests], axis=0)
+            for name in requests[0]
+        }
+    outputs = session.run(list(output_names), feeds)
+    bounds = np.cumsum([0, *sizes])
+    return [
+        {
+            name: np.ascontiguousarray(value[start:stop])
+            for name, value in zip(output_names, outputs, strict=True)
+        }
+        for start, stop in itertools.pairwise(bounds)
+    ]
+
+
+def make_session(path: Path) -> ort.InferenceSession:
+    """A CPU session with one thread each: Triton runs several instances side by side."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class TritonPythonModel:
+    """Entry point the Triton Python backend instantiates once per model instance."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        """Verify the checksum of ``model.onnx`` and open it; any exception refuses the load."""
+        check_numpy()
+        self._model = args["model_name"]
+        version = args["model_version"]
+        config: dict[str, Any] = json.loads(args["model_config"])
+        path = Path(args["model_repository"]) / version / MODEL_FILENAME
+        verify_checksum(
+            path,
+            expected_checksum(config, self._model, version),
+            model=self._model,
+            version=version,
+        )
+        self._session = make_session(path)
+        self._input_names = [node.name for node in self._session.get_inputs()]
+        self._output_names = [node.name for node in self._session.get_outputs()]
+        self._check_config(config, path)
+
+    def _check_config(self, config: Mapping[str, Any], path: Path) -> None:
+        """Refuse a config whose tensor names differ from the graph's."""
+        for kind, graph_names in (("input", self._input_names), ("output", self._output_names)):
+            config_names = sorted(entry["name"] for entry in config.get(kind, []))
+            if config_names != sorted(graph_names):
+                raise ValueError(
+                    f"model '{self._model}': config.pbtxt {kind}s {config_names} differ from "
+                    f"the {kind}s of {path}: {sorted(graph_names)}"
+                )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """Answer a batch of requests with one ONNX Runtime call (one error response each on
+        failure, so a bad request never takes the instance down)."""
+        responses: list[Any] = [None] * len(requests)
+        good: list[int] = []
+        feeds: list[dict[str, Array]] = []
+        for index, request in enumerate(requests):
+            tensors = {
+                name: pb_utils.get_input_tensor_by_name(request, name) for name in self._input_names
+            }
+            missing = [name for name, tensor in tensors.items() if tensor is None]
+            if missing:
+                responses[index] = self._error(f"request lacks input tensors {missing}")
+                continue
+            good.append(index)
+            feeds.append({name: tensor.as_numpy() for name, tensor in tensors.items()})
+        try:
+            results = run_batched(self._session, feeds, self._output_names)
+        except Exception as error:  # ONNX Runtime raises several unrelated types
+            for index in good:
+                responses[index] = self._error(f"ONNX Runtime failed: {error}")
+            return responses
+        for index, result in zip(good, results, strict=True):
+            responses[index] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, value) for name, value in result.items()]
+            )
+        return responses
+
+    def _error(self, message: str) -> Any:
+        return pb_utils.InferenceResponse(
+            output_tensors=[], error=pb_utils.TritonError(f"model '{self._model}': {message}")
+        )
+
+    def finalize(self) -> None:
+        """Release the ONNX Runtime session."""
+        del self._session

@@ -1,0 +1,111 @@
+"""``bsym train`` and ``bsym evaluate``: thin commands over the training library.
+
+torch, uproot and the rest are imported inside the commands so ``bsym --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bsym.console import stderr, stdout, user_errors
+
+
+def train_command(
+    config: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, readable=True, help="training config (YAML)"
+        ),
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set optimizer.lr=3e-4 (value read as YAML); "
+            "repeatable",
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="continue from a checkpoint (usually last.pt)"
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="overwrite a trained model in the output directory")
+    ] = False,
+) -> None:
+    """Train a model from a config; writes checkpoint.pt, last.pt and config.yaml."""
+    _log_to_stderr()
+    with user_errors():
+        from bsym.training.config import load_config
+        from bsym.training.loop import train
+
+        settings = load_config(config, overrides or [])
+        result = train(settings, resume=resume, overwrite=force)
+    ending = "stopped early" if result.stopped_early else "finished"
+    stdout.print(
+        f"{settings.name}: {ending} after {result.epochs} epoch(s); best validation AUC "
+        f"{result.best_val_auc:.4f} at epoch {result.best_epoch}\n"
+        f"checkpoint: {result.checkpoint}",
+        highlight=False,
+    )
+
+
+def evaluate_command(
+    model: Annotated[
+        list[Path],
+        typer.Option(
+            "--model",
+            "-m",
+            exists=True,
+            dir_okay=False,
+            help="checkpoint to evaluate; repeat to compare models",
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", file_okay=False, help="output directory [default: evaluation/ beside the "
+            "first checkpoint]"
+        ),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="ROOT inputs (file.root, dir/*.root, file.root:tree) [default: each "
+            "checkpoint's held-out test rows]",
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option(min=0, help="bootstrap resamples for the AUC uncertainty")
+    ] = 100,
+) -> None:
+    """Evaluate trained models: ROC curves, AUCs with uncertainties, plots."""
+    _log_to_stderr()
+    with user_errors():
+        from bsym.training.evaluate import evaluate_cli
+
+        evaluate_cli(
+            models=model,
+            out=out if out is not None else model[0].parent / "evaluation",
+            data=data or None,
+            bootstrap=bootstrap,
+        )
+
+
+def _log_to_stderr() -> None:
+    """Show the library's INFO messages on stderr, unless logging is already set up."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=stderr, show_path=False, show_time=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])

@@ -1,0 +1,186 @@
+"""Training rows: read ROOT inputs into one feature batch and split them reproducibly.
+
+Features come from :func:`bsym.features.build_features` only, so training sees exactly the
+tensors scoring will. The split is recorded (indices, seed and the files with their entry
+counts) so evaluation can take the same held-out rows and notice if the files changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from bsym.errors import ConfigError, SpecMismatchError
+from bsym.features import (
+    FeatureBatch,
+    FeatureSpec,
+    build_features,
+    detect_layout,
+    required_branches,
+)
+from bsym.rootio import TreeSource, iterate_chunks, open_tree, parse_inputs
+from bsym.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+Indices = npt.NDArray[np.int64]
+G = TypeVar("G", bound=np.generic)
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One input tree as it was when the rows were read."""
+
+    path: str
+    tree: str
+    entries: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices of the three subsets, and what they index into."""
+
+    train: Indices
+    validation: Indices
+    test: Indices
+    seed: int
+    n_rows: int
+    sources: list[SourceRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """All rows read for training and their split."""
+
+    batch: FeatureBatch
+    split: Split
+
+    def subset(self, name: str) -> FeatureBatch:
+        """The ``train``, ``validation`` or ``test`` rows."""
+        rows: Indices = getattr(self.split, name)
+        return take(self.batch, rows)
+
+
+def load_training_data(config: TrainConfig) -> TrainingData:
+    """Read ``config.data.train`` and split it by ``config.seed``."""
+    tree = config.data.tree or config.features.tree
+    sources = parse_inputs(config.data.train, default_tree=tree)
+    batch, records = read_rows(sources, config.features, max_rows=config.data.max_rows)
+    split = split_rows(
+        batch.n_rows,
+        seed=config.seed,
+        validation_fraction=config.data.validation_fraction,
+        test_fraction=config.data.test_fraction,
+        sources=records,
+    )
+    return TrainingData(batch, split)
+
+
+def held_out_test(config: TrainConfig, split: Split) -> FeatureBatch:
+    """Re-read the recorded training inputs and return the test rows of ``split``."""
+    if len(split.test) == 0:
+        raise ConfigError("this model was trained with data.test_fraction=0: it has no test rows")
+    sources = [TreeSource(Path(record.path), record.tree) for record in split.sources]
+    batch, records = read_rows(sources, config.features, max_rows=config.data.max_rows)
+    for before, now in zip(split.sources, records, strict=True):
+        if before.entries != now.entries:
+            raise SpecMismatchError(
+                f"{now.path}:{now.tree} has {now.entries} entries, but {before.entries} when "
+                "the model was trained; its held-out test rows are lost (pass --data instead)"
+            )
+    if batch.n_rows != split.n_rows:
+        raise SpecMismatchError(
+            f"the training inputs now give {batch.n_rows} rows, not {split.n_rows} as in training"
+        )
+    return take(batch, split.test)
+
+
+def read_rows(
+    sources: Sequence[TreeSource], spec: FeatureSpec, *, max_rows: int | None = None
+) -> tuple[FeatureBatch, list[SourceRecord]]:
+    """Features and labels of every row in ``sources`` (either layout), in file order."""
+    batches: list[FeatureBatch] = []
+    records: list[SourceRecord] = []
+    n_rows = 0
+    for source in sources:
+        if max_rows is not None and n_rows >= max_rows:
+            break
+        tree = open_tree(source)
+        try:
+            layout = detect_layout(tree.keys(), spec)
+            branches = required_branches(spec, layout, with_label=True)
+            records.append(SourceRecord(str(source.path.resolve()), source.tree, tree.num_entries))
+            for chunk in iterate_chunks(tree, source, branches):
+                batches.append(build_features(chunk, spec, layout, with_label=True))
+                n_rows += batches[-1].n_rows
+                if max_rows is not None and n_rows >= max_rows:
+                    break
+        finally:
+            tree.file.close()
+        log.info("read %s (%s layout): %d rows so far", source, layout, n_rows)
+    batch = concatenate(batches)
+    if max_rows is not None and batch.n_rows > max_rows:
+        batch = take(batch, np.arange(max_rows, dtype=np.int64))
+    return batch, records
+
+
+def split_rows(
+    n_rows: int,
+    *,
+    seed: int,
+    validation_fraction: float,
+    test_fraction: float,
+    sources: Sequence[SourceRecord] = (),
+) -> Split:
+    """Shuffle rows with ``seed`` and cut them into test, validation and training rows."""
+    permutation = np.random.default_rng([seed, 0]).permutation(n_rows).astype(np.int64)
+    n_test = round(n_rows * test_fraction)
+    n_validation = round(n_rows * validation_fraction)
+    test = np.sort(permutation[:n_test])
+    validation = np.sort(permutation[n_test : n_test + n_validation])
+    train = np.sort(permutation[n_test + n_validation :])
+    return Split(train, validation, test, seed, n_rows, list(sources))
+
+
+def take(batch: FeatureBatch, rows: Indices) -> FeatureBatch:
+    """The given rows of a batch; ``counts`` is dropped, as rows no longer follow entries."""
+    return FeatureBatch(
+        n_rows=len(rows),
+        constituents=_pick(batch.constituents, rows),
+        mask=_pick(batch.mask, rows),
+        globals=_pick(batch.globals, rows),
+        label=_pick(batch.label, rows),
+        weight=_pick(batch.weight, rows),
+        counts=None,
+    )
+
+
+def concatenate(batches: Sequence[FeatureBatch]) -> FeatureBatch:
+    """Rows of several batches, one after the other."""
+    if not batches:
+        raise SpecMismatchError("no rows were read")
+    return FeatureBatch(
+        n_rows=sum(b.n_rows for b in batches),
+        constituents=_join([b.constituents for b in batches]),
+        mask=_join([b.mask for b in batches]),
+        globals=_join([b.globals for b in batches]),
+        label=_join([b.label for b in batches]),
+        weight=_join([b.weight for b in batches]),
+        counts=_join([b.counts for b in batches]),
+    )
+
+
+def _pick(array: npt.NDArray[G] | None, rows: Indices) -> npt.NDArray[G] | None:
+    return None if array is None else array[rows]
+
+
+def _join(arrays: Sequence[npt.NDArray[G] | None]) -> npt.NDArray[G] | None:
+    present = [a for a in arrays if a is not None]
+    if len(present) < len(arrays):
+        return None
+    return np.concatenate(present)

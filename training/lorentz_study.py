@@ -1,0 +1,475 @@
+"""Learning curve of the broken-Lorentz-symmetry task (arXiv:2412.18773, PAPERS.md §1).
+
+Trains the unconstrained, invariant and dual-subnet networks at several training sizes with
+repeats and reports the test AUC of each, and the learned weight of the dual subnet on its
+unconstrained half in bins of leading-muon pT.
+
+Data
+    One sample from :func:`bsym.simulate.lorentz.write_lorentz` (cached in the data directory
+    under the breaking strength, seed and size, and reused), read back through the feature
+    spec like any training file. Its first ``test_events`` events are the test set, the next
+    ``val_events`` the validation set, and repeat r trains on the first n events of its own
+    block of ``max(sizes)`` events, so the training sets of one repeat are nested and the
+    repeats are disjoint.
+Training (in memory; the paper's AdamW lr 1e-5, batch 128, 100 epochs is far too slow for
+the budget of an hour on two CPU cores for 45 trainings)
+    AdamW, lr 1e-3, weight decay 0.01, batch 256, at most 40 epochs; the learning rate drops
+    by 3 after 3 epochs without a better validation AUC and training stops after 8. The model
+    kept is the one of the best validation AUC (not the best test AUC: the test set never
+    chooses anything). The background weights enter as a weighted loss: per-event BCE with
+    logits times the event weight, divided by the sum of the weights in the batch.
+Metric
+    ROC AUC on the test set with the background weights (signal weight 1), so the leading
+    pT alone gives 0.5. The learned weight of the dual subnet is the plain mean of
+    w_unconstrained over the test events in each leading-pT bin.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from bsym.errors import ConfigError
+from bsym.training.lorentz_models import (
+    DualSubnet,
+    InvariantNet,
+    LorentzModel,
+    UnconstrainedNet,
+    lorentz_feature_spec,
+)
+
+MODELS: dict[str, Callable[[], LorentzModel]] = {
+    "unconstrained": UnconstrainedNet,
+    "invariant": InvariantNet,
+    "dual": DualSubnet,
+}
+MODEL_TITLES = {"unconstrained": "unconstrained", "invariant": "invariant", "dual": "dual subnet"}
+PT_EDGES = (0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, math.inf)
+MANIFEST = "manifest.json"
+EVAL_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything that defines one learning-curve study."""
+
+    sizes: tuple[int, ...] = (8_000, 16_000, 32_000, 64_000, 80_000)
+    repeats: int = 3
+    breaking: float = 0.10
+    seed: int = 1
+    test_events: int = 200_000
+    val_events: int = 20_000
+    max_epochs: int = 40
+    patience: int = 8
+    lr_patience: int = 3
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    models: tuple[str, ...] = ("unconstrained", "invariant", "dual")
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 2 * self.batch_size:
+            raise ConfigError(
+                f"training sizes must be at least {2 * self.batch_size} events, got {self.sizes}"
+            )
+        if self.repeats < 1:
+            raise ConfigError(f"repeats must be at least 1, got {self.repeats}")
+        unknown = set(self.models) - set(MODELS)
+        if unknown:
+            raise ConfigError(f"unknown model(s) {sorted(unknown)}; choose from {list(MODELS)}")
+
+    @property
+    def total_events(self) -> int:
+        return self.test_events + self.val_events + self.repeats * max(self.sizes)
+
+
+QUICK = StudySettings(
+    sizes=(8_000, 32_000), repeats=2, test_events=50_000, val_events=10_000, max_epochs=12,
+    patience=4, lr_patience=2,
+)
+
+
+@dataclass
+class Tensors:
+    """Model inputs, labels and weights of a set of events."""
+
+    constituents: Tensor
+    mask: Tensor
+    globals: Tensor
+    label: Tensor
+    weight: Tensor
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def subset(self, index: slice | Tensor) -> Tensors:
+        return Tensors(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    def inputs(self, model: LorentzModel) -> tuple[Tensor, ...]:
+        by_name = {"constituents": self.constituents, "mask": self.mask, "globals": self.globals}
+        return tuple(by_name[name] for name in model.input_names)
+
+
+@dataclass
+class RunResult:
+    """One training: which model, size and repeat, and what it reached."""
+
+    model: str
+    size: int
+    repeat: int
+    test_auc: float
+    val_auc: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    weight_vs_pt: list[float] | None = None
+
+
+@dataclass
+class StudyResult:
+    """All runs of a study, with the settings that produced them."""
+
+    settings: StudySettings
+    runs: list[RunResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, dict[int, tuple[float, float]]]:
+        """Mean and standard deviation of the test AUC, per model and training size."""
+        table: dict[str, dict[int, tuple[float, float]]] = {}
+        for model in self.settings.models:
+            table[model] = {}
+            for size in self.settings.sizes:
+                aucs = [r.test_auc for r in self.runs if r.model == model and r.size == size]
+                if aucs:
+                    table[model][size] = (float(np.mean(aucs)), _std(aucs))
+        return table
+
+    def weight_summary(self) -> dict[int, list[tuple[float, float]]]:
+        """Mean and std over repeats of the dual subnet's w_unconstrained per pT bin, by size."""
+        summary: dict[int, list[tuple[float, float]]] = {}
+        for size in self.settings.sizes:
+            curves = [r.weight_vs_pt for r in self.runs if r.size == size and r.weight_vs_pt]
+            if curves:
+                values = np.array(curves, dtype=np.float64)
+                summary[size] = [
+                    (float(np.nanmean(column)), _std(column[~np.isnan(column)].tolist()))
+                    for column in values.T
+                ]
+        return summary
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "settings": asdict(self.settings),
+                "seconds": self.seconds,
+                "pt_bins": pt_bin_labels(),
+                "auc": {
+                    model: {str(size): {"mean": m, "std": s} for size, (m, s) in rows.items()}
+                    for model, rows in self.summary().items()
+                },
+                "weight_unconstrained_vs_pt": {
+                    str(size): [{"mean": m, "std": s} for m, s in bins]
+                    for size, bins in self.weight_summary().items()
+                },
+                "runs": [asdict(run) for run in self.runs],
+            },
+            indent=2,
+        )
+
+
+def _std(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def pt_bin_labels() -> list[str]:
+    """Labels of the leading-pT bins, '<20', '20–40', ..., '>120' (GeV)."""
+    labels = []
+    for low, high in zip(PT_EDGES[:-1], PT_EDGES[1:], strict=True):
+        if low == 0:
+            labels.append(f"<{high:g}")
+        elif math.isinf(high):
+            labels.append(f">{low:g}")
+        else:
+            labels.append(f"{low:g}–{high:g}")
+    return labels
+
+
+def load_data(settings: StudySettings, data_dir: Path) -> Tensors:
+    """Simulate the study's sample into ``data_dir`` (or reuse it) and read it as tensors."""
+    from bsym.features import build_features, detect_layout, required_branches
+    from bsym.rootio import TreeSource, open_tree, read_all
+    from bsym.simulate.lorentz import write_lorentz
+
+    sample_dir = data_dir / (
+        f"breaking{settings.breaking:g}_seed{settings.seed}_n{settings.total_events}"
+    )
+    wanted = {"breaking": settings.breaking, "seed": settings.seed, "n": settings.total_events}
+    manifest = sample_dir / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("sample") == wanted:
+        paths = [sample_dir / name for name in json.loads(manifest.read_text())["files"]]
+    else:
+        paths = write_lorentz(
+            sample_dir, settings.total_events, seed=settings.seed, breaking=settings.breaking
+        )
+        manifest.write_text(json.dumps({"sample": wanted, "files": [p.name for p in paths]}))
+    spec = lorentz_feature_spec()
+    parts = []
+    for path in paths:
+        source = TreeSource(path, spec.tree)
+        tree = open_tree(source)
+        layout = detect_layout(tree.keys(), spec)
+        tree.file.close()
+        arrays = read_all(source, required_branches(spec, layout, with_label=True))
+        parts.append(build_features(arrays, spec, layout, with_label=True))
+    return Tensors(
+        constituents=torch.from_numpy(np.concatenate([p.constituents for p in parts])),  # type: ignore[misc]
+        mask=torch.from_numpy(np.concatenate([p.mask for p in parts])),  # type: ignore[misc]
+        globals=torch.from_numpy(np.concatenate([p.globals for p in parts])),  # type: ignore[misc]
+        label=torch.from_numpy(np.concatenate([p.label for p in parts])).float(),  # type: ignore[misc]
+        weight=torch.from_numpy(np.concatenate([p.weight for p in parts])),  # type: ignore[misc]
+    )
+
+
+def split(data: Tensors, settings: StudySettings) -> tuple[Tensors, Tensors, list[Tensors]]:
+    """Test set, validation set and one training pool per repeat (see the module docstring)."""
+    test = data.subset(slice(0, settings.test_events))
+    stop = settings.test_events + settings.val_events
+    val = data.subset(slice(settings.test_events, stop))
+    block = max(settings.sizes)
+    pools = [
+        data.subset(slice(stop + r * block, stop + (r + 1) * block))
+        for r in range(settings.repeats)
+    ]
+    return test, val, pools
+
+
+def weighted_auc(model: LorentzModel, data: Tensors) -> float:
+    """Test AUC of ``model`` on ``data`` with the event weights."""
+    from bsym.training.metrics import roc_auc
+
+    logits = predict(model, data)[0]
+    return float(
+        roc_auc(data.label.numpy(), logits.numpy(), sample_weight=data.weight.numpy())
+    )
+
+
+@torch.no_grad()
+def predict(model: LorentzModel, data: Tensors) -> tuple[Tensor, Tensor | None]:
+    """Logits [N] and, for the dual subnet, the symmetry weights [N, 2], in eval mode."""
+    model.eval()
+    logits, weights = [], []
+    for start in range(0, len(data), EVAL_BATCH):
+        batch = data.subset(slice(start, start + EVAL_BATCH))
+        if isinstance(model, DualSubnet):
+            logit, weight = model.logits_and_weight(*batch.inputs(model))
+            weights.append(weight)
+        else:
+            logit = model.logits(*batch.inputs(model))
+        logits.append(logit[:, 0])
+    return torch.cat(logits), torch.cat(weights) if weights else None
+
+
+def weight_vs_pt(weights: Tensor, lead_pt: Tensor) -> list[float]:
+    """Mean w_unconstrained in the leading-pT bins of :data:`PT_EDGES` (NaN where empty)."""
+    index = np.digitize(lead_pt.numpy(), PT_EDGES[1:-1])
+    w = weights[:, 0].numpy()
+    return [
+        float(w[index == b].mean()) if np.any(index == b) else math.nan
+        for b in range(len(PT_EDGES) - 1)
+    ]
+
+
+def train_model(
+    name: str, train: Tensors, val: Tensors, settings: StudySettings, *, seed: int
+) -> tuple[LorentzModel, float, int, int]:
+    """Train one network; returns it at its best validation AUC, that AUC, the best epoch
+    (1-based) and the number of epochs run."""
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    model.fit_normalisation(*train.inputs(model))
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, mode="max", factor=1 / 3, patience=settings.lr_patience
+    )
+    generator = torch.Generator().manual_seed(seed)
+    best_auc, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
+    epoch = 0
+    for epoch in range(1, settings.max_epochs + 1):
+        train_epoch(model, optimiser, train, settings.batch_size, generator)
+        auc = weighted_auc(model, val)
+        scheduler.step(auc)
+        if auc > best_auc:
+            best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= settings.patience:
+            break
+    model.load_state_dict(best_state)
+    return model, best_auc, best_epoch, epoch
+
+
+def train_epoch(
+    model: LorentzModel,
+    optimiser: torch.optim.Optimizer,
+    data: Tensors,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float:
+    """One pass over ``data`` in shuffled batches with the weighted BCE; the mean loss."""
+    model.train()
+    order = torch.randperm(len(data), generator=generator)
+    total, seen = 0.0, 0
+    # BatchNorm needs two events; a smaller tail batch is skipped
+    for start in range(0, len(data) - 1, batch_size):
+        batch = data.subset(order[start : start + batch_size])
+        if len(batch) < 2:
+            continue
+        loss = weighted_bce(model.logits(*batch.inputs(model))[:, 0], batch.label, batch.weight)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total += loss.item() * len(batch)
+        seen += len(batch)
+    return total / max(seen, 1)
+
+
+def weighted_bce(logits: Tensor, label: Tensor, weight: Tensor) -> Tensor:
+    """BCE with logits per event, times the event weight, over the summed weight."""
+    losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    return torch.sum(losses * weight) / torch.sum(weight).clamp_min(1e-12)
+
+
+def run_study(
+    settings: StudySettings,
+    data_dir: Path,
+    *,
+    on_run: Callable[[RunResult], None] | None = None,
+    threads: int | None = None,
+) -> StudyResult:
+    """Train every model at every size and repeat; ``on_run`` sees each result as it comes."""
+    from tqdm import tqdm
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    test, val, pools = split(load_data(settings, data_dir), settings)
+    result = StudyResult(settings)
+    jobs = [
+        (repeat, size, name)
+        for repeat in range(settings.repeats)
+        for size in settings.sizes
+        for name in settings.models
+    ]
+    for repeat, size, name in tqdm(jobs, desc="learning curve", unit="run"):
+        begun = time.perf_counter()
+        seed = settings.seed * 10_000 + repeat * 100 + settings.sizes.index(size)
+        model, val_auc, best_epoch, epochs = train_model(
+            name, pools[repeat].subset(slice(0, size)), val, settings, seed=seed
+        )
+        run = RunResult(
+            model=name,
+            size=size,
+            repeat=repeat,
+            test_auc=weighted_auc(model, test),
+            val_auc=val_auc,
+            best_epoch=best_epoch,
+            epochs=epochs,
+            seconds=time.perf_counter() - begun,
+        )
+        if isinstance(model, DualSubnet):
+            weights = predict(model, test)[1]
+            assert weights is not None
+            run.weight_vs_pt = weight_vs_pt(weights, test.globals[:, model.gate_index])
+        result.runs.append(run)
+        if on_run is not None:
+            on_run(run)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def with_overrides(settings: StudySettings, **overrides: object) -> StudySettings:
+    """``settings`` with the given fields replaced (``None`` values are ignored)."""
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+
+
+def plot_auc_vs_size(result: StudyResult, path: Path) -> None:
+    """Mean test AUC ± std against training size, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for model, rows in result.summary().items():
+        sizes = sorted(rows)
+        axes.errorbar(
+            sizes,
+            [rows[s][0] for s in sizes],
+            yerr=[rows[s][1] for s in sizes],
+            marker="o",
+            capsize=3,
+            label=MODEL_TITLES[model],
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("training events")
+    axes.set_ylabel("test AUC (weighted)")
+    axes.set_title(f"dimuon task, breaking {result.settings.breaking:g}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_weight_vs_pt(result: StudyResult, path: Path) -> None:
+    """Mean learned weight on the unconstrained subnet per leading-pT bin, per training size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = pt_bin_labels()
+    positions = np.arange(len(labels))
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for size, bins in result.weight_summary().items():
+        axes.errorbar(
+            positions,
+            [m for m, _ in bins],
+            yerr=[s for _, s in bins],
+            marker="o",
+            capsize=3,
+            label=f"{size // 1000}k",
+        )
+    axes.set_xticks(positions, labels)
+    axes.set_xlabel("leading-muon pT [GeV]")
+    axes.set_ylabel("mean w_unconstrained")
+    axes.set_ylim(0, 1)
+    axes.set_title("dual subnet: learned symmetry factor")
+    axes.legend(title="training events")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_outputs(result: StudyResult, out_dir: Path) -> list[Path]:
+    """The JSON of the numbers and both plots; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "learning_curve.json", out_dir / "auc_vs_size.png"]
+    paths[0].write_text(result.to_json())
+    plot_auc_vs_size(result, paths[1])
+    if result.weight_summary():
+        paths.append(out_dir / "symmetry_weight_vs_pt.png")
+        plot_weight_vs_pt(result, paths[2])
+    return paths
+
+
+FloatArray = npt.NDArray[np.float64]
