@@ -14,7 +14,6 @@ config, the bsym version and git commit, the class labels and the parity result 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import subprocess
 import tempfile
@@ -198,7 +197,7 @@ def _export_loaded(
     batch, source = _parity_batch(loaded, parity_data)
     inputs = _inputs(batch, input_names)
 
-    proto = _to_onnx(model, inputs, input_names, output_names, opset)
+    proto = to_onnx(model, inputs, input_names, output_names, opset)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
@@ -236,7 +235,11 @@ def check_parity(
     tolerance: float = DEFAULT_TOLERANCE,
     source: str = "given rows",
 ) -> ParityReport:
-    """Compare ONNX Runtime with torch on ``inputs``; raise if any output differs too much."""
+    """Compare ONNX Runtime with torch on ``inputs``; raise if any output differs too much.
+
+    ``inputs`` maps tensor names to arrays in the model's input order. Raises
+    :class:`SpecMismatchError` naming the output and its largest deviation.
+    """
     import onnxruntime as ort
 
     rows = len(next(iter(inputs.values())))
@@ -316,35 +319,40 @@ def _inputs(batch: FeatureBatch, input_names: Sequence[str]) -> dict[str, npt.ND
     return {name: np.ascontiguousarray(available[name]) for name in input_names}
 
 
-def _to_onnx(
+def to_onnx(
     model: torch.nn.Module,
     inputs: dict[str, npt.NDArray[Any]],
     input_names: tuple[str, ...],
     output_names: tuple[str, ...],
-    opset: int,
+    opset: int = DEFAULT_OPSET,
 ) -> onnx.ModelProto:
+    """Trace ``model`` on the first rows of ``inputs`` with a dynamic batch axis everywhere."""
     import onnx
     import torch
 
-    example = tuple(torch.from_numpy(value[:2]) for value in inputs.values())
+    example = tuple(torch.from_numpy(inputs[name][:2]) for name in input_names)
     axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
-    buffer = io.BytesIO()
     model.eval()
     # The dynamo exporter needs onnxscript, which bsym does not depend on; the TorchScript
     # exporter handles these models and warns only that it is the older path.
-    with warnings.catch_warnings(), torch.no_grad():
+    with (
+        tempfile.TemporaryDirectory(prefix="bsym-trace-") as tmp,
+        warnings.catch_warnings(),
+        torch.no_grad(),
+    ):
         warnings.simplefilter("ignore", DeprecationWarning)
+        traced = Path(tmp) / MODEL_FILENAME
         torch.onnx.export(
             model,
             example,
-            buffer,
+            traced,
             input_names=list(input_names),
             output_names=list(output_names),
             dynamic_axes=axes,
             opset_version=opset,
             dynamo=False,
         )
-    return onnx.load_model_from_string(buffer.getvalue())
+        return onnx.load_model(str(traced))
 
 
 def _torch_outputs(
@@ -356,7 +364,9 @@ def _torch_outputs(
     chunks: dict[str, list[npt.NDArray[np.float64]]] = {name: [] for name in output_names}
     with torch.inference_mode():
         for start in range(0, rows, PARITY_BATCH_SIZES[0]):
-            tensors = [torch.from_numpy(v[start : start + PARITY_BATCH_SIZES[0]]) for v in inputs.values()]
+            tensors = [
+                torch.from_numpy(v[start : start + PARITY_BATCH_SIZES[0]]) for v in inputs.values()
+            ]
             result = model(*tensors)
             outputs = result if isinstance(result, tuple | list) else (result,)
             if len(outputs) != len(output_names):

@@ -33,6 +33,12 @@ from bsym.serving.friend_tree import plan_columns
 from bsym.serving.prefetch import prefetched
 
 
+# Tensors are built for slices of this many entries of each chunk read (see feature_batches),
+# and up to PREFETCH_DEPTH such slices wait for inference.
+ENTRIES_PER_BATCH = 32_768
+PREFETCH_DEPTH = 2
+
+
 @dataclass(frozen=True)
 class FileResult:
     """One input that was scored now, or whose complete output was already there."""
@@ -202,7 +208,9 @@ class _Scorer:
         from tqdm import tqdm
 
         def produce() -> Iterator[tuple[int, int, FeatureBatch]]:
-            return _feature_chunks(tree, source, branches, self.spec, layout, self.step_size)
+            return feature_batches(
+                tree, source, branches, self.spec, layout, step_size=self.step_size
+            )
 
         objects = 0
         with atomic_output(target) as temporary:
@@ -217,7 +225,7 @@ class _Scorer:
             )
             try:
                 with (
-                    prefetched(produce) as chunks,
+                    prefetched(produce, depth=PREFETCH_DEPTH) as chunks,
                     tqdm(
                         total=provenance.source_entries,
                         desc=f"{label} {source.path.name}",
@@ -302,22 +310,31 @@ def _event_tree(source: TreeSource, spec: FeatureSpec) -> TreeSource | None:
     return TreeSource(source.path, trees[0]) if len(trees) == 1 else None
 
 
-def _feature_chunks(
+def feature_batches(
     tree: Any,
     source: TreeSource,
     branches: list[str],
     spec: FeatureSpec,
     layout: Layout,
+    *,
     step_size: int | str,
+    entries_per_batch: int = ENTRIES_PER_BATCH,
 ) -> Iterator[tuple[int, int, FeatureBatch]]:
-    """(first entry, entries, tensors) for each chunk of the tree."""
+    """(first entry, entries, tensors) for consecutive slices of the tree.
+
+    Each chunk read at ``step_size`` is cut into slices of ``entries_per_batch`` before its
+    tensors are built: the padded tensors and the sorting temporaries of a whole 100 MB chunk
+    would take several times its size, and smaller sorts are faster.
+    """
     first = 0
     for arrays in iterate_chunks(tree, source, branches, step_size=step_size):
-        entries = len(arrays)
-        try:
-            batch = build_features(arrays, spec, layout)
-        except (BadValueError, SpecMismatchError) as error:
-            raise type(error)(f"entries {first}..{first + entries - 1}: {error}") from error
-        del arrays
-        yield first, entries, batch
-        first += entries
+        for start in range(0, len(arrays), entries_per_batch):
+            part = arrays[start : start + entries_per_batch]
+            entries = len(part)
+            try:
+                batch = build_features(part, spec, layout)
+            except (BadValueError, SpecMismatchError) as error:
+                where = f"entries {first}..{first + entries - 1}"
+                raise type(error)(f"{where}: {error}") from error
+            yield first, entries, batch
+            first += entries

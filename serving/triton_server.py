@@ -25,19 +25,20 @@ import sysconfig
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from bsym.errors import BsymError, ServerError
+from bsym.errors import BsymError, ServerError, did_you_mean
 
 INSTALL_HINT = "pip install 'bsym[triton]'"
 HOST = "127.0.0.1"
 STUB_NAME = "triton_python_backend_stub"
 _BIND_FAILURES = ("address already in use", "failed to start")
 _POLL_SECONDS = 0.2
-_LOAD_FAILURE = re.compile(r'"(failed to load \'[^\']+\' version \d+: .*)"$', re.MULTILINE)
+_LOAD_FAILURE = re.compile(r'"(failed to (?:load|poll model) \'[^\']+\'.*)"$', re.MULTILINE)
 
 if TYPE_CHECKING:
     from tritonclient.grpc import InferenceServerClient
@@ -82,7 +83,7 @@ def prepare_backends(cache: Path | None = None) -> Path:
             f"(stubs for {available}); use one of those Python versions"
         )
     backends = root / "backends"
-    if os.access(backends / "python", os.W_OK):
+    if _writable(backends / "python"):
         _install_stub(stub, backends / "python" / STUB_NAME)
         return backends
     version = importlib.metadata.version("nvidia-pytriton")
@@ -98,6 +99,10 @@ def prepare_backends(cache: Path | None = None) -> Path:
     if not (cached / "python" / STUB_NAME).is_file():
         raise BsymError(f"could not prepare the Triton Python backend in {cached}")
     return cached
+
+
+def _writable(directory: Path) -> bool:
+    return os.access(directory, os.W_OK)
 
 
 def _install_stub(stub: Path, target: Path) -> None:
@@ -122,6 +127,19 @@ def server_environment() -> dict[str, str]:
     # interpreter's bin first makes it use this environment's site-packages (a venv too).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the server's process group (it and its stubs) and reap the server."""
+    if process.poll() is None:  # once reaped, its pid (and group id) may belong to another
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _abandon(process: subprocess.Popen[bytes], log_dir: Path) -> None:
+    _kill_group(process)
+    shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def free_ports(count: int) -> list[int]:
@@ -166,6 +184,9 @@ class TritonServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._log_dir: Path | None = None
         self._final_log = ""
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes], Path], TritonServer] | None = (
+            None
+        )
 
     @property
     def grpc_url(self) -> str:
@@ -183,6 +204,11 @@ class TritonServer:
     def running(self) -> bool:
         """Whether the server process was started and has not exited."""
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server while it was started, else None."""
+        return None if self._process is None else self._process.pid
 
     @property
     def log_path(self) -> Path | None:
@@ -207,10 +233,12 @@ class TritonServer:
         Ports are picked just before the start; if another process takes one meanwhile the
         server fails to bind and is started again on new ports.
         """
-        if self._process is not None:
+        if self.running:
             raise ServerError(f"Triton server on {self.grpc_url} is already running")
+        self.stop()  # clears what a server that exited on its own left behind
         if not self.model_repository.is_dir():
             raise ServerError(f"model repository {self.model_repository} is not a directory")
+        self._check_models_exist()
         binary = find_tritonserver()
         backends = prepare_backends(self.backend_cache)
         for attempt in range(1, attempts + 1):
@@ -221,9 +249,24 @@ class TritonServer:
             except ServerError:
                 tail = self.log_tail().lower()
                 self.stop()
-                retry = attempt < attempts and any(text in tail for text in _BIND_FAILURES)
-                if not retry:
+                if attempt == attempts or not any(text in tail for text in _BIND_FAILURES):
                     raise
+            except BaseException:  # KeyboardInterrupt included: never leave a server behind
+                self.stop()
+                raise
+
+    def _check_models_exist(self) -> None:
+        available = sorted(
+            path.name
+            for path in self.model_repository.iterdir()
+            if (path / "config.pbtxt").is_file()
+        )
+        for name in self.models or ():
+            if name not in available:
+                raise ServerError(
+                    f"model '{name}' is not in {self.model_repository} (models with a "
+                    f"config.pbtxt: {available}){did_you_mean(name, available)}"
+                )
 
     def _launch(self, binary: Path, backends: Path) -> None:
         self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
@@ -262,6 +305,8 @@ class TritonServer:
                 env=server_environment(),
                 start_new_session=True,
             )
+        # Safety net for a server never stopped: ends it when this object or Python goes.
+        self._finalizer = weakref.finalize(self, _abandon, self._process, self._log_dir)
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the server and every expected model are ready, or raise ServerError."""
@@ -323,14 +368,15 @@ class TritonServer:
     def stop(self) -> None:
         """SIGTERM the server, SIGKILL it (and its stubs) after the grace period; idempotent."""
         process, self._process = self._process, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(self.grace_period)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                _kill_group(process)
         if self._log_dir is not None:
             self._final_log = self.log_tail(lines=1000)
             shutil.rmtree(self._log_dir, ignore_errors=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import awkward as ak
 import numpy as np
+import numpy.typing as npt
 import pytest
 import typer
 import uproot
@@ -117,7 +118,7 @@ def make_muons(n_events: int, seed: int) -> dict[str, Any]:
     n_mu = int(n_muon.sum())
     n_cell = rng.integers(0, 13, n_mu)
     cells = int(n_cell.sum())
-    muon = {
+    muon: dict[str, npt.NDArray[Any]] = {
         "pt": rng.uniform(5, 100, n_mu),
         "eta": rng.uniform(-2.4, 2.4, n_mu),
         "phi": rng.uniform(-np.pi, np.pi, n_mu),

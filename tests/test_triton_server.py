@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+import psutil
 import pytest
 import torch
 from torch import nn
 
 from bsym.errors import BsymError, ServerError
 from bsym.export.triton_config import write_model_repository
+from bsym.serving import triton_server
 from bsym.serving.triton_server import TritonServer, find_tritonserver
 
 pytestmark = pytest.mark.triton
 
+Array = npt.NDArray[Any]
 P, F, G = 8, 3, 2
 NAME = "deepset"
 
@@ -83,7 +88,7 @@ def export_deepset(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_inputs(n: int, seed: int) -> dict[str, npt.NDArray[np.generic]]:
+def make_inputs(n: int, seed: int) -> dict[str, Array]:
     rng = np.random.default_rng(seed)
     counts = rng.integers(0, P + 1, size=n)
     mask = np.arange(P)[None, :] < counts[:, None]
@@ -95,9 +100,7 @@ def make_inputs(n: int, seed: int) -> dict[str, npt.NDArray[np.generic]]:
     }
 
 
-def infer(
-    url: str, inputs: dict[str, npt.NDArray[np.generic]]
-) -> dict[str, npt.NDArray[np.generic]]:
+def infer(url: str, inputs: dict[str, Array]) -> dict[str, Array]:
     """One gRPC request with every input; returns every output."""
     types = {np.dtype(np.float32): "FP32", np.dtype(np.bool_): "BOOL"}
     with grpcclient.InferenceServerClient(url) as client:
@@ -159,15 +162,42 @@ def test_changed_model_is_refused(onnx_path: Path, tmp_path: Path) -> None:
     assert server.log_tail()  # the log survives stop() for diagnosis
 
 
-def test_explicit_mode_loads_named_models_and_stops(onnx_path: Path, tmp_path: Path) -> None:
-    write_model_repository(onnx_path, tmp_path, NAME, 1, flavour="cpu")
-    with (
-        TritonServer(tmp_path, models=[NAME]) as server,
-        grpcclient.InferenceServerClient(server.grpc_url) as client,
-    ):
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (orphans wait for a reaper that a container may lack)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_explicit_mode_with_cached_backends_and_forced_stop(
+    onnx_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read-only site-packages: the backends are copied to our cache; SIGKILL ends the stubs."""
+    monkeypatch.setattr(triton_server, "_writable", lambda directory: False)
+    cache = tmp_path / "cache"
+    write_model_repository(onnx_path, tmp_path / "repository", NAME, 1, flavour="cpu")
+    server = TritonServer(
+        tmp_path / "repository", models=[NAME], backend_cache=cache, grace_period=0.01
+    )
+    with server, grpcclient.InferenceServerClient(server.grpc_url) as client:
         assert client.is_model_ready(NAME)
-        assert server.running
+        assert server.running and server.pid is not None
+        stubs = psutil.Process(server.pid).children(recursive=True)
+        assert stubs  # one Python-backend stub per model instance
     assert not server.running
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
+    while [stub for stub in stubs if _alive(stub)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [stub for stub in stubs if _alive(stub)]
+    (prepared,) = cache.glob("pytriton-*/python/triton_python_backend_stub")
+    assert os.access(prepared, os.X_OK)
     server.stop()  # idempotent
     with pytest.raises(ServerError, match="not running"):
         _ = server.grpc_url
+
+
+def test_unknown_model_is_named_before_starting(onnx_path: Path, tmp_path: Path) -> None:
+    write_model_repository(onnx_path, tmp_path, NAME, 1, flavour="cpu")
+    with pytest.raises(ServerError, match="did you mean 'deepset'"):
+        TritonServer(tmp_path, models=["deepsat"]).start()

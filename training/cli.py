@@ -17,9 +17,7 @@ from bsym.console import stderr, stdout, user_errors
 def train_command(
     config: Annotated[
         Path,
-        typer.Argument(
-            exists=True, dir_okay=False, readable=True, help="training config (YAML)"
-        ),
+        typer.Argument(exists=True, dir_okay=False, readable=True, help="training config (YAML)"),
     ],
     overrides: Annotated[
         list[str] | None,
@@ -33,7 +31,10 @@ def train_command(
     resume: Annotated[
         Path | None,
         typer.Option(
-            exists=True, dir_okay=False, help="continue from a checkpoint (usually last.pt)"
+            exists=True,
+            dir_okay=False,
+            metavar="CHECKPOINT",
+            help="continue from a checkpoint (usually last.pt)",
         ),
     ] = None,
     force: Annotated[
@@ -65,26 +66,29 @@ def evaluate_command(
             "-m",
             exists=True,
             dir_okay=False,
+            metavar="CHECKPOINT",
             help="checkpoint to evaluate; repeat to compare models",
         ),
     ],
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", file_okay=False, help="output directory [default: evaluation/ beside the "
-            "first checkpoint]"
+            file_okay=False,
+            metavar="DIR",
+            help="output directory",
+            show_default="evaluation/ beside the first checkpoint",
         ),
     ] = None,
     data: Annotated[
         list[str] | None,
         typer.Option(
-            "--data",
-            help="ROOT inputs (file.root, dir/*.root, file.root:tree) [default: each "
-            "checkpoint's held-out test rows]",
+            metavar="FILES",
+            help="ROOT inputs (file.root, dir/*.root, file.root:tree); repeatable",
+            show_default="each checkpoint's held-out test rows",
         ),
     ] = None,
     bootstrap: Annotated[
-        int, typer.Option(min=0, help="bootstrap resamples for the AUC uncertainty")
+        int, typer.Option(min=2, help="bootstrap resamplings for the uncertainties")
     ] = 100,
 ) -> None:
     """Evaluate trained models: ROC curves, AUCs with uncertainties, plots."""
@@ -93,19 +97,19 @@ def evaluate_command(
         from bsym.training.evaluate import evaluate_cli
 
         evaluate_cli(
-            models=model,
-            out=out if out is not None else model[0].parent / "evaluation",
+            model,
+            out if out is not None else model[0].parent / "evaluation",
             data=data or None,
-            bootstrap=bootstrap,
+            n_bootstrap=bootstrap,
         )
 
 
 def _log_to_stderr() -> None:
-    """Show the library's INFO messages on stderr, unless logging is already set up."""
-    root = logging.getLogger()
-    if root.handlers:
+    """Show bsym's INFO messages on stderr, unless a handler is already set up."""
+    logger = logging.getLogger("bsym")
+    if logger.handlers or logging.getLogger().handlers:
         return
     from rich.logging import RichHandler
 
-    handler = RichHandler(console=stderr, show_path=False, show_time=False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    logger.addHandler(RichHandler(console=stderr, show_path=False, show_time=False))
+    logger.setLevel(logging.INFO)

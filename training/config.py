@@ -207,33 +207,38 @@ def _describe(item: Any, overrides: Sequence[str]) -> str:
     """One readable line for one pydantic error, with the user's dotted key."""
     loc: tuple[str | int, ...] = tuple(item["loc"])
     key, owner = _resolve(loc)
-    origin = _override_for(key, overrides)
+    line = _explain(item, key, owner)
+    override = _override_for(key, overrides)
+    return f"--set {override}: {line}" if override else line
+
+
+def _explain(item: Any, key: str, owner: type[BaseModel] | None) -> str:
     kind = item["type"]
     if kind == "extra_forbidden":
-        last = str(loc[-1])
         valid = list(owner.model_fields) if owner is not None else []
-        hint = did_you_mean(last, valid)
-        return f"unknown key '{key}'{origin}{hint} (valid keys here: {', '.join(valid)})"
+        hint = did_you_mean(str(item["loc"][-1]), valid)
+        return f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})"
     if kind == "union_tag_invalid":
         tag = str(item["ctx"]["tag"])
         expected = [t.strip(" '") for t in str(item["ctx"]["expected_tags"]).split(",")]
         hint = did_you_mean(tag, expected)
-        return f"{key}.type: unknown type '{tag}'{origin}{hint} (one of: {', '.join(expected)})"
+        return f"{key}.type: unknown type '{tag}'{hint} (one of: {', '.join(expected)})"
     if kind == "union_tag_not_found":
-        return f"{key}.type is required{origin} (one of: {', '.join(MODEL_TYPES)})"
+        return f"{key}.type is required (one of: {', '.join(MODEL_TYPES)})"
     message = str(item["msg"]).removeprefix("Value error, ")
     shown = item.get("input")
     scalar = isinstance(shown, str | int | float | bool)
     got = f" (got {shown!r})" if scalar and kind != "value_error" else ""
-    return f"{key or 'config'}: {message}{got}{origin}"
+    return f"{key or 'config'}: {message}{got}"
 
 
-def _override_for(key: str, overrides: Sequence[str]) -> str:
-    for override in overrides:
+def _override_for(key: str, overrides: Sequence[str]) -> str | None:
+    """The last override that set ``key``, a key inside it, or a mapping holding it."""
+    for override in reversed(overrides):
         target = override.partition("=")[0].strip()
         if key and (target == key or target.startswith(key + ".") or key.startswith(target + ".")):
-            return f" (from --set {override})"
-    return ""
+            return override
+    return None
 
 
 def _resolve(loc: tuple[str | int, ...]) -> tuple[str, type[BaseModel] | None]:

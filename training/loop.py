@@ -16,13 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from tqdm import tqdm
-
-from bsym.errors import ConfigError, SpecMismatchError
-from bsym.features import FeatureBatch
 from bsym.training.checkpoint import (
     checkpoint_header,
     predict,
@@ -34,6 +30,11 @@ from bsym.training.config import TrainConfig, save_config
 from bsym.training.dataset import Split, load_training_data
 from bsym.training.metrics import roc_auc
 from bsym.training.models import BsymModel, NetworkModel, build_model, model_inputs
+from torch import Tensor
+from tqdm import tqdm
+
+from bsym.errors import ConfigError, SpecMismatchError
+from bsym.features import FeatureBatch
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 8192
@@ -148,7 +149,7 @@ class _Run:
     def fit(self, model: NetworkModel, rows: FeatureBatch, *, progress: bool) -> None:
         settings = self.config.optimizer
         inputs = model_inputs(model, rows)
-        label = torch.from_numpy(np.asarray(rows.label, dtype=np.float32))
+        label = torch.from_numpy(_labels(rows).astype(np.float32))
         weight = None if rows.weight is None else torch.from_numpy(rows.weight)
         bar = tqdm(
             total=settings.epochs,
@@ -161,7 +162,11 @@ class _Run:
             for epoch in range(self.epoch + 1, settings.epochs + 1):
                 if epoch - 1 - self.best_epoch >= settings.patience:
                     self.stopped_early = True
-                    log.info("early stop: no better validation AUC for %d epochs", epoch - 1)
+                    log.info(
+                        "early stop after epoch %d: the best validation AUC is from epoch %d",
+                        epoch - 1,
+                        self.best_epoch,
+                    )
                     break
                 permutation = np.random.default_rng([self.config.seed, 1, epoch])
                 order = torch.from_numpy(permutation.permutation(rows.n_rows))
@@ -195,10 +200,10 @@ class _Run:
             batch_weight = None if weight is None else weight[rows]
             loss = _bce(model.logits(*(t[rows] for t in inputs)), label[rows], batch_weight)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             self.optimizer.step()
             share = float(len(rows)) if batch_weight is None else float(batch_weight.sum())
-            summed += float(loss) * share
+            summed += float(loss.detach()) * share
             total += share
         model.eval()
         return summed / total
@@ -224,9 +229,9 @@ class _Run:
         """Validation loss (networks only) and AUC of the scores the model would export."""
         rows = self.validation
         if not isinstance(self.model, NetworkModel):
-            return None, roc_auc(rows.label, predict(self.model, rows), rows.weight)
+            return None, roc_auc(_labels(rows), predict(self.model, rows), rows.weight)
         inputs = model_inputs(self.model, rows)
-        label = torch.from_numpy(np.asarray(rows.label, dtype=np.float32))
+        label = torch.from_numpy(_labels(rows).astype(np.float32))
         weight = None if rows.weight is None else torch.from_numpy(rows.weight)
         with torch.inference_mode():
             logits = torch.cat(
@@ -237,7 +242,7 @@ class _Run:
             )
             loss = float(_bce(logits, label, weight))
             scores = torch.sigmoid(logits)[:, 0].numpy()
-        return loss, roc_auc(rows.label, scores, rows.weight)
+        return loss, roc_auc(_labels(rows), scores, rows.weight)
 
     def _payload(self, *, best: bool) -> dict[str, Any]:
         epoch = self.best_epoch if best else self.epoch
@@ -283,6 +288,12 @@ class _Run:
         )
 
 
+def _labels(rows: FeatureBatch) -> npt.NDArray[np.int64]:
+    if rows.label is None:
+        raise SpecMismatchError("training needs labels, but the feature batch has none")
+    return rows.label
+
+
 def _bce(logits: Tensor, label: Tensor, weight: Tensor | None) -> Tensor:
     losses = F.binary_cross_entropy_with_logits(logits[:, 0], label, reduction="none")
     if weight is None:
@@ -294,9 +305,7 @@ def _resumable_payload(path: Path, config: TrainConfig) -> dict[str, Any]:
     payload = read_payload(path)
     before = _flatten(TrainConfig.model_validate_json(payload["config"]).model_dump(mode="json"))
     now = _flatten(config.model_dump(mode="json"))
-    changed = sorted(
-        key for key in before.keys() | now.keys() if before.get(key) != now.get(key)
-    )
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
     changed = [key for key in changed if key not in RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(
@@ -329,7 +338,7 @@ def _check_same_split(recorded: dict[str, Any], split: Split, path: Path | None)
 
 
 def _check_both_classes(rows: FeatureBatch, subset: str) -> None:
-    labels = np.asarray(rows.label)
+    labels = _labels(rows)
     present = set(np.unique(labels).tolist())
     if present != {0, 1}:
         found = ", ".join(str(v) for v in sorted(present)) or "no rows"

@@ -2,42 +2,46 @@
 
 All three read the raw four-momenta of the two muons, ``constituents`` [N, 2, 4] ordered
 (px, py, pz, E) in GeV, with ``mask`` [N, 2]; the dual subnet also reads ``globals`` [N, G]
-and gates on one column of it (the leading-muon pT by default). They return ``score``
-[N, 1] (probabilities); the dual subnet also returns ``symmetry_weight`` [N, 2] =
-(w_unconstrained, w_invariant). :meth:`logits` gives the pre-sigmoid output for training.
+and gates on one column of it (the leading-muon pT with :func:`lorentz_feature_spec`). They
+return ``score`` [N, 1] (probabilities); the dual subnet also returns ``symmetry_weight``
+[N, 2] = (w_unconstrained, w_invariant). ``logits`` gives the pre-sigmoid score for training.
 
-Layer sizes are the paper's. Every hidden linear layer of the per-muon map and of the
-invariant MLP is followed by BatchNorm and ReLU, the last (latent) one included, so both
-latents are non-negative Deep-Sets style features. Normalisation lives in the graph: the
-unconstrained subnet standardises its inputs and the gate its input with buffers set by
-:meth:`fit_normalisation` from the training data; the invariant subnet needs no buffers, its
-inputs being logarithmic already. BatchNorm statistics run over all constituent slots, padded
+Layer sizes are the paper's. Every linear layer of the per-muon map and of the invariant MLP
+is followed by BatchNorm and ReLU, the last (latent) one included, so both latents are
+non-negative Deep-Sets style features on a common scale before they are mixed. The head and
+the gate are plain ReLU MLPs. Normalisation lives in the graph: the unconstrained subnet
+standardises its inputs and the gate its input with buffers that ``prepare`` (or
+``fit_normalisation``) sets from the training data; the invariant subnet needs none, its
+inputs being logarithms already. BatchNorm statistics run over all constituent slots, padded
 ones included: harmless here, where every event has exactly two muons.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from bsym.training.models import NetworkModel, Standardise
 from torch import Tensor, nn
 
-from bsym.features import Constituents, Feature, FeatureSpec, Label, StrictModel
+from bsym.errors import ConfigError, SpecMismatchError
+from bsym.features import Constituents, Feature, FeatureBatch, FeatureSpec, Label
 
 FOUR_MOMENTUM = ("Muon_px", "Muon_py", "Muon_pz", "Muon_E")
 LATENT = 16
+SUBNET_SIZES = (64, 64, LATENT)
 HEAD_SIZES = (512, 256, 128, 128)
-# (+,−,−,−) for components ordered (px, py, pz, E)
+GATE_SIZES = (64, 64, 64)
+# diagonal of the metric (+,−,−,−) for components ordered (px, py, pz, E)
 MINKOWSKI = (-1.0, -1.0, -1.0, 1.0)
 
 
 def lorentz_feature_spec(globals_: tuple[str, ...] = ("lead_pt",)) -> FeatureSpec:
     """The feature spec of the dimuon task (files of ``bsym simulate lorentz``).
 
-    One row per event (object layout; there is no ``nDimuon`` branch), the two muons as
-    constituents sorted by pT, the branches in ``globals_`` as globals (the dual subnet gates
-    on one of them; pass ``()`` for the single networks), label ``label`` and weight
+    One row per event (object layout: the files have no ``nDimuon`` branch), the two muons
+    as constituents sorted by pT, the branches in ``globals_`` as globals (the dual subnet
+    gates on one of them; the single networks ignore them), label ``label`` and weight
     ``weight``.
     """
     return FeatureSpec(
@@ -58,10 +62,9 @@ def psi(x: Tensor) -> Tensor:
 
 
 def invariant_inputs(constituents: Tensor, mask: Tensor, metric: Tensor) -> Tensor:
-    """[N, 2] = (ψ(p0·p1), ψ((p1 − p0)²)); a missing muon counts as 0.
+    """[N, 2] = (ψ(p0·p1), ψ((p1 − p0)²)); a missing muon counts as zero.
 
-    ``metric`` is the diagonal of the metric in the order of the features, (−,−,−,+) for
-    (px, py, pz, E).
+    ``metric`` is the diagonal of the metric in the order of the features.
     """
     momenta = constituents * mask.unsqueeze(-1).to(constituents.dtype)
     p0, p1 = momenta[:, 0], momenta[:, 1]
@@ -71,8 +74,8 @@ def invariant_inputs(constituents: Tensor, mask: Tensor, metric: Tensor) -> Tens
     return psi(torch.stack([dot, squared], dim=-1))
 
 
-class _PointBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over [N, P, C] tensors (statistics over events and constituent slots)."""
+class _SlotBatchNorm(nn.BatchNorm1d):
+    """BatchNorm of [N, P, C] tensors, statistics over events and constituent slots."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:
@@ -80,24 +83,22 @@ class _PointBatchNorm(nn.BatchNorm1d):
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
-def _mlp_bn(sizes: tuple[int, ...]) -> nn.Sequential:
-    """Linear → BatchNorm → ReLU for every layer (the last included)."""
+def _mlp_bn(n_in: int, sizes: tuple[int, ...]) -> nn.Sequential:
+    """Linear → BatchNorm → ReLU for every width in ``sizes``, the last included."""
     layers: list[nn.Module] = []
-    for size_in, size_out in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(size_in, size_out), _PointBatchNorm(size_out), nn.ReLU()]
+    for size in sizes:
+        layers += [nn.Linear(n_in, size), _SlotBatchNorm(size), nn.ReLU()]
+        n_in = size
     return nn.Sequential(*layers)
 
 
-def _mlp(sizes: tuple[int, ...]) -> nn.Sequential:
-    """Linear layers with ReLU between them, none after the last."""
+def _mlp(n_in: int, sizes: tuple[int, ...], n_out: int) -> nn.Sequential:
+    """Linear + ReLU for each width in ``sizes``, then a linear output layer."""
     layers: list[nn.Module] = []
-    for size_in, size_out in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(size_in, size_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def _head() -> nn.Sequential:
-    return _mlp((LATENT, *HEAD_SIZES, 1))
+    for size in sizes:
+        layers += [nn.Linear(n_in, size), nn.ReLU()]
+        n_in = size
+    return nn.Sequential(*layers, nn.Linear(n_in, n_out))
 
 
 class UnconstrainedSubnet(nn.Module):
@@ -105,150 +106,174 @@ class UnconstrainedSubnet(nn.Module):
 
     def __init__(self, n_features: int = 4) -> None:
         super().__init__()
-        self.register_buffer("feature_mean", torch.zeros(n_features))
-        self.register_buffer("feature_std", torch.ones(n_features))
-        self.per_muon = _mlp_bn((n_features, 64, 64, LATENT))
+        self.norm = Standardise(n_features)
+        self.per_muon = _mlp_bn(n_features, SUBNET_SIZES)
 
     def forward(self, constituents: Tensor, mask: Tensor) -> Tensor:
-        weights = mask.unsqueeze(-1).to(constituents.dtype)
-        scaled = (constituents - self.feature_mean) / self.feature_std
-        return torch.sum(self.per_muon(scaled * weights) * weights, dim=1)
+        real = mask.unsqueeze(-1).to(constituents.dtype)
+        latent: Tensor = self.per_muon(self.norm(constituents) * real) * real
+        return torch.sum(latent, dim=1)
 
-    @torch.no_grad()
-    def fit_normalisation(self, constituents: Tensor, mask: Tensor) -> None:
-        """Set the input standardisation from (training) constituents of the real muons."""
-        real = constituents.reshape(-1, constituents.shape[-1])[mask.reshape(-1)]
-        self.feature_mean.copy_(real.mean(dim=0))
-        self.feature_std.copy_(real.std(dim=0).clamp_min(1e-6))
+    def fit(self, constituents: Tensor, mask: Tensor) -> None:
+        """Standardise with the statistics of the real muons of (training) events."""
+        self.norm.fit(constituents[mask].numpy())
 
 
 class InvariantSubnet(nn.Module):
     """MLP 2→64→64→16 on the two Lorentz invariants of the muon pair: z_i [N, 16]."""
 
+    metric: Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("metric", torch.tensor(MINKOWSKI), persistent=False)
-        self.mlp = _mlp_bn((2, 64, 64, LATENT))
+        self.mlp = _mlp_bn(2, SUBNET_SIZES)
 
     def forward(self, constituents: Tensor, mask: Tensor) -> Tensor:
-        return self.mlp(invariant_inputs(constituents, mask, self.metric))
+        latent: Tensor = self.mlp(invariant_inputs(constituents, mask, self.metric))
+        return latent
 
 
-class UnconstrainedNet(nn.Module):
+class LorentzNetwork(NetworkModel):
+    """Common plumbing: the head, fitting from a feature batch or from tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init_kwargs: dict[str, Any] = {}
+        self.head = _mlp(LATENT, HEAD_SIZES, 1)
+
+    def prepare(self, batch: FeatureBatch) -> None:
+        if batch.constituents is None or batch.mask is None:
+            raise SpecMismatchError(f"model '{self.kind}' needs constituents and a mask")
+        globals_ = None if batch.globals is None else torch.from_numpy(batch.globals)
+        self.fit_normalisation(
+            torch.from_numpy(batch.constituents), torch.from_numpy(batch.mask), globals_
+        )
+
+    def fit_normalisation(
+        self, constituents: Tensor, mask: Tensor, globals_: Tensor | None = None
+    ) -> None:
+        """Set the normalisation buffers from training tensors (nothing to set by default)."""
+
+
+class UnconstrainedNet(LorentzNetwork):
     """The unconstrained network (a particle-flow network): z_g → head."""
 
-    input_names: ClassVar[tuple[str, ...]] = ("constituents", "mask")
+    kind = "lorentz_unconstrained"
+    input_names = ("constituents", "mask")
     output_names: ClassVar[tuple[str, ...]] = ("score",)
 
     def __init__(self) -> None:
         super().__init__()
         self.subnet = UnconstrainedSubnet()
-        self.head = _head()
 
-    def logits(self, constituents: Tensor, mask: Tensor) -> Tensor:
-        return self.head(self.subnet(constituents, mask))
-
-    def forward(self, constituents: Tensor, mask: Tensor) -> Tensor:
-        return torch.sigmoid(self.logits(constituents, mask))
+    def logits(self, *inputs: Tensor) -> Tensor:
+        constituents, mask = self.unpack(inputs)
+        output: Tensor = self.head(self.subnet(constituents, mask))
+        return output
 
     def fit_normalisation(
         self, constituents: Tensor, mask: Tensor, globals_: Tensor | None = None
     ) -> None:
-        self.subnet.fit_normalisation(constituents, mask)
+        self.subnet.fit(constituents, mask)
 
 
-class InvariantNet(nn.Module):
+class InvariantNet(LorentzNetwork):
     """The Lorentz-invariant network: z_i → head."""
 
-    input_names: ClassVar[tuple[str, ...]] = ("constituents", "mask")
+    kind = "lorentz_invariant"
+    input_names = ("constituents", "mask")
     output_names: ClassVar[tuple[str, ...]] = ("score",)
 
     def __init__(self) -> None:
         super().__init__()
         self.subnet = InvariantSubnet()
-        self.head = _head()
 
-    def logits(self, constituents: Tensor, mask: Tensor) -> Tensor:
-        return self.head(self.subnet(constituents, mask))
-
-    def forward(self, constituents: Tensor, mask: Tensor) -> Tensor:
-        return torch.sigmoid(self.logits(constituents, mask))
-
-    def fit_normalisation(
-        self, constituents: Tensor, mask: Tensor, globals_: Tensor | None = None
-    ) -> None:
-        """Nothing to fit; present so every Lorentz model is prepared the same way."""
+    def logits(self, *inputs: Tensor) -> Tensor:
+        constituents, mask = self.unpack(inputs)
+        output: Tensor = self.head(self.subnet(constituents, mask))
+        return output
 
 
-class DualSubnet(nn.Module):
+class DualSubnet(LorentzNetwork):
     """Both latents mixed by a learned symmetry factor: z = w_g·z_g + w_i·z_i → head.
 
-    ``w = softmax(MLP(g))`` with the MLP 1→64→64→64→2 on the gating input g =
-    ``globals[:, gate_index]`` (the leading-muon pT with :func:`lorentz_feature_spec`),
-    standardised with buffers.
+    ``w = softmax(MLP(g))``, MLP 1→64→64→64→2, on the gating input g =
+    ``globals[:, gate_index]``, standardised with buffers.
     """
 
-    input_names: ClassVar[tuple[str, ...]] = ("constituents", "mask", "globals")
+    kind = "lorentz_dual"
+    input_names = ("constituents", "mask", "globals")
     output_names: ClassVar[tuple[str, ...]] = ("score", "symmetry_weight")
 
     def __init__(self, gate_index: int = 0) -> None:
         super().__init__()
+        self.init_kwargs = {"gate_index": gate_index}
         self.gate_index = gate_index
         self.unconstrained = UnconstrainedSubnet()
         self.invariant = InvariantSubnet()
-        self.register_buffer("gate_mean", torch.zeros(1))
-        self.register_buffer("gate_std", torch.ones(1))
-        self.gate = _mlp((1, 64, 64, 64, 2))
-        self.head = _head()
+        self.gate_norm = Standardise(1)
+        self.gate = _mlp(1, GATE_SIZES, 2)
 
     def symmetry_weight(self, globals_: Tensor) -> Tensor:
         """[N, 2] = (w_unconstrained, w_invariant), summing to one."""
         gate_input = globals_[:, self.gate_index : self.gate_index + 1]
-        return torch.softmax(self.gate((gate_input - self.gate_mean) / self.gate_std), dim=-1)
+        return torch.softmax(self.gate(self.gate_norm(gate_input)), dim=-1)
 
-    def logits_and_weight(
-        self, constituents: Tensor, mask: Tensor, globals_: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def logits_and_weight(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        constituents, mask, globals_ = self.unpack(inputs)
         weight = self.symmetry_weight(globals_)
-        pooled = weight[:, 0:1] * self.unconstrained(constituents, mask) + weight[
-            :, 1:2
-        ] * self.invariant(constituents, mask)
-        return self.head(pooled), weight
+        z_unconstrained = self.unconstrained(constituents, mask)
+        z_invariant = self.invariant(constituents, mask)
+        pooled = weight[:, 0:1] * z_unconstrained + weight[:, 1:2] * z_invariant
+        logits: Tensor = self.head(pooled)
+        return logits, weight
 
-    def logits(self, constituents: Tensor, mask: Tensor, globals_: Tensor) -> Tensor:
-        return self.logits_and_weight(constituents, mask, globals_)[0]
+    def logits(self, *inputs: Tensor) -> Tensor:
+        return self.logits_and_weight(*inputs)[0]
 
-    def forward(self, constituents: Tensor, mask: Tensor, globals_: Tensor) -> tuple[Tensor, Tensor]:
-        logits, weight = self.logits_and_weight(constituents, mask, globals_)
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        logits, weight = self.logits_and_weight(*inputs)
         return torch.sigmoid(logits), weight
 
-    @torch.no_grad()
     def fit_normalisation(
         self, constituents: Tensor, mask: Tensor, globals_: Tensor | None = None
     ) -> None:
-        self.unconstrained.fit_normalisation(constituents, mask)
-        if globals_ is None:
-            raise ValueError("the dual subnet needs the globals tensor to fit its gate input")
-        gate_input = globals_[:, self.gate_index]
-        self.gate_mean.copy_(gate_input.mean().reshape(1))
-        self.gate_std.copy_(gate_input.std().clamp_min(1e-6).reshape(1))
+        if globals_ is None or globals_.shape[1] <= self.gate_index:
+            found = "none" if globals_ is None else f"{globals_.shape[1]} column(s)"
+            raise SpecMismatchError(
+                f"the dual subnet gates on globals column {self.gate_index}; the globals "
+                f"tensor has {found}"
+            )
+        self.unconstrained.fit(constituents, mask)
+        self.gate_norm.fit(globals_[:, self.gate_index : self.gate_index + 1].numpy())
 
 
-LorentzModel = UnconstrainedNet | InvariantNet | DualSubnet
+LORENTZ_MODEL_CLASSES: dict[str, type[LorentzNetwork]] = {
+    cls.kind: cls for cls in (UnconstrainedNet, InvariantNet, DualSubnet)
+}
 
 
-class LorentzModelConfig(StrictModel):
-    """A model of the dimuon task, for ``bsym train``: which network and, for the dual
-    subnet, which column of ``globals`` gates it."""
+def build_lorentz_model(kind: str, spec: FeatureSpec, *, gate: str = "lead_pt") -> LorentzNetwork:
+    """The (unfitted) network ``kind`` for ``spec``; the dual subnet gates on globals ``gate``.
 
-    type: Literal["lorentz_unconstrained", "lorentz_invariant", "lorentz_dual"]
-    gate_index: int = Field(default=0, ge=0, description="dual subnet: globals column of g")
-
-
-def build_lorentz_model(config: LorentzModelConfig) -> LorentzModel:
-    """Instantiate the network a :class:`LorentzModelConfig` names."""
-    if config.type == "lorentz_unconstrained":
-        return UnconstrainedNet()
-    if config.type == "lorentz_invariant":
-        return InvariantNet()
-    return DualSubnet(gate_index=config.gate_index)
+    Checks that the spec gives what the networks assume: two constituents with four
+    features (px, py, pz, E, in that order; the invariants depend on it), and the gate.
+    """
+    if kind not in LORENTZ_MODEL_CLASSES:
+        raise ConfigError(f"unknown model type '{kind}'; choose from {list(LORENTZ_MODEL_CLASSES)}")
+    constituents = spec.constituents
+    if constituents is None or len(constituents.features) != 4 or constituents.max_count < 2:
+        raise ConfigError(
+            f"model type '{kind}' needs constituents with 4 features (px, py, pz, E) and "
+            "max_count >= 2 (the two muons)"
+        )
+    if kind != DualSubnet.kind:
+        return LORENTZ_MODEL_CLASSES[kind]()
+    names = spec.global_names
+    if gate not in names:
+        raise ConfigError(
+            f"the dual subnet gates on '{gate}', which is not among the globals "
+            f"({', '.join(names) or 'none'})"
+        )
+    return DualSubnet(gate_index=names.index(gate))

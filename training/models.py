@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 import torch
+from bsym.training.config import DNNConfig, PFNConfig, TrainConfig
+from bsym.training.metrics import roc_auc
 from torch import Tensor, nn
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
-from bsym.training.config import DNNConfig, PFNConfig, TrainConfig
-from bsym.training.metrics import roc_auc
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,13 @@ class PFN(NetworkModel):
             "use_globals": use_globals,
         }
         self.use_globals = use_globals and n_globals > 0
-        self.input_names = ("constituents", "mask", "globals") if self.use_globals else (
-            "constituents",
-            "mask",
+        self.input_names = (
+            ("constituents", "mask", "globals")
+            if self.use_globals
+            else (
+                "constituents",
+                "mask",
+            )
         )
         self.norm_constituents = Standardise(n_features)
         self.norm_globals = Standardise(n_globals)

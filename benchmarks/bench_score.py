@@ -1,0 +1,367 @@
+"""Throughput of ``bsym score`` against its parts: reading alone, inference alone, end to end.
+
+    .venv/bin/python benchmarks/bench_score.py [--muons 1000000] [--model model.onnx]
+
+On one file of N muons (object layout, ~20-25 calorimeter cells each; generated once and
+cached under --data-dir) and one PFN-like model (P=32, F=3), it measures
+(a) uproot reading the branches the model needs, at the scorer's step size;
+(b) ONNX Runtime inference on the prepared tensors, in the same chunks and batches;
+(c) ``score_files`` end to end, in a subprocess so that its peak memory is its own.
+Feature building alone is shown too: the end-to-end run must hide it behind (a) and (b).
+Targets: (c) / ((a) + (b)) <= 1.15 and a peak RSS below 1.5 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import awkward as ak
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from bsym.features import Constituents, Feature, FeatureBatch, FeatureSpec, build_features
+from bsym.features import detect_layout, required_branches
+from bsym.rootio import TreeSource, iterate_chunks, open_tree
+from bsym.serving.onnx_backend import DEFAULT_BATCH_SIZE, OnnxRuntimeBackend
+from bsym.serving.scorer import ENTRIES_PER_BATCH
+
+console = Console(stderr=True)
+HERE = Path(__file__).resolve().parent
+MODEL_NAME = "bench_pfn"
+TARGET_RATIO = 1.15
+TARGET_PEAK_GIB = 1.5
+
+
+def bench_spec() -> FeatureSpec:
+    """The spec of the isolation PFN: log ET, Δη, Δφ of 32 cells and log pT of the muon."""
+    return FeatureSpec(
+        tree="Muons",
+        constituents=Constituents(
+            features=[
+                Feature(branch="CaloCell_et", transform="log"),
+                Feature(branch="CaloCell_eta", relative_to="Muon_eta"),
+                Feature(branch="CaloCell_phi", relative_to="Muon_phi", periodic=True),
+            ],
+            max_count=32,
+            sort_by="CaloCell_et",
+            link="CaloCell_muonIdx",
+        ),
+        globals=[Feature(branch="Muon_pt", transform="log")],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model, cached
+# ---------------------------------------------------------------------------------------------
+
+
+def make_data(path: Path, muons: int, seed: int = 1) -> Path:
+    """N muons in the object layout: the isolation simulator if present, else synthetic."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from bsym.simulate.isolation import simulate_isolation
+    except ImportError:
+        layout = _synthetic(muons, seed)
+        source = "synthetic generator"
+    else:
+        parts, total, part_seed = [], 0, seed
+        while total < muons:  # ~2.1 muons per event; simulate in slices to bound memory
+            part, _ = simulate_isolation(100_000, seed=part_seed)
+            parts.append(part[: muons - total])
+            total += len(parts[-1])
+            part_seed += 1
+        layout = ak.concatenate(parts)
+        source = "isolation simulator"
+    _write(path, layout)
+    console.print(f"wrote {path} ({muons:,} muons, {source})")
+    return path
+
+
+def _write(path: Path, layout: ak.Array, entries_per_basket: int = 100_000) -> None:
+    """Write the Muons tree in baskets of a realistic size (one extend per basket)."""
+    import uproot
+
+    columns: dict[str, Any] = {}
+    for name in layout.fields:
+        if name.startswith("CaloCell_"):
+            columns.setdefault("CaloCell", {})[name.removeprefix("CaloCell_")] = layout[name]
+        elif name != "nCaloCell":
+            columns[name] = ak.to_numpy(layout[name])
+    columns["CaloCell"] = ak.zip(columns["CaloCell"])
+    temporary = path.with_name(f".{path.name}.partial")
+    with uproot.recreate(temporary) as file:
+        tree = file.mktree(
+            "Muons", {k: v.type if isinstance(v, ak.Array) else v.dtype for k, v in columns.items()}
+        )
+        for start in range(0, len(layout), entries_per_basket):
+            tree.extend({k: v[start : start + entries_per_basket] for k, v in columns.items()})
+    temporary.replace(path)
+
+
+def _synthetic(muons: int, seed: int) -> ak.Array:
+    """Same branches as the simulator's Muons tree, drawn fast with numpy."""
+    rng = np.random.default_rng(seed)
+    n_cell = rng.poisson(22, muons)
+    cells = int(n_cell.sum())
+    eta = rng.uniform(-2.4, 2.4, muons).astype(np.float32)
+    phi = rng.uniform(-np.pi, np.pi, muons).astype(np.float32)
+    owner = np.repeat(np.arange(muons), n_cell)
+    fields: dict[str, Any] = {
+        "Muon_pt": rng.exponential(20, muons).astype(np.float32) + 5,
+        "Muon_eta": eta,
+        "Muon_phi": phi,
+        "Muon_charge": rng.choice(np.array([-1, 1], np.int32), muons),
+        "Muon_pfRelIso03_all": rng.exponential(0.1, muons).astype(np.float32),
+        "Muon_pfRelIso04_all": rng.exponential(0.15, muons).astype(np.float32),
+        "Muon_sumTrackPt03": rng.exponential(2.0, muons).astype(np.float32),
+        "Muon_genPartFlav": rng.choice(np.array([1, 4, 5], np.int32), muons),
+        "dimuon_mass": rng.uniform(70, 110, muons).astype(np.float32),
+        "event": np.arange(muons, dtype=np.int64) // 2,
+        "nCaloCell": n_cell.astype(np.int32),
+    }
+    cell_values = {
+        "CaloCell_eta": eta[owner] + rng.normal(0, 0.2, cells).astype(np.float32),
+        "CaloCell_phi": phi[owner] + rng.normal(0, 0.2, cells).astype(np.float32),
+        "CaloCell_et": rng.exponential(1.0, cells).astype(np.float32) + 0.1,
+    }
+    for name, values in cell_values.items():
+        fields[name] = ak.unflatten(values, n_cell)
+    return ak.Array(fields)
+
+
+def make_model(path: Path, spec: FeatureSpec) -> Path:
+    """A PFN like the isolation config's (Φ 64-64-64, F 64-64), random weights."""
+    if path.is_file():
+        return path
+    import onnx
+    import torch
+    from torch import nn
+
+    def mlp(sizes: list[int]) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(sizes, sizes[1:], strict=False):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        return nn.Sequential(*layers)
+
+    class PFN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.phi = mlp([3, 64, 64, 64])
+            self.f = mlp([65, 64, 64])
+            self.out = nn.Linear(64, 1)
+
+        def forward(
+            self, constituents: torch.Tensor, mask: torch.Tensor, globals: torch.Tensor
+        ) -> torch.Tensor:
+            real = mask.to(constituents.dtype).unsqueeze(-1)
+            latent = (self.phi(constituents) * real).sum(dim=1)
+            return torch.sigmoid(self.out(self.f(torch.cat([latent, globals], dim=1))))
+
+    names = ["constituents", "mask", "globals", "score"]
+    example = (torch.zeros(2, 32, 3), torch.ones(2, 32, dtype=torch.bool), torch.zeros(2, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            PFN().eval(),
+            example,
+            str(path),
+            input_names=names[:3],
+            output_names=names[3:],
+            dynamic_axes={name: {0: "N"} for name in names},
+            dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    for key, value in {
+        "bsym_feature_spec": spec.to_json(),
+        "bsym_model_name": MODEL_NAME,
+        "bsym_version": "bench",
+        "bsym_git_commit": "bench",
+    }.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def _branches(source: TreeSource, spec: FeatureSpec) -> tuple[Any, list[str]]:
+    tree = open_tree(source)
+    layout = detect_layout(tree.keys(), spec)
+    return tree, required_branches(spec, layout, with_label=False)
+
+
+def measure_read(source: TreeSource, spec: FeatureSpec, step_size: str) -> tuple[float, int]:
+    """(a) seconds to read the needed branches; the number of entries."""
+    tree, branches = _branches(source, spec)
+    start = time.perf_counter()
+    entries = sum(
+        len(chunk) for chunk in iterate_chunks(tree, source, branches, step_size=step_size)
+    )
+    seconds = time.perf_counter() - start
+    tree.file.close()
+    return seconds, entries
+
+
+def measure_features(
+    source: TreeSource, spec: FeatureSpec, step_size: str
+) -> tuple[float, list[FeatureBatch]]:
+    """Seconds to build the tensors (the scorer's slices) from chunks already read."""
+    tree, branches = _branches(source, spec)
+    chunks = list(iterate_chunks(tree, source, branches, step_size=step_size))
+    tree.file.close()
+    layout = detect_layout(branches, spec)
+    batches: list[FeatureBatch] = []
+    start = time.perf_counter()
+    for chunk in chunks:
+        for first in range(0, len(chunk), ENTRIES_PER_BATCH):
+            batches.append(build_features(chunk[first : first + ENTRIES_PER_BATCH], spec, layout))
+    return time.perf_counter() - start, batches
+
+
+def measure_inference(backend: OnnxRuntimeBackend, batches: list[FeatureBatch]) -> float:
+    """(b) seconds of ``backend.predict`` over every chunk's tensors."""
+    backend.predict({k: v[:1] for k, v in batches[0].inputs().items()})  # warm-up
+    start = time.perf_counter()
+    for batch in batches:
+        backend.predict(batch.inputs())
+    return time.perf_counter() - start
+
+
+def measure_end_to_end(args: argparse.Namespace, data: Path, model: Path) -> dict[str, Any]:
+    """(c) run ``score_files`` in a child process; its seconds and peak RSS."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--out",
+        str(args.data_dir / "out"),
+        "--step-size",
+        args.step_size,
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return report
+
+
+def child(args: argparse.Namespace) -> None:
+    """The end-to-end run, alone in its process: print seconds, entries and peak RSS as JSON."""
+    from bsym.serving.scorer import score_files
+
+    with OnnxRuntimeBackend(
+        args.model, threads=args.threads, batch_size=args.batch_size
+    ) as backend:
+        start = time.perf_counter()
+        summary = score_files(
+            [str(args.data)],
+            backend,
+            args.out,
+            step_size=args.step_size,
+            force=True,
+            progress=False,
+        )
+        seconds = time.perf_counter() - start
+    if summary.failed:
+        raise SystemExit(f"end-to-end run failed: {summary.failed}")
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps({"seconds": seconds, "objects": summary.objects, "peak_bytes": peak_kib * 1024})
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child(args)
+        return
+    spec = bench_spec()
+    data = make_data(args.data_dir / f"bench_muons_{args.muons}.root", args.muons)
+    model = args.model or make_model(args.data_dir / f"{MODEL_NAME}.onnx", spec)
+    with OnnxRuntimeBackend(model, threads=args.threads, batch_size=args.batch_size) as backend:
+        spec = backend.feature_spec
+        source = TreeSource(data, spec.tree)
+        console.print(
+            f"model {backend.name} ({model}), {args.step_size} chunks, batch {args.batch_size}"
+        )
+        read_s, entries = measure_read(source, spec, args.step_size)
+        features_s, batches = measure_features(source, spec, args.step_size)
+        inference_s = measure_inference(backend, batches)
+        rows = sum(batch.n_rows for batch in batches)
+        del batches
+    end_to_end = measure_end_to_end(args, data, model)
+    report(entries, rows, read_s, features_s, inference_s, end_to_end)
+
+
+def report(
+    entries: int,
+    rows: int,
+    read_s: float,
+    features_s: float,
+    inference_s: float,
+    end_to_end: dict[str, Any],
+) -> None:
+    e2e_s = float(end_to_end["seconds"])
+    ratio = e2e_s / (read_s + inference_s)
+    peak_gib = end_to_end["peak_bytes"] / 2**30
+    table = Table(title=f"bsym score benchmark: {rows:,} muons in {entries:,} entries")
+    for column in ("stage", "seconds", "muons/s"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage, seconds in (
+        ("(a) read (uproot)", read_s),
+        ("    feature building", features_s),
+        ("(b) inference (ONNX Runtime)", inference_s),
+        ("(a) + (b)", read_s + inference_s),
+        ("(c) score_files end to end", e2e_s),
+    ):
+        table.add_row(stage, f"{seconds:.2f}", f"{rows / seconds:,.0f}")
+    Console().print(table)
+    ok_ratio = "ok" if ratio <= TARGET_RATIO else "MISSED"
+    ok_peak = "ok" if peak_gib < TARGET_PEAK_GIB else "MISSED"
+    Console().print(
+        f"ratio (c) / ((a) + (b)) = {ratio:.3f} (target <= {TARGET_RATIO}: {ok_ratio})\n"
+        f"peak RSS of (c) = {peak_gib:.2f} GiB (target < {TARGET_PEAK_GIB} GiB: {ok_peak})",
+        highlight=False,
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--muons", type=int, default=1_000_000, help="muons in the test file")
+    parser.add_argument("--data-dir", type=Path, default=HERE / ".data", help="cache directory")
+    parser.add_argument("--model", type=Path, default=None, help="an exported model.onnx")
+    parser.add_argument("--step-size", default="100 MB", help="uproot step size")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""``bsym export``: a checkpoint into the Triton model repository, verified against torch."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bsym.console import stdout, user_errors
+
+# Equal to bsym.export.onnx_export.DEFAULT_TOLERANCE, which is not imported here: that module
+# pulls in numpy, awkward and pydantic, and `bsym --help` should answer instantly.
+DEFAULT_TOLERANCE = 1e-4
+
+
+class Flavour(str, Enum):
+    """Which Triton config to write beside the model."""
+
+    production = "production"
+    cpu = "cpu"
+
+
+def export_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, help="checkpoint.pt written by bsym train."),
+    ],
+    repository: Annotated[Path, typer.Option(help="Triton model repository to write into.")] = Path(
+        "model_repository"
+    ),
+    name: Annotated[
+        str | None,
+        typer.Option(help="Model name (default: the config's name); it names output branches."),
+    ] = None,
+    version: Annotated[
+        int | None,
+        typer.Option(min=1, help="Model version (default: the next free one)."),
+    ] = None,
+    flavour: Annotated[
+        Flavour,
+        typer.Option(
+            help="Triton config: 'production' (ONNX Runtime backend, GPU) or 'cpu' "
+            "(Python backend running the same model.onnx on CPUs)."
+        ),
+    ] = Flavour.production,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing version of the model.")
+    ] = False,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            min_open=True,
+            help="Largest allowed |torch - ONNX Runtime| on any output value (absolute).",
+        ),
+    ] = DEFAULT_TOLERANCE,
+    parity_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--parity-data",
+            help="ROOT inputs (file.root[:tree], globs) for the parity check; default: the "
+            "checkpoint's held-out test rows. Repeatable.",
+        ),
+    ] = None,
+) -> None:
+    """Export a checkpoint to ONNX, check it against torch, and add it to the model repository."""
+    with user_errors():
+        from bsym.export.onnx_export import export_to_repository
+
+        entry = export_to_repository(
+            checkpoint,
+            repository,
+            name=name,
+            version=version,
+            flavour="cpu" if flavour is Flavour.cpu else "production",
+            force=force,
+            parity_data=parity_data or None,
+            tolerance=tolerance,
+        )
+    report = entry.export
+    parity = report.parity
+    stdout.print(f"ONNX model: {report.onnx_path}", highlight=False)
+    stdout.print(
+        f"parity: max |Δ| = {parity.worst:.2e} (tolerance {parity.tolerance:g}) over "
+        f"{parity.rows} rows of {parity.source}, batch sizes "
+        f"{', '.join(map(str, parity.batch_sizes))}",
+        highlight=False,
+    )
+    stdout.print(
+        f"repository: {entry.model_dir} version {entry.version} ({entry.flavour} config)",
+        highlight=False,
+    )

@@ -1,0 +1,300 @@
+"""Compare trained models on held-out rows: AUC and background rejection, with bootstrap errors.
+
+For each checkpoint the rows are its own test split (re-read from the recorded files) or the
+given files. Background rejection is 1/ε_B at a fixed signal efficiency ε_S, read off the ROC
+curve of the cut ``score >= threshold`` and interpolated linearly between its points. Each
+uncertainty is the standard deviation over ``n_bootstrap`` resamplings of the rows with
+replacement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from bsym.console import stdout
+from bsym.errors import ConfigError, SpecMismatchError
+from bsym.rootio import atomic_output
+from bsym.training.metrics import roc_auc, roc_curve
+
+if TYPE_CHECKING:
+    from bsym.features import FeatureBatch
+    from bsym.training.checkpoint import LoadedModel
+
+WORKING_POINTS = (0.5, 0.9)
+METRICS_FILENAME = "metrics.json"
+ROC_FILENAME = "roc.png"
+PREDICT_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model's figures of merit on its evaluation rows; errors are bootstrap std devs."""
+
+    name: str
+    type: str
+    checkpoint: str
+    data: str
+    n_test: int
+    auc: float
+    auc_err: float
+    rej50: float
+    rej50_err: float
+    rej90: float
+    rej90_err: float
+
+
+@dataclass(frozen=True)
+class _Curve:
+    name: str
+    auc: float
+    signal_efficiency: npt.NDArray[np.float64]
+    background_efficiency: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Per-model metrics (in the order given) and the files written."""
+
+    models: list[ModelMetrics]
+    metrics_path: Path
+    roc_path: Path
+
+    def ranked(self) -> list[ModelMetrics]:
+        """Best AUC first."""
+        return sorted(self.models, key=lambda m: -m.auc)
+
+
+def rejection_at(
+    labels: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    signal_efficiency: float,
+    weights: npt.ArrayLike | None = None,
+) -> float:
+    """Background rejection 1/ε_B where the ROC curve reaches ``signal_efficiency``.
+
+    Infinite where no background passes at that efficiency.
+    """
+    fpr, tpr, _ = roc_curve(labels, scores, weights)
+    return _rejection(fpr, tpr, signal_efficiency)
+
+
+def _rejection(
+    fpr: npt.NDArray[np.float64], tpr: npt.NDArray[np.float64], signal_efficiency: float
+) -> float:
+    if not 0 < signal_efficiency <= 1:
+        raise ValueError(f"signal efficiency must lie in (0, 1], got {signal_efficiency}")
+    # The first ROC point reaching the efficiency, and the one before it, bracket the target;
+    # searching from the left skips flat stretches where only background is added.
+    above = int(np.searchsorted(tpr, signal_efficiency, side="left"))
+    above = min(above, len(tpr) - 1)
+    if above == 0 or tpr[above] == tpr[above - 1]:
+        background = float(fpr[above])
+    else:
+        fraction = (signal_efficiency - tpr[above - 1]) / (tpr[above] - tpr[above - 1])
+        background = float(fpr[above - 1] + fraction * (fpr[above] - fpr[above - 1]))
+    return math.inf if background <= 0 else 1.0 / background
+
+
+def evaluate(
+    models: Sequence[Path],
+    out_dir: Path,
+    *,
+    data: Sequence[str] | None = None,
+    n_bootstrap: int = 100,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Score each checkpoint, write ``metrics.json`` and ``roc.png`` into ``out_dir``.
+
+    ``data`` replaces every model's test split by the rows of these files (uproot syntax,
+    ``file.root:tree``); ``seed`` fixes the bootstrap resamplings.
+    """
+    from bsym.training.checkpoint import load_checkpoint, predict
+
+    if not models:
+        raise ConfigError("evaluate needs at least one checkpoint")
+    if n_bootstrap < 2:
+        raise ConfigError(f"n_bootstrap must be at least 2 for an uncertainty, got {n_bootstrap}")
+    metrics: list[ModelMetrics] = []
+    curves: list[_Curve] = []
+    for path in models:
+        loaded = load_checkpoint(Path(path))
+        batch, source = _rows(loaded, data)
+        if batch.label is None:
+            raise SpecMismatchError(f"{source} gives no labels for model '{loaded.name}'")
+        scores = predict(loaded, batch, batch_size=PREDICT_BATCH).astype(np.float64)
+        name = _unique(loaded.name, [m.name for m in metrics])
+        labels, weights = batch.label, batch.weight
+        fpr, tpr, _ = roc_curve(labels, scores, weights)
+        auc = roc_auc(labels, scores, weights)
+        rej50, rej90 = (_rejection(fpr, tpr, point) for point in WORKING_POINTS)
+        errors = _bootstrap(labels, scores, weights, n_bootstrap=n_bootstrap, seed=seed)
+        metrics.append(
+            ModelMetrics(
+                name=name,
+                type=loaded.config.model.type,
+                checkpoint=str(path),
+                data=source,
+                n_test=batch.n_rows,
+                auc=auc,
+                auc_err=errors[0],
+                rej50=rej50,
+                rej50_err=errors[1],
+                rej90=rej90,
+                rej90_err=errors[2],
+            )
+        )
+        curves.append(_Curve(name, auc, tpr, fpr))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = EvaluationResult(metrics, out_dir / METRICS_FILENAME, out_dir / ROC_FILENAME)
+    _write_json(result.metrics_path, metrics, n_bootstrap=n_bootstrap, seed=seed)
+    _plot_roc(result.roc_path, curves)
+    return result
+
+
+def evaluate_cli(
+    models: Sequence[Path],
+    out_dir: Path,
+    *,
+    data: Sequence[str] | None = None,
+    n_bootstrap: int = 100,
+    seed: int = 0,
+) -> EvaluationResult:
+    """:func:`evaluate`, then the comparison table and the files written, on the console."""
+    result = evaluate(models, out_dir, data=data, n_bootstrap=n_bootstrap, seed=seed)
+    print_table(result.models, n_bootstrap=n_bootstrap)
+    stdout.print(f"metrics: {result.metrics_path}\nROC curve: {result.roc_path}", highlight=False)
+    return result
+
+
+def print_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> None:
+    """The models as a rich table, best AUC first."""
+    from rich.table import Table
+
+    table = Table(
+        title="Held-out performance",
+        caption=f"± bootstrap standard deviation over {n_bootstrap} resamplings",
+    )
+    for header in ("model", "type", "rows", "AUC", "1/ε_B at ε_S=50%", "1/ε_B at ε_S=90%"):
+        justify = "left" if header in ("model", "type") else "right"
+        table.add_column(header, justify=justify, no_wrap=True)
+    for m in sorted(models, key=lambda m: -m.auc):
+        table.add_row(
+            m.name,
+            m.type,
+            str(m.n_test),
+            f"{m.auc:.4f} ± {m.auc_err:.4f}",
+            _with_error(m.rej50, m.rej50_err),
+            _with_error(m.rej90, m.rej90_err),
+        )
+    stdout.print(table)
+
+
+def _rows(loaded: LoadedModel, data: Sequence[str] | None) -> tuple[FeatureBatch, str]:
+    if not data:
+        return loaded.held_out_test(), f"test split of {loaded.path}"
+    from bsym.rootio import parse_inputs
+    from bsym.training.dataset import read_rows
+
+    sources = parse_inputs(data, default_tree=loaded.config.data.tree or loaded.spec.tree)
+    batch, _ = read_rows(sources, loaded.spec)
+    return batch, ", ".join(str(source) for source in sources)
+
+
+def _bootstrap(
+    labels: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float64],
+    weights: npt.NDArray[np.float32] | None,
+    *,
+    n_bootstrap: int,
+    seed: int,
+) -> tuple[float, float, float]:
+    """Standard deviations of AUC, rej50 and rej90 over resamplings of the rows."""
+    rng = np.random.default_rng(seed)
+    n_rows = len(scores)
+    samples: list[tuple[float, float, float]] = []
+    for _ in range(n_bootstrap):
+        rows = rng.integers(0, n_rows, size=n_rows)
+        w = None if weights is None else weights[rows]
+        try:
+            fpr, tpr, _ = roc_curve(labels[rows], scores[rows], w)
+            auc = roc_auc(labels[rows], scores[rows], w)
+        except ValueError:  # a resampling without one of the classes
+            continue
+        rej50, rej90 = (_rejection(fpr, tpr, point) for point in WORKING_POINTS)
+        samples.append((auc, rej50, rej90))
+    values = np.asarray(samples, dtype=np.float64).reshape(-1, 3)
+    return (_std(values[:, 0]), _std(values[:, 1]), _std(values[:, 2]))
+
+
+def _std(values: npt.NDArray[np.float64]) -> float:
+    finite = values[np.isfinite(values)]
+    # Resamplings with no background left at the working point have infinite rejection;
+    # the spread is taken over the others, and is undefined if fewer than two remain.
+    return float(np.std(finite, ddof=1)) if len(finite) >= 2 else math.nan
+
+
+def _unique(name: str, taken: Sequence[str]) -> str:
+    if name not in taken:
+        return name
+    number = 2
+    while f"{name}_{number}" in taken:
+        number += 1
+    return f"{name}_{number}"
+
+
+def _write_json(path: Path, models: Sequence[ModelMetrics], *, n_bootstrap: int, seed: int) -> None:
+    document = {
+        "working_points": {"rej50": WORKING_POINTS[0], "rej90": WORKING_POINTS[1]},
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+        "models": [{k: _json_number(v) for k, v in asdict(m).items()} for m in models],
+    }
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def _json_number(value: object) -> object:
+    """Infinite or undefined figures become ``null``: JSON has no infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _plot_roc(path: Path, curves: Sequence[_Curve]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for curve in sorted(curves, key=lambda c: -c.auc):
+        shown = (curve.signal_efficiency > 0) & (curve.background_efficiency > 0)
+        axes.plot(
+            curve.signal_efficiency[shown],
+            1.0 / curve.background_efficiency[shown],
+            label=f"{curve.name} (AUC = {curve.auc:.4f})",
+        )
+    axes.set_yscale("log")
+    axes.set_xlim(0.0, 1.0)
+    axes.set_xlabel("signal efficiency $\\varepsilon_S$")
+    axes.set_ylabel("background rejection $1/\\varepsilon_B$")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+
+
+def _with_error(value: float, error: float) -> str:
+    if not math.isfinite(value):
+        return "∞"
+    return f"{value:.1f} ± {error:.1f}" if math.isfinite(error) else f"{value:.1f}"
