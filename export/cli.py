@@ -51,8 +51,6 @@ def export_command(
     tolerance: Annotated[
         float,
         typer.Option(
-            min=0.0,
-            min_open=True,
             help="Largest allowed |torch - ONNX Runtime| on any output value (absolute).",
         ),
     ] = DEFAULT_TOLERANCE,
@@ -81,14 +79,16 @@ def export_command(
         )
     report = entry.export
     parity = report.parity
-    stdout.print(f"ONNX model: {report.onnx_path}", highlight=False)
+    stdout.print(f"ONNX model: {report.onnx_path}", highlight=False, soft_wrap=True)
     stdout.print(
         f"parity: max |Δ| = {parity.worst:.2e} (tolerance {parity.tolerance:g}) over "
         f"{parity.rows} rows of {parity.source}, batch sizes "
         f"{', '.join(map(str, parity.batch_sizes))}",
         highlight=False,
+        soft_wrap=True,
     )
     stdout.print(
         f"repository: {entry.model_dir} version {entry.version} ({entry.flavour} config)",
         highlight=False,
+        soft_wrap=True,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import tempfile
 import warnings
@@ -204,7 +205,12 @@ def _export_loaded(
         raise SpecMismatchError(
             f"model '{model_name}': the exported graph fails onnx.checker: {error}"
         ) from error
-    parity = check_parity(model, proto, inputs, output_names, tolerance=tolerance, source=source)
+    try:
+        parity = check_parity(
+            model, proto, inputs, output_names, tolerance=tolerance, source=source
+        )
+    except SpecMismatchError as error:
+        raise SpecMismatchError(f"model '{model_name}': {error}; {out} was not written") from error
     if parity.rows < PARITY_MIN_ROWS:
         stderr.print(
             f"[yellow]warning:[/] parity checked on only {parity.rows} rows from {source}",
@@ -264,13 +270,17 @@ def check_parity(
                         f"torch {reference.shape} (batch of {stop - start} rows)"
                     )
                 deviation = float(np.max(np.abs(np.asarray(result, np.float64) - reference)))
+                if math.isnan(deviation):
+                    raise SpecMismatchError(
+                        f"output '{output}': NaN from torch or ONNX Runtime on rows "
+                        f"{start}..{stop - 1} of {source}"
+                    )
                 worst[output] = max(worst[output], deviation)
     for output, deviation in worst.items():
         if not deviation <= tolerance:
             raise SpecMismatchError(
                 f"output '{output}': ONNX Runtime differs from torch by up to {deviation:.3g} "
-                f"on {rows} rows from {source}, above the tolerance {tolerance:g}; "
-                "the ONNX file was not written"
+                f"on {rows} rows from {source}, above the tolerance {tolerance:g}"
             )
     return ParityReport(rows, source, PARITY_BATCH_SIZES, worst, tolerance)
 
@@ -300,6 +310,11 @@ def _parity_batch(
         sources = parse_inputs(parity_data, default_tree=tree)
         batch, _ = read_rows(sources, loaded.spec, max_rows=PARITY_MAX_ROWS)
         source = ", ".join(str(s) for s in sources)
+    elif len(loaded.split.test) == 0:
+        raise ConfigError(
+            f"{loaded.path} has no held-out test rows (data.test_fraction=0); pass "
+            "--parity-data FILES for the parity check"
+        )
     else:
         batch = loaded.held_out_test()
         source = f"the test split of {loaded.path}"
@@ -387,6 +402,7 @@ def _metadata(loaded: LoadedModel, model_name: str, parity: ParityReport) -> dic
         "bsym_version": bsym.__version__,
         "bsym_git_commit": git_commit(Path(bsym.__file__).resolve().parent),
         "bsym_model_name": model_name,
+        "bsym_model_type": str(loaded.payload.get("model_type", "")),
         "bsym_class_labels": json.dumps(list(labels)),
         "bsym_parity_max_abs_diff": repr(parity.worst),
         "bsym_parity_tolerance": repr(parity.tolerance),

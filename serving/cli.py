@@ -71,7 +71,7 @@ def score_command(
     step_size: Annotated[
         str, typer.Option(help="Entries read per chunk: a count or a size like '100 MB'.")
     ] = "100 MB",
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per inference call.")] = 4096,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per inference call.")] = 1024,
     threads: Annotated[
         int | None, typer.Option(min=1, help="ONNX Runtime threads (default: all cores).")
     ] = None,
@@ -83,16 +83,13 @@ def score_command(
     from bsym.serving.scorer import score_files
 
     model_path = resolve_model(model, repository)
-    with user_errors():
-        with OnnxRuntimeBackend(model_path, threads=threads, batch_size=batch_size) as backend:
-            summary = score_files(
-                files,
-                backend,
-                out,
-                step_size=_step_size(step_size),
-                force=force,
-                progress=progress,
-            )
+    with (
+        user_errors(),
+        OnnxRuntimeBackend(model_path, threads=threads, batch_size=batch_size) as backend,
+    ):
+        summary = score_files(
+            files, backend, out, step_size=_step_size(step_size), force=force, progress=progress
+        )
     print_summary(summary)
     if summary.failed:
         raise typer.Exit(code=1)

@@ -20,7 +20,7 @@ _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
-DEFAULT_BATCH_SIZE = 4096
+DEFAULT_BATCH_SIZE = 1024
 
 
 class OnnxRuntimeBackend:

@@ -16,10 +16,22 @@ from typing import Any, Literal
 import numpy as np
 
 from bsym.errors import BadValueError, BsymError, InputFileError, SpecMismatchError
-from bsym.features import FeatureBatch, FeatureSpec, Layout, build_features, detect_layout
-from bsym.features import required_branches
-from bsym.rootio import TreeSource, atomic_output, check_branches, iterate_chunks, open_tree
-from bsym.rootio import parse_inputs
+from bsym.features import (
+    FeatureBatch,
+    FeatureSpec,
+    Layout,
+    build_features,
+    detect_layout,
+    required_branches,
+)
+from bsym.rootio import (
+    TreeSource,
+    atomic_output,
+    check_branches,
+    iterate_chunks,
+    open_tree,
+    parse_inputs,
+)
 from bsym.serving.backend import (
     COMMIT_KEY,
     VERSION_KEY,
@@ -28,14 +40,18 @@ from bsym.serving.backend import (
     class_labels,
     probe_outputs,
 )
-from bsym.serving.friend_tree import Column, FriendTreeWriter, Provenance, output_mismatch
-from bsym.serving.friend_tree import plan_columns
+from bsym.serving.friend_tree import (
+    Column,
+    FriendTreeWriter,
+    Provenance,
+    output_mismatch,
+    plan_columns,
+)
 from bsym.serving.prefetch import prefetched
-
 
 # Tensors are built for slices of this many entries of each chunk read (see feature_batches),
 # and up to PREFETCH_DEPTH such slices wait for inference.
-ENTRIES_PER_BATCH = 32_768
+ENTRIES_PER_BATCH = 8192
 PREFETCH_DEPTH = 2
 
 
@@ -303,7 +319,7 @@ def _event_tree(source: TreeSource, spec: FeatureSpec) -> TreeSource | None:
             trees = [
                 name
                 for name, kind in file.classnames(recursive=False, cycle=False).items()
-                if kind == "TTree" and spec.count_branch in file[name].keys()
+                if kind == "TTree" and spec.count_branch in file[name]
             ]
     except Exception:  # an unreadable file keeps the error open_tree gave
         return None

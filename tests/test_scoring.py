@@ -231,7 +231,7 @@ def test_event_layout_is_jagged_like_the_collection(tmp_path: Path, backend: Bac
     with uproot.open(tmp_path / "out" / f"events.{MODEL}.root") as file:
         tree = file["Events"]
         assert tree.num_entries == 300
-        assert f"Muon_{MODEL}" in tree.keys() and "nMuon" in tree.keys()
+        assert f"Muon_{MODEL}" in tree and "nMuon" in tree
         scores = tree.arrays(["nMuon", f"Muon_{MODEL}"])
     np.testing.assert_array_equal(scores["nMuon"], data["n_muon"])
     np.testing.assert_array_equal(ak.num(scores[f"Muon_{MODEL}"]), data["n_muon"])

@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from bsym.training.config import TrainConfig
-from bsym.training.dataset import SourceRecord, Split, held_out_test
-from bsym.training.models import BsymModel, model_from_kwargs, model_inputs
 
 import bsym
 from bsym.errors import InputFileError
 from bsym.features import FeatureBatch, FeatureSpec
 from bsym.rootio import atomic_output
+from bsym.training.config import TrainConfig
+from bsym.training.dataset import SourceRecord, Split, held_out_test
+from bsym.training.models import BsymModel, model_from_kwargs, model_inputs
 
 CHECKPOINT_FORMAT = "bsym-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -15,7 +15,6 @@ from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from bsym.training.config import TrainConfig
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import (
@@ -26,6 +25,7 @@ from bsym.features import (
     required_branches,
 )
 from bsym.rootio import TreeSource, iterate_chunks, open_tree, parse_inputs
+from bsym.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 Indices = npt.NDArray[np.int64]

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bsym.console import stdout
-from bsym.errors import ConfigError, SpecMismatchError
+from bsym.errors import BadValueError, ConfigError, SpecMismatchError
 from bsym.rootio import atomic_output
 from bsym.training.metrics import roc_auc, roc_curve
 
@@ -132,8 +132,11 @@ def evaluate(
         scores = predict(loaded, batch, batch_size=PREDICT_BATCH).astype(np.float64)
         name = _unique(loaded.name, [m.name for m in metrics])
         labels, weights = batch.label, batch.weight
-        fpr, tpr, _ = roc_curve(labels, scores, weights)
-        auc = roc_auc(labels, scores, weights)
+        try:
+            fpr, tpr, _ = roc_curve(labels, scores, weights)
+            auc = roc_auc(labels, scores, weights)
+        except ValueError as error:  # one class only, or non-finite weights
+            raise BadValueError(f"model '{name}' on {source}: {error}") from error
         rej50, rej90 = (_rejection(fpr, tpr, point) for point in WORKING_POINTS)
         errors = _bootstrap(labels, scores, weights, n_bootstrap=n_bootstrap, seed=seed)
         metrics.append(
@@ -172,21 +175,31 @@ def evaluate_cli(
     """:func:`evaluate`, then the comparison table and the files written, on the console."""
     result = evaluate(models, out_dir, data=data, n_bootstrap=n_bootstrap, seed=seed)
     print_table(result.models, n_bootstrap=n_bootstrap)
-    stdout.print(f"metrics: {result.metrics_path}\nROC curve: {result.roc_path}", highlight=False)
+    stdout.print(
+        f"metrics: {result.metrics_path}\nROC curve: {result.roc_path}",
+        highlight=False,
+        soft_wrap=True,
+    )
     return result
 
 
 def print_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> None:
     """The models as a rich table, best AUC first."""
+    from rich import box
     from rich.table import Table
 
     table = Table(
         title="Held-out performance",
-        caption=f"± bootstrap standard deviation over {n_bootstrap} resamplings",
+        caption="rej50, rej90: background rejection 1/ε_B at 50% and 90% signal efficiency;\n"
+        f"± bootstrap standard deviation over {n_bootstrap} resamplings",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
     )
-    for header in ("model", "type", "rows", "AUC", "1/ε_B at ε_S=50%", "1/ε_B at ε_S=90%"):
-        justify = "left" if header in ("model", "type") else "right"
-        table.add_column(header, justify=justify, no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    table.add_column("type", no_wrap=True)
+    for header in ("rows", "AUC", "rej50", "rej90"):
+        table.add_column(header, justify="right", no_wrap=True)
     for m in sorted(models, key=lambda m: -m.auc):
         table.add_row(
             m.name,
@@ -201,6 +214,11 @@ def print_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> None:
 
 def _rows(loaded: LoadedModel, data: Sequence[str] | None) -> tuple[FeatureBatch, str]:
     if not data:
+        if len(loaded.split.test) == 0:
+            raise ConfigError(
+                f"{loaded.path} has no held-out test rows (data.test_fraction=0); pass "
+                "--data FILES to evaluate it"
+            )
         return loaded.held_out_test(), f"test split of {loaded.path}"
     from bsym.rootio import parse_inputs
     from bsym.training.dataset import read_rows

@@ -19,6 +19,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from bsym.errors import ConfigError, SpecMismatchError
+from bsym.features import FeatureBatch
 from bsym.training.checkpoint import (
     checkpoint_header,
     predict,
@@ -30,11 +35,6 @@ from bsym.training.config import TrainConfig, save_config
 from bsym.training.dataset import Split, load_training_data
 from bsym.training.metrics import roc_auc
 from bsym.training.models import BsymModel, NetworkModel, build_model, model_inputs
-from torch import Tensor
-from tqdm import tqdm
-
-from bsym.errors import ConfigError, SpecMismatchError
-from bsym.features import FeatureBatch
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 8192
@@ -156,7 +156,7 @@ class _Run:
             initial=self.epoch,
             desc=f"train {self.config.name}",
             unit="epoch",
-            disable=not progress,
+            disable=None if progress else True,
         )
         with bar:
             for epoch in range(self.epoch + 1, settings.epochs + 1):
@@ -173,12 +173,15 @@ class _Run:
                 loss = self._epoch(model, inputs, label, weight, order, progress=progress)
                 record = self.record(epoch=epoch, train_loss=loss)
                 bar.update()
-                bar.set_postfix(
-                    epoch=epoch,
-                    loss=f"{loss:.4f}",
-                    val_auc=f"{record['val_auc']:.4f}",
-                    best=f"{self.best_auc:.4f}",
-                )
+                summary = {
+                    "epoch": epoch,
+                    "loss": f"{loss:.4f}",
+                    "val_auc": f"{record['val_auc']:.4f}",
+                    "best": f"{self.best_auc:.4f}",
+                }
+                bar.set_postfix(summary)
+                if bar.disable:
+                    log.info("%s", ", ".join(f"{k} {v}" for k, v in summary.items()))
 
     def _epoch(
         self,
@@ -194,7 +197,12 @@ class _Run:
         model.train()
         size = self.config.optimizer.batch_size
         summed = total = 0.0
-        steps = tqdm(range(0, len(order), size), leave=False, disable=not progress, unit="batch")
+        steps = tqdm(
+            range(0, len(order), size),
+            leave=False,
+            disable=None if progress else True,
+            unit="batch",
+        )
         for start in steps:
             rows = order[start : start + size]
             batch_weight = None if weight is None else weight[rows]

@@ -21,11 +21,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from bsym.training.models import NetworkModel, Standardise
 from torch import Tensor, nn
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import Constituents, Feature, FeatureBatch, FeatureSpec, Label
+from bsym.training.models import NetworkModel, Standardise
 
 FOUR_MOMENTUM = ("Muon_px", "Muon_py", "Muon_pz", "Muon_E")
 LATENT = 16

@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
+
+from bsym.errors import ConfigError, SpecMismatchError
 from bsym.training.lorentz_models import (
     DualSubnet,
     InvariantNet,
@@ -51,9 +54,6 @@ from bsym.training.lorentz_models import (
     UnconstrainedNet,
     lorentz_feature_spec,
 )
-from torch import Tensor
-
-from bsym.errors import ConfigError
 
 MODELS: dict[str, Callable[[], LorentzNetwork]] = {
     "unconstrained": UnconstrainedNet,
@@ -236,23 +236,28 @@ def load_data(settings: StudySettings, data_dir: Path) -> Tensors:
         )
         manifest.write_text(json.dumps({"sample": wanted, "files": [p.name for p in paths]}))
     spec = lorentz_feature_spec()
-    parts = []
+    batches = []
     for path in paths:
         source = TreeSource(path, spec.tree)
         tree = open_tree(source)
         layout = detect_layout(tree.keys(), spec)
         tree.file.close()
         arrays = read_all(source, required_branches(spec, layout, with_label=True))
-        parts.append(build_features(arrays, spec, layout, with_label=True))
-    weight = np.concatenate([p.weight for p in parts])  # type: ignore[misc]
-    if not settings.reweight:
-        weight = np.ones_like(weight)
+        batches.append(build_features(arrays, spec, layout, with_label=True))
+
+    def column(name: str) -> Tensor:
+        arrays = [getattr(batch, name) for batch in batches]
+        if any(array is None for array in arrays):
+            raise SpecMismatchError(f"the lorentz feature spec gave no '{name}' tensor")
+        return torch.from_numpy(np.concatenate(arrays))
+
+    weight = column("weight")
     return Tensors(
-        constituents=torch.from_numpy(np.concatenate([p.constituents for p in parts])),  # type: ignore[misc]
-        mask=torch.from_numpy(np.concatenate([p.mask for p in parts])),  # type: ignore[misc]
-        globals=torch.from_numpy(np.concatenate([p.globals for p in parts])),  # type: ignore[misc]
-        label=torch.from_numpy(np.concatenate([p.label for p in parts])).float(),  # type: ignore[misc]
-        weight=torch.from_numpy(weight),
+        constituents=column("constituents"),
+        mask=column("mask"),
+        globals=column("globals"),
+        label=column("label").float(),
+        weight=weight if settings.reweight else torch.ones_like(weight),
     )
 
 
@@ -350,7 +355,7 @@ def train_epoch(
             continue
         loss = weighted_bce(model.logits(*batch.inputs(model))[:, 0], batch.label, batch.weight)
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
         total += loss.item() * len(batch)
         seen += len(batch)

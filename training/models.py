@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 import torch
-from bsym.training.config import DNNConfig, PFNConfig, TrainConfig
-from bsym.training.metrics import roc_auc
 from torch import Tensor, nn
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
+from bsym.training.config import DNNConfig, PFNConfig, TrainConfig
+from bsym.training.metrics import roc_auc
 
 log = logging.getLogger(__name__)
 

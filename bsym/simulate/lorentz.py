@@ -53,6 +53,7 @@ import math
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import awkward as ak
 import numpy as np
@@ -113,7 +114,9 @@ def simulate_lorentz(n_events: int, *, seed: int, breaking: float = 0.10) -> ak.
 
 
 def background_weights(
-    lead_pt: npt.NDArray[np.floating], label: npt.NDArray[np.integer], bins: int = WEIGHT_BINS
+    lead_pt: npt.NDArray[np.floating[Any]],
+    label: npt.NDArray[np.integer[Any]],
+    bins: int = WEIGHT_BINS,
 ) -> npt.NDArray[np.float32]:
     """Weights giving the background (label 0) the signal's leading-pT spectrum; signal gets 1."""
     signal = label == 1
