@@ -395,7 +395,7 @@ def _torch_outputs(
 
 
 def _metadata(loaded: LoadedModel, model_name: str, parity: ParityReport) -> dict[str, str]:
-    labels = getattr(loaded.config, "class_labels", None) or ["signal"]
+    labels = loaded.config.class_labels
     return {
         "bsym_feature_spec": loaded.spec.to_json(),
         "bsym_config": loaded.config.model_dump_json(),

@@ -122,7 +122,7 @@ def test_metadata_records_spec_config_and_provenance(
     assert metadata["bsym_version"] == bsym.__version__
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", metadata["bsym_git_commit"])
     assert metadata["bsym_model_name"] == "isolation_pfn"
-    assert json.loads(metadata["bsym_class_labels"]) == ["signal"]
+    assert json.loads(metadata["bsym_class_labels"]) == ["prompt"]
     assert float(metadata["bsym_parity_tolerance"]) == DEFAULT_TOLERANCE
     assert 0 <= float(metadata["bsym_parity_max_abs_diff"]) <= DEFAULT_TOLERANCE
     assert int(metadata["bsym_parity_rows"]) >= onnx_export.PARITY_MIN_ROWS

@@ -88,7 +88,9 @@ def predict(
         with torch.inference_mode():
             for start in range(0, batch.n_rows, batch_size):
                 rows = [tensor[start : start + batch_size] for tensor in inputs]
-                scores[start : start + batch_size] = network(*rows)[:, 0].numpy()
+                outputs = network(*rows)
+                score = outputs[0] if isinstance(outputs, tuple) else outputs
+                scores[start : start + batch_size] = score[:, 0].numpy()
     finally:
         network.train(was_training)
     return scores

@@ -82,6 +82,9 @@ class TrainConfig(StrictModel):
     data: DataConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     seed: int = Field(default=0, ge=0)
+    class_labels: list[str] = Field(
+        default_factory=lambda: ["signal"], description="what the score is the probability of"
+    )
     output_dir: Path = Field(description="default runs/<name>")
 
     @model_validator(mode="before")

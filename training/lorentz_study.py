@@ -12,16 +12,17 @@ Data
     block of ``max(sizes)`` events, so the training sets of one repeat are nested and the
     repeats are disjoint.
 Training (in memory; the paper's AdamW lr 1e-5, batch 128, 100 epochs is far too slow for
-the budget of an hour on two CPU cores for 45 trainings)
+the budget of an hour on two shared CPU cores for 45 trainings)
     AdamW, lr 1e-3, weight decay 0.01, batch 256, at most 40 epochs; the learning rate drops
     by 3 after 3 epochs without a better validation AUC and training stops after 8. (The
     invariant network converges in about 10 epochs, the dual subnet in 10–20; the
     unconstrained one learns the mass from four-vectors slowly and uses most of the 40.)
     One torch thread by default: these small networks gain little from two, and lose
-    several-fold when other jobs compete for the cores. The model kept is the one of the best validation AUC (not the best test
-    AUC: the test set never chooses anything). The background weights enter as a weighted
-    loss: per-event BCE with logits times the event weight, divided by the sum of the
-    weights in the batch. ``--quick``: sizes 8k and 32k, 2 repeats, at most 12 epochs.
+    several-fold when other jobs compete for the cores. The model kept is the one of the
+    best validation AUC (not the best test AUC: the test set never chooses anything). The
+    background weights enter as a weighted loss: per-event BCE with logits times the event
+    weight, divided by the sum of the weights in the batch. ``--quick``: sizes 8k and 32k,
+    2 repeats, at most 12 epochs, 50k test events.
 Metric
     ROC AUC on the test set with the background weights (signal weight 1), so the leading
     pT alone gives 0.5. The learned weight of the dual subnet is the plain mean of
