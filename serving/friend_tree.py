@@ -211,8 +211,12 @@ def read_provenance(path: Path) -> dict[str, str]:
     import uproot
 
     with uproot.open(path) as file:
-        directory = file[PROVENANCE_DIR]
-        return {key.split(";")[0]: str(directory[key]) for key in directory.keys(cycle=False)}
+        return _provenance_strings(file)
+
+
+def _provenance_strings(file: Any) -> dict[str, str]:
+    directory = file[PROVENANCE_DIR]
+    return {key: str(directory[key]) for key in directory.keys(cycle=False)}
 
 
 def output_mismatch(path: Path, expected: Provenance) -> str | None:
@@ -220,8 +224,8 @@ def output_mismatch(path: Path, expected: Provenance) -> str | None:
     import uproot
 
     try:
-        found = read_provenance(path)
         with uproot.open(path) as file:
+            found = _provenance_strings(file)
             entries = int(file[expected.source_tree].num_entries)
     except Exception as error:  # any unreadable file is simply not a usable output
         return f"it is unreadable ({type(error).__name__}: {error})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from bsym.serving.backend import Backend, TensorSpec, check_inputs
 from bsym.serving.cli import resolve_model, score_command, serve_command
 from bsym.serving.friend_tree import read_provenance
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
+from bsym.serving.prefetch import prefetched
 from bsym.serving.scorer import ScoreSummary, score_files
 
 MODEL = "iso_test"
@@ -500,3 +501,19 @@ def test_cli_resolves_model_names_in_the_repository(tmp_path: Path, model_path: 
 def test_serve_is_a_placeholder() -> None:
     result = CliRunner().invoke(cli_app(), ["serve"])
     assert result.exit_code != 0 and "not implemented yet" in result.output
+
+
+def test_prefetch_passes_items_and_errors_and_stops_early() -> None:
+    produced: list[int] = []
+
+    def numbers() -> Iterator[int]:
+        for number in range(100):
+            produced.append(number)
+            yield number
+        raise ValueError("producer failed")
+
+    with prefetched(numbers, depth=2) as items:
+        assert [next(items) for _ in range(3)] == [0, 1, 2]
+    assert len(produced) <= 6  # stopped soon after the consumer left
+    with pytest.raises(ValueError, match="producer failed"), prefetched(numbers) as items:
+        assert sum(items) == sum(range(100))

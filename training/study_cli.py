@@ -73,7 +73,7 @@ def learning_curve_command(
         bool | None,
         typer.Option(
             "--reweight/--no-reweight",
-            help="Use the background pT weights in training and AUC [default: reweight]; "
+            help="Use the background pT weights in training and AUC (default: on); "
             "--no-reweight is a control where breaking 0 is exactly Lorentz invariant.",
             show_default=False,
         ),
@@ -84,7 +84,7 @@ def learning_curve_command(
             "--out",
             "-o",
             file_okay=False,
-            help="Output folder [default: studies/lorentz_b<breaking>].",
+            help="Output folder (default: studies/lorentz_b<breaking>).",
         ),
     ] = None,
     data: Annotated[
@@ -106,7 +106,8 @@ def learning_curve_command(
     auc_vs_size.png and symmetry_weight_vs_pt.png.
 
     Training: AdamW lr 1e-3, weight decay 0.01, batch 256, at most 40 epochs, lr / 3 after 3
-    epochs without a better validation AUC, stop after 8, keep the best-validation epoch;
+    epochs without a better validation AUC, stop after 8 (all three stretched so that
+    every training gets at least 2,400 steps), keep the best-validation epoch;
     background weights in the loss (weighted BCE). The full study takes about 40 minutes on
     one CPU core; --quick a few minutes.
     """
