@@ -262,7 +262,8 @@ class _Rows:
                 )
             first_object = np.concatenate(([0], np.cumsum(self.counts)[:-1]))
             row = first_object[event_of] + local
-            order = np.argsort(row, kind="stable")
+            in_order = bool(np.all(row[1:] >= row[:-1]))
+            order = np.arange(len(row)) if in_order else np.argsort(row, kind="stable")
             counts = np.bincount(row, minlength=self.n_rows).astype(np.int64)
         offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         self._grouping[key] = (order, offsets)
@@ -315,8 +316,10 @@ def _build_constituents(
     position = np.arange(len(row)) - np.repeat(offsets[:-1], counts)
     if spec.sort_by is not None:
         key, _ = rows.per_constituent(spec.sort_by, link)
-        order = np.lexsort((-key, row))
-        columns = [c[order] for c in columns]
+        # Files usually store constituents sorted already; the check is far cheaper than a sort.
+        if np.any((key[1:] > key[:-1]) & (row[1:] == row[:-1])):
+            order = np.lexsort((-key, row))
+            columns = [c[order] for c in columns]
     keep = position < spec.max_count
     dense = np.zeros((rows.n_rows, spec.max_count, len(columns)), dtype=np.float32)
     mask = np.zeros((rows.n_rows, spec.max_count), dtype=np.bool_)

@@ -101,7 +101,8 @@ def print_summary(summary: ScoreSummary) -> None:
 
     table = Table(title=f"bsym score: model '{summary.model}'", title_justify="left")
     for name in ("input", "status", "entries", "objects", "output"):
-        table.add_column(name, justify="right" if name in {"entries", "objects"} else "left")
+        numeric = name in {"entries", "objects"}
+        table.add_column(name, justify="right" if numeric else "left", overflow="fold")
     for result in summary.results:
         objects = f"{result.objects:,}" if result.status == "scored" else "-"
         table.add_row(

@@ -37,10 +37,11 @@ class Column:
     index: int | None
     dtype: np.dtype[np.generic]
 
-    def take(self, outputs: Mapping[str, Tensor], rows: int) -> Tensor:
+    def take(self, outputs: Mapping[str, Tensor]) -> Tensor:
         values = outputs[self.output]
         if self.index is not None:
-            values = values.reshape(rows, -1)[:, self.index]
+            flat_width = int(np.prod(values.shape[1:]))  # explicit: -1 is ambiguous for 0 rows
+            values = values.reshape(len(values), flat_width)[:, self.index]
         return np.ascontiguousarray(values, dtype=self.dtype)
 
 
@@ -55,15 +56,15 @@ def plan_columns(
     columns: list[Column] = []
     for output, example in examples.items():
         shape = example.shape[1:]
-        size = int(np.prod(shape)) if shape else 1
-        dtype = np.dtype(np.float32) if output == "score" else example.dtype
+        size = int(np.prod(shape))
+        dtype: np.dtype[np.generic]
         if output == "score":
+            dtype = np.dtype(np.float32)
             names = [model] if size == 1 else _class_names(model, labels, size)
         else:
+            dtype = example.dtype
             names = (
-                [f"{model}_{output}"]
-                if not shape
-                else [f"{model}_{output}_{k}" for k in range(size)]
+                [f"{model}_{output}_{k}" for k in range(size)] if shape else [f"{model}_{output}"]
             )
         for index, name in enumerate(names):
             columns.append(Column(_sanitise(name), output, index if shape else None, dtype))
@@ -165,8 +166,13 @@ class FriendTreeWriter:
         rows = entries if counts is None else int(counts.sum())
         largest = 0
         for buffer, column in zip(self._buffers, self.columns, strict=True):
-            buffer.append(column.take(outputs, rows))
-            largest = max(largest, buffer[-1].nbytes)
+            values = column.take(outputs)
+            if len(values) != rows:
+                raise SpecMismatchError(
+                    f"output '{column.output}' has {len(values)} rows for {rows} objects"
+                )
+            buffer.append(values)
+            largest = max(largest, values.nbytes)
         if counts is not None:
             self._counts.append(counts)
             largest = max(largest, counts.nbytes)

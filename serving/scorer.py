@@ -143,10 +143,19 @@ def score_files(
         claimed[target] = source
         try:
             summary.results.append(scorer.score(source, target, f"[{number}/{len(sources)}]"))
-        except (BsymError, OSError) as error:
-            summary.failed.append((str(source), str(error)))
+        except _Failure as failure:
+            summary.failed.append((failure.source, failure.message))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+class _Failure(Exception):
+    """A source that could not be scored, and why."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source
+        self.message = message
 
 
 class _Scorer:
@@ -166,25 +175,34 @@ class _Scorer:
         self.progress = progress
 
     def score(self, source: TreeSource, target: Path, label: str) -> FileResult:
-        source, tree = _open(source, self.spec)
+        """Score one source; a bad file raises :class:`_Failure` naming the tree it read."""
         try:
-            layout = detect_layout(tree.keys(), self.spec)
-            branches = required_branches(self.spec, layout, with_label=False)
-            check_branches(tree, source, branches)
-            entries = int(tree.num_entries)
-            if entries == 0:
-                raise InputFileError(f"{source} is empty (0 entries)")
-            provenance = self._provenance(source, tree.file.uuid, entries, layout)
-            note = ""
-            if target.exists() and not self.force:
-                reason = output_mismatch(target, provenance)
-                if reason is None:
-                    return FileResult(str(source), target, "skipped", entries, 0)
-                note = f"replaced an out-of-date output: {reason}"
-            objects = self._write(tree, source, target, layout, branches, provenance, label)
-            return FileResult(str(source), target, "scored", entries, objects, note)
+            source, tree = _open(source, self.spec)
+        except (BsymError, OSError) as error:
+            raise _Failure(str(source), str(error)) from error
+        try:
+            return self._score_tree(source, tree, target, label)
+        except (BsymError, OSError) as error:
+            raise _Failure(str(source), str(error)) from error
         finally:
             tree.file.close()
+
+    def _score_tree(self, source: TreeSource, tree: Any, target: Path, label: str) -> FileResult:
+        layout = detect_layout(tree.keys(), self.spec)
+        branches = required_branches(self.spec, layout, with_label=False)
+        check_branches(tree, source, branches)
+        entries = int(tree.num_entries)
+        if entries == 0:
+            raise InputFileError(f"{source} is empty (0 entries)")
+        provenance = self._provenance(source, tree.file.uuid, entries, layout)
+        note = ""
+        if target.exists() and not self.force:
+            reason = output_mismatch(target, provenance)
+            if reason is None:
+                return FileResult(str(source), target, "skipped", entries, 0)
+            note = f"replaced an out-of-date output: {reason}"
+        objects = self._write(tree, source, target, layout, branches, provenance, label)
+        return FileResult(str(source), target, "scored", entries, objects, note)
 
     def _provenance(
         self, source: TreeSource, uuid: object, entries: int, layout: Layout

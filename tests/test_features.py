@@ -202,3 +202,24 @@ def test_spec_round_trips_through_json_and_rejects_unknown_keys() -> None:
         FeatureSpec.model_validate({"globals": [{"branch": "a"}], "globalz": []})
     with pytest.raises(ValueError, match="needs constituents"):
         FeatureSpec()
+
+
+def test_event_layout_cells_in_any_order_within_the_event() -> None:
+    muons = random_muons(30, seed=5)
+    per_event = np.array([3] * 10)
+    events = to_event_layout(muons, per_event)
+    rng = np.random.default_rng(0)
+    shuffled = {}
+    for name in ("CaloCell_et", "CaloCell_eta", "CaloCell_phi", "CaloCell_muonIdx"):
+        shuffled[name] = []
+    for event in range(len(events)):
+        order = rng.permutation(len(events[event]["CaloCell_et"]))
+        for name in shuffled:
+            shuffled[name].append(np.asarray(events[event][name])[order])
+    for name, values in shuffled.items():
+        events = ak.with_field(events, ak.Array(values), name)
+    spec = make_spec(max_count=8)
+    flat = build_features(muons, spec, "object")
+    grouped = build_features(events, spec, "event")
+    for name, tensor in flat.inputs().items():
+        np.testing.assert_allclose(tensor, grouped.inputs()[name], rtol=1e-6, err_msg=name)

@@ -21,7 +21,7 @@ from bsym.features import Constituents, Feature, FeatureSpec
 from bsym.serving import friend_tree
 from bsym.serving.backend import Backend, TensorSpec, check_inputs
 from bsym.serving.cli import resolve_model, score_command, serve_command
-from bsym.serving.friend_tree import read_provenance
+from bsym.serving.friend_tree import plan_columns, read_provenance
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.prefetch import prefetched
 from bsym.serving.scorer import ScoreSummary, score_files
@@ -112,10 +112,11 @@ def make_model(
     return path
 
 
-def make_muons(n_events: int, seed: int) -> dict[str, Any]:
-    """Events with 0-3 muons, each with 0-12 calorimeter cells near it."""
+def make_muons(n_events: int, seed: int, *, empty_events: int = 0) -> dict[str, Any]:
+    """Events with 0-3 muons (none in the first ``empty_events``), each with 0-12 cells."""
     rng = np.random.default_rng(seed)
     n_muon = rng.integers(0, 4, n_events)
+    n_muon[:empty_events] = 0
     n_mu = int(n_muon.sum())
     n_cell = rng.integers(0, 13, n_mu)
     cells = int(n_cell.sum())
@@ -240,6 +241,42 @@ def test_event_layout_is_jagged_like_the_collection(tmp_path: Path, backend: Bac
         ak.flatten(scores[f"Muon_{MODEL}"]), data["muon"]["pt"].astype(np.float32)
     )
     assert summary.objects == int(data["n_muon"].sum())
+
+
+def test_event_layout_slices_without_objects(tmp_path: Path, backend: Backend) -> None:
+    data = make_muons(120, seed=15, empty_events=50)
+    source = write_event_file(tmp_path / "events.root", data)
+    summary = run([f"{source}:Events"], backend, tmp_path / "out", step_size=20)
+    assert not summary.failed
+    with uproot.open(tmp_path / "out" / f"events.{MODEL}.root") as file:
+        scores = file["Events"].arrays()
+    np.testing.assert_array_equal(ak.num(scores[f"Muon_{MODEL}"]), data["n_muon"])
+    np.testing.assert_array_equal(
+        ak.flatten(scores[f"Muon_{MODEL}"]), data["muon"]["pt"].astype(np.float32)
+    )
+
+
+def test_output_branch_names() -> None:
+    examples: dict[str, npt.NDArray[np.generic]] = {
+        "score": np.zeros((1, 3), np.float32),
+        "symmetry_weight": np.zeros((1, 2), np.float32),
+        "aux": np.zeros(1, np.int64),
+    }
+    columns = plan_columns("iso", examples, ["prompt", "b jet", "c"])
+    assert [c.name for c in columns] == [
+        "iso_prompt",
+        "iso_b_jet",
+        "iso_c",
+        "iso_symmetry_weight_0",
+        "iso_symmetry_weight_1",
+        "iso_aux",
+    ]
+    assert [c.dtype for c in columns][-1] == np.int64
+    assert [c.name for c in plan_columns("iso", {"score": examples["score"]}, None)] == [
+        "iso_0",
+        "iso_1",
+        "iso_2",
+    ]
 
 
 def test_both_layouts_give_the_same_scores(tmp_path: Path, backend: Backend) -> None:
