@@ -10,6 +10,14 @@ One description (:class:`TritonModel`, read off the ONNX graph and its metadata)
 Both record the sha256 of every version's ``model.onnx`` under a ``parameters`` entry named by
 :func:`~bsym.serving.triton_backend.model.checksum_key`; the Python backend refuses to load a
 file whose checksum differs.
+
+Both also serve what a client needs to read ROOT files for the model: the ``bsym_*`` entries of
+each version's ONNX ``metadata_props`` (feature spec, model name, class labels, bsym version and
+git commit) plus ``bsym_spec_version``, as ``parameters`` named ``<version>/<key>``
+(:func:`metadata_key`). Triton's model-metadata API gives only tensor names, types and shapes,
+and nothing reads the ONNX file's own metadata on the server; the model config, which
+``get_model_config`` returns verbatim, is the one place a gRPC client can read them. They are
+per version because one ``config.pbtxt`` serves every version of a model.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -40,10 +48,24 @@ CONFIG_FILENAME = "config.pbtxt"
 LABELS_FILENAME = "labels.txt"
 BACKEND_FILENAME = "model.py"
 LABELS_KEY = "bsym_class_labels"
+SPEC_KEY = "bsym_feature_spec"
+SPEC_VERSION_KEY = "bsym_spec_version"
 SCORE = "score"
+SERVED_METADATA: tuple[str, ...] = (
+    "bsym_model_name",
+    SPEC_KEY,
+    SPEC_VERSION_KEY,
+    "bsym_version",
+    "bsym_git_commit",
+    "bsym_model_type",
+    LABELS_KEY,
+)
+"""ONNX ``metadata_props`` keys served in the config (the training config and parity numbers
+stay in the file: clients do not need them)."""
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_METADATA_KEY = re.compile(r"(\d+)/(bsym_\w+)")
 
 _ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -120,6 +142,9 @@ class TritonModel(_Frozen):
     outputs: tuple[TensorConfig, ...]
     labels: tuple[str, ...]
     checksums: dict[int, str] = Field(description="version -> sha256 of its model.onnx")
+    metadata: dict[int, dict[str, str]] = Field(
+        default_factory=dict, description="version -> served bsym_* metadata of its model.onnx"
+    )
     batching: Batching = Batching()
     cpu_instances: int = Field(default=2, gt=0, description="KIND_CPU instances (cpu flavour)")
 
@@ -137,9 +162,32 @@ class TritonModel(_Frozen):
                 raise ValueError(f"version {version}: '{digest}' is not a lowercase hex sha256")
         return checksums
 
+    @field_validator("metadata")
+    @classmethod
+    def _valid_metadata(cls, metadata: dict[int, dict[str, str]]) -> dict[int, dict[str, str]]:
+        for version, entries in metadata.items():
+            unknown = sorted(set(entries) - set(SERVED_METADATA))
+            if version < 1 or unknown:
+                raise ValueError(
+                    f"version {version}: metadata keys {unknown} are not among {SERVED_METADATA}"
+                )
+        return metadata
+
+    def with_versions(
+        self, checksums: Mapping[int, str], metadata: Mapping[int, Mapping[str, str]]
+    ) -> TritonModel:
+        """A copy recording ``checksums`` and ``metadata`` instead of the current ones."""
+        return TritonModel.model_validate(
+            {
+                **self.model_dump(),
+                "checksums": dict(checksums),
+                "metadata": {version: dict(entries) for version, entries in metadata.items()},
+            }
+        )
+
     def with_checksums(self, checksums: Mapping[int, str]) -> TritonModel:
         """A copy recording ``checksums`` instead of the current ones."""
-        return TritonModel.model_validate({**self.model_dump(), "checksums": dict(checksums)})
+        return self.with_versions(checksums, self.metadata)
 
 
 def check_model_name(name: str) -> None:
@@ -173,16 +221,38 @@ def describe_onnx(
     outputs = tuple(_tensor(name, value, "output") for value in graph.output)
     _check_contract(name, inputs, outputs)
     score = next(tensor for tensor in outputs if tensor.name == SCORE)
-    labels = _labels(name, {p.key: p.value for p in proto.metadata_props}, score.dims[0])
+    props = {p.key: p.value for p in proto.metadata_props}
+    labels = _labels(name, props, score.dims[0])
     return TritonModel(
         name=name,
         inputs=inputs,
         outputs=outputs,
         labels=labels,
         checksums={version: sha256_of(onnx_path)},
+        metadata={version: served_metadata(props, name)},
         batching=batching or Batching(),
         cpu_instances=cpu_instances,
     )
+
+
+def served_metadata(props: Mapping[str, str], model: str) -> dict[str, str]:
+    """The ``metadata_props`` entries a config serves, with the feature spec's version added."""
+    served = {key: props[key] for key in SERVED_METADATA if props.get(key)}
+    if SPEC_KEY in served:
+        try:
+            spec = json.loads(served[SPEC_KEY])
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"model '{model}': '{SPEC_KEY}' is not JSON: {error}") from error
+        version = spec.get("version") if isinstance(spec, dict) else None
+        if not isinstance(version, int):
+            raise ConfigError(f"model '{model}': '{SPEC_KEY}' has no integer 'version'")
+        served[SPEC_VERSION_KEY] = str(version)
+    return served
+
+
+def metadata_key(version: int | str, key: str) -> str:
+    """Name of the config ``parameters`` entry serving metadata ``key`` of ``version``."""
+    return f"{version}/{key}"
 
 
 def _tensor(model: str, value: onnx.ValueInfoProto, kind: str) -> TensorConfig:
@@ -299,7 +369,17 @@ def render_config(model: TritonModel, flavour: Flavour) -> str:
         f"  preferred_batch_size: [ {', '.join(map(str, batching.preferred()))} ]",
         f"  max_queue_delay_microseconds: {batching.max_queue_delay_microseconds}",
         "}",
-        *_parameters({checksum_key(v): d for v, d in sorted(model.checksums.items())}),
+        *_parameters(
+            {
+                **{checksum_key(v): d for v, d in sorted(model.checksums.items())},
+                **{
+                    metadata_key(version, key): entries[key]
+                    for version, entries in sorted(model.metadata.items())
+                    for key in SERVED_METADATA
+                    if key in entries
+                },
+            }
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -376,9 +456,10 @@ def write_model_repository(
     description = describe_onnx(
         onnx_path, name, version, batching=batching, cpu_instances=cpu_instances
     )
-    checksums = {**_kept_checksums(model_dir, version, description, flavour)}
-    checksums.update(description.checksums)
-    description = description.with_checksums(checksums)
+    checksums, metadata = _kept_versions(model_dir, version, description, flavour)
+    description = description.with_versions(
+        {**checksums, **description.checksums}, {**metadata, **description.metadata}
+    )
 
     repository.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=repository, prefix=f".{name}.staging-") as tmp:
@@ -410,10 +491,11 @@ def _stage(
     (staged / CONFIG_FILENAME).write_text(render_config(model, flavour), encoding="utf-8")
 
 
-def _kept_checksums(
+def _kept_versions(
     model_dir: Path, version: int, model: TritonModel, flavour: Flavour
-) -> dict[int, str]:
-    """Checksums of the other versions in ``model_dir``, after checking they fit ``model``."""
+) -> tuple[dict[int, str], dict[int, dict[str, str]]]:
+    """Checksums and served metadata of the other versions in ``model_dir``, after checking
+    they fit ``model``."""
     others = sorted(
         int(path.name)
         for path in model_dir.glob("*")
@@ -421,7 +503,7 @@ def _kept_checksums(
     )
     config_path = model_dir / CONFIG_FILENAME
     if not others or not config_path.is_file():
-        return {}
+        return {}, {}
     existing = parse_config(config_path.read_text(encoding="utf-8"))
     new = parse_config(render_config(model, flavour))
     labels_path = model_dir / LABELS_FILENAME
@@ -453,4 +535,114 @@ def _kept_checksums(
                 f"for existing version {other}"
             )
         kept[other] = parameter.string_value
-    return kept
+    served = _served_by_version(existing)
+    return kept, {other: served[other] for other in others if other in served}
+
+
+def _served_by_version(config: model_config_pb2.ModelConfig) -> dict[int, dict[str, str]]:
+    served: dict[int, dict[str, str]] = {}
+    for key, parameter in config.parameters.items():
+        match = _METADATA_KEY.fullmatch(key)
+        if match and match.group(2) in SERVED_METADATA:
+            served.setdefault(int(match.group(1)), {})[match.group(2)] = parameter.string_value
+    return served
+
+
+def model_from_config(
+    config: model_config_pb2.ModelConfig, labels: Sequence[str], *, cpu_instances: int = 2
+) -> TritonModel:
+    """The :class:`TritonModel` a ``config.pbtxt`` of either flavour was rendered from.
+
+    ``render_config(model_from_config(parse_config(text), labels), flavour)`` gives back
+    ``text`` for a config this module wrote (the instance count of a ``cpu`` config aside,
+    which is ``cpu_instances``), so a repository of one flavour yields the other.
+    """
+
+    def tensors(entries: Iterable[model_config_pb2.ModelInput]) -> tuple[TensorConfig, ...]:
+        return tuple(
+            TensorConfig(
+                name=entry.name,
+                data_type=model_config_pb2.DataType.Name(entry.data_type),
+                dims=tuple(entry.dims),
+            )
+            for entry in entries
+        )
+
+    checksums = {}
+    for key, parameter in config.parameters.items():
+        match = re.fullmatch(re.escape(checksum_key("@")).replace("@", r"(\d+)"), key)
+        if match:
+            checksums[int(match.group(1))] = parameter.string_value
+    batcher = config.dynamic_batching
+    try:
+        return TritonModel(
+            name=config.name,
+            inputs=tensors(config.input),
+            outputs=tensors(config.output),
+            labels=tuple(labels),
+            checksums=checksums,
+            metadata=_served_by_version(config),
+            batching=Batching(
+                max_batch_size=config.max_batch_size,
+                preferred_batch_sizes=tuple(batcher.preferred_batch_size),
+                max_queue_delay_microseconds=batcher.max_queue_delay_microseconds,
+            ),
+            cpu_instances=cpu_instances,
+        )
+    except ValueError as error:  # pydantic's ValidationError
+        raise ConfigError(f"model '{config.name}': unusable config.pbtxt: {error}") from error
+
+
+def derive_repository(
+    source: Path, target: Path, flavour: Flavour, *, cpu_instances: int = 2
+) -> list[str]:
+    """Write into ``target`` the ``flavour`` repository of every model in ``source``.
+
+    Configs are regenerated from the source configs (same tensors, batching, versions,
+    checksums and served metadata); each version's ``model.onnx`` is checked against its
+    recorded sha256 and linked, not copied. Returns the model names.
+    """
+    source, target = Path(source), Path(target)
+    models = sorted(p for p in source.iterdir() if (p / CONFIG_FILENAME).is_file())
+    if not models:
+        raise ConfigError(
+            f"model repository {source} holds no model (no <name>/{CONFIG_FILENAME}); fill it "
+            "with bsym export"
+        )
+    for model_dir in models:
+        config_path = model_dir / CONFIG_FILENAME
+        try:
+            config = parse_config(config_path.read_text(encoding="utf-8"))
+        except ConfigError as error:
+            raise ConfigError(f"{config_path}: {error}") from error
+        labels_path = model_dir / LABELS_FILENAME
+        labels = (
+            labels_path.read_text(encoding="utf-8").splitlines() if labels_path.is_file() else []
+        )
+        model = model_from_config(config, labels, cpu_instances=cpu_instances)
+        if model.name != model_dir.name:
+            raise ConfigError(
+                f"{config_path} names model '{model.name}' but lies in '{model_dir.name}/'"
+            )
+        destination = target / model.name
+        for version, expected in sorted(model.checksums.items()):
+            onnx_path = model_dir / str(version) / MODEL_FILENAME
+            if not onnx_path.is_file():
+                continue  # a version recorded but removed: Triton would not serve it either
+            found = sha256_of(onnx_path)
+            if found != expected:
+                raise ConfigError(
+                    f"model '{model.name}' version {version}: sha256 of {onnx_path} is {found} "
+                    f"but {config_path} records {expected}; the file was changed after export, "
+                    "refusing to serve it"
+                )
+            version_dir = destination / str(version)
+            version_dir.mkdir(parents=True, exist_ok=True)
+            (version_dir / MODEL_FILENAME).symlink_to(onnx_path.resolve())
+            if flavour == "cpu":
+                backend = resources.files("bsym.serving.triton_backend").joinpath(BACKEND_FILENAME)
+                (version_dir / BACKEND_FILENAME).write_bytes(backend.read_bytes())
+        destination.mkdir(parents=True, exist_ok=True)
+        (destination / LABELS_FILENAME).write_text("\n".join(labels) + "\n", encoding="utf-8")
+        (destination / CONFIG_FILENAME).write_text(render_config(model, flavour), encoding="utf-8")
+    return [model_dir.name for model_dir in models]

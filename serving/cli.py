@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,6 +14,7 @@ from bsym.console import stderr, stdout, user_errors
 from bsym.errors import did_you_mean
 
 if TYPE_CHECKING:
+    from bsym.serving.backend import Backend
     from bsym.serving.scorer import ScoreSummary
 
 MODEL_FILE = "model.onnx"
@@ -77,15 +81,54 @@ def score_command(
     ] = None,
     force: Annotated[bool, typer.Option(help="Rescore inputs whose output is complete.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="Triton gRPC address HOST:PORT: send the tensors there instead of running "
+            "the model here (--model is then the model's name on the server).",
+            rich_help_panel="Triton",
+        ),
+    ] = None,
+    model_version: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Model version on the server (default: the latest ready).",
+            rich_help_panel="Triton",
+        ),
+    ] = None,
+    in_flight: Annotated[
+        int, typer.Option(min=1, help="Requests in flight at once.", rich_help_panel="Triton")
+    ] = 4,
+    timeout: Annotated[
+        float,
+        typer.Option(min=0.001, help="Seconds to wait for one answer.", rich_help_panel="Triton"),
+    ] = 60.0,
+    retry_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds to keep retrying, with backoff, while the server is unavailable.",
+            rich_help_panel="Triton",
+        ),
+    ] = 30.0,
 ) -> None:
     """Score ROOT files with a model; write one friend tree per file into --out."""
-    from bsym.serving.onnx_backend import OnnxRuntimeBackend
     from bsym.serving.scorer import score_files
 
-    model_path = resolve_model(model, repository)
     with (
         user_errors(),
-        OnnxRuntimeBackend(model_path, threads=threads, batch_size=batch_size) as backend,
+        _backend(
+            model,
+            repository,
+            batch_size=batch_size,
+            threads=threads,
+            server=server,
+            model_version=model_version,
+            in_flight=in_flight,
+            timeout=timeout,
+            retry_timeout=retry_timeout,
+        ) as backend,
     ):
         summary = score_files(
             files, backend, out, step_size=_step_size(step_size), force=force, progress=progress
@@ -93,6 +136,49 @@ def score_command(
     print_summary(summary)
     if summary.failed:
         raise typer.Exit(code=1)
+
+
+@contextmanager
+def _backend(
+    model: str,
+    repository: Path,
+    *,
+    batch_size: int,
+    threads: int | None,
+    server: str | None,
+    model_version: int | None,
+    in_flight: int,
+    timeout: float,
+    retry_timeout: float,
+) -> Iterator[Backend]:
+    """The embedded ONNX Runtime backend, or the Triton one with ``server``."""
+    if server is None:
+        from bsym.serving.onnx_backend import OnnxRuntimeBackend
+
+        if model_version is not None:
+            raise typer.BadParameter("needs --server", param_hint="'--model-version'")
+        with OnnxRuntimeBackend(
+            resolve_model(model, repository), threads=threads, batch_size=batch_size
+        ) as embedded:
+            yield embedded
+        return
+    from bsym.serving.triton_client import RetryPolicy, TritonBackend
+
+    if model.endswith(".onnx") or "/" in model:
+        raise typer.BadParameter(
+            f"with --server, give the model's name on the server, not a path ('{model}')",
+            param_hint="'--model'",
+        )
+    with TritonBackend(
+        server,
+        model,
+        version=model_version,
+        batch_size=batch_size,
+        max_in_flight=in_flight,
+        timeout=timeout,
+        retry=RetryPolicy(total=retry_timeout),
+    ) as remote:
+        yield remote
 
 
 def print_summary(summary: ScoreSummary) -> None:
@@ -124,7 +210,52 @@ def print_summary(summary: ScoreSummary) -> None:
         stderr.print(f"[bold red]failed:[/] {source}: {message}", highlight=False)
 
 
-def serve_command() -> None:
-    """Start Triton on the model repository (not implemented yet)."""
-    stderr.print("bsym serve: not implemented yet")
-    raise typer.Exit(code=1)
+def serve_command(
+    repository: Annotated[
+        Path,
+        typer.Option(exists=True, file_okay=False, help="Model repository (production configs)."),
+    ] = Path("model_repository"),
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = (
+        "127.0.0.1"
+    ),
+    grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port (0: a free one).")] = (
+        8001
+    ),
+    http_port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port (0: a free one).")] = (
+        8000
+    ),
+    instances: Annotated[
+        int, typer.Option(min=1, help="CPU instances per model (one ONNX Runtime thread each).")
+    ] = 2,
+    startup_timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for every model to be ready.")
+    ] = 120.0,
+) -> None:
+    """Serve the model repository with Triton (CPU here) until Ctrl-C or SIGTERM."""
+    from bsym.serving.serve import ServedRepository, serve_until_stopped
+
+    def ready(served: ServedRepository) -> None:
+        server = served.server
+        stdout.print(
+            f"serving {', '.join(served.models)} from {served.repository} (cpu flavour)\n"
+            f"gRPC URL: {server.grpc_url}\nHTTP URL: {server.http_url}\n"
+            "Ctrl-C or SIGTERM stops the server",
+            highlight=False,
+        )
+        sys.stdout.flush()
+
+    served = ServedRepository(
+        repository,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        instances=instances,
+        startup_timeout=startup_timeout,
+    )
+    try:
+        with user_errors():
+            serve_until_stopped(served, ready)
+    except KeyboardInterrupt:
+        stderr.print("interrupted while starting; the server was stopped")
+        raise typer.Exit(code=130) from None
+    stdout.print("server stopped")

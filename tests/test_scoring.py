@@ -535,9 +535,10 @@ def test_cli_resolves_model_names_in_the_repository(tmp_path: Path, model_path: 
     assert (tmp_path / "out" / f"muons.{MODEL}.root").is_file()
 
 
-def test_serve_is_a_placeholder() -> None:
-    result = CliRunner().invoke(cli_app(), ["serve"])
-    assert result.exit_code != 0 and "not implemented yet" in result.output
+def test_serve_refuses_an_empty_repository(tmp_path: Path) -> None:
+    """The real server is tested in test_triton_scoring.py; nothing starts without models."""
+    result = CliRunner().invoke(cli_app(), ["serve", "--repository", str(tmp_path)])
+    assert result.exit_code == 1 and "holds no model" in result.output
 
 
 def test_prefetch_passes_items_and_errors_and_stops_early() -> None:

@@ -235,10 +235,13 @@ def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
     write_model_repository(first, repository, "tagger", 1, flavour="cpu")
     write_model_repository(second, repository, "tagger", 2, flavour="cpu")
     config = parse_config((repository / "tagger" / "config.pbtxt").read_text())
-    assert {key: p.string_value for key, p in config.parameters.items()} == {
+    parameters = {key: p.string_value for key, p in config.parameters.items()}
+    assert {key: value for key, value in parameters.items() if key.startswith("sha256:")} == {
         checksum_key(1): sha256_of(first),
         checksum_key(2): sha256_of(second),
     }
+    # served metadata is per version, and kept for the older one too
+    assert parameters["1/bsym_model_name"] == parameters["2/bsym_model_name"] == "tagger"
     assert (repository / "tagger" / "2" / "model.py").is_file()
 
 

@@ -1,0 +1,225 @@
+"""``bsym serve``: a real Triton server on the model repository, on a machine without GPUs.
+
+The repository that ``bsym export`` writes is the production one (Triton's ONNX Runtime
+backend, ``KIND_GPU``). The ``tritonserver`` binary of nvidia-pytriton has neither that backend
+nor a GPU to use here, so :class:`ServedRepository` derives the ``cpu`` flavour of every model
+into a temporary directory, with :func:`bsym.export.triton_config.derive_repository`: the same
+tensors, batching, versions, checksums and served metadata, regenerated from the production
+configs (not written twice) for the Python backend, and ``model.onnx`` linked, not copied.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+from bsym.errors import ServerError
+from bsym.serving.triton_server import HOST, TritonServer, free_ports
+
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_HTTP_PORT = 8000
+_WATCH_SECONDS = 0.5
+_ANY_ADDRESS = {"0.0.0.0", "::", ""}
+
+
+class BoundServer(TritonServer):
+    """A :class:`TritonServer` on a chosen host and ports (0 picks a free port).
+
+    Triton takes the last of repeated options, so the address and ports given here, appended
+    to the loopback ones the base class picks, are the ones it binds.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path,
+        *,
+        host: str = HOST,
+        grpc_port: int = 0,
+        http_port: int = 0,
+        **options: Any,
+    ) -> None:
+        super().__init__(model_repository, **options)
+        self.host = host
+        self.requested_ports = (grpc_port, http_port)
+        self._base_args = list(self.extra_args)
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` to reach the gRPC endpoint from this machine."""
+        self._require_started()
+        return f"{self._connect_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        self._require_started()
+        return f"{self._connect_host}:{self.http_port}"
+
+    @property
+    def _connect_host(self) -> str:
+        return HOST if self.host in _ANY_ADDRESS else self.host
+
+    def start(self, attempts: int = 3) -> None:
+        for port in self.requested_ports:
+            if port:
+                check_port_free(self.host, port)
+        super().start(attempts)
+
+    def _launch(self, binary: Path, backends: Path) -> None:
+        free = iter(free_ports(2))
+        grpc_port, http_port = (port or next(free) for port in self.requested_ports)
+        self.extra_args = [
+            *self._base_args,
+            f"--grpc-address={self.host}",
+            f"--grpc-port={grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={http_port}",
+        ]
+        super()._launch(binary, backends)
+        self.grpc_port, self.http_port = grpc_port, http_port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`ServerError` if ``port`` cannot be bound on ``host`` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise ServerError(
+                f"cannot serve on {host}:{port}: {error.strerror}; choose another port "
+                "(--grpc-port/--http-port, 0 for a free one)"
+            ) from error
+
+
+class ServedRepository:
+    """Serve the ``cpu`` flavour of a model repository with the local ``tritonserver``.
+
+    A context manager: entering derives the repository into a temporary directory and starts
+    the server (waiting until every model is ready); leaving stops it and removes the copy.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        host: str = HOST,
+        grpc_port: int = DEFAULT_GRPC_PORT,
+        http_port: int = DEFAULT_HTTP_PORT,
+        instances: int = 2,
+        startup_timeout: float = 120.0,
+        models: Sequence[str] | None = None,
+    ) -> None:
+        self.repository = Path(repository)
+        self.host = host
+        self.ports = (grpc_port, http_port)
+        self.instances = instances
+        self.startup_timeout = startup_timeout
+        self.only = None if models is None else list(models)
+        self.models: list[str] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._server: BoundServer | None = None
+
+    @property
+    def server(self) -> BoundServer:
+        if self._server is None:
+            raise ServerError(f"no Triton server is running for {self.repository}")
+        return self._server
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
+
+    def start(self) -> None:
+        """Derive the cpu repository and start the server on it; stop everything on failure."""
+        from bsym.export.triton_config import derive_repository
+
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} is not a directory")
+        self._tmp = tempfile.TemporaryDirectory(prefix="bsym-serve-")
+        try:
+            derived = Path(self._tmp.name)
+            self.models = derive_repository(
+                self.repository, derived, "cpu", cpu_instances=self.instances
+            )
+            if self.only is not None:
+                for name in set(self.models) - set(self.only):
+                    _remove_model(derived / name)
+                self.models = [name for name in self.models if name in self.only]
+            self._server = BoundServer(
+                derived,
+                host=self.host,
+                grpc_port=self.ports[0],
+                http_port=self.ports[1],
+                models=self.only,
+                startup_timeout=self.startup_timeout,
+            )
+            self._server.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the server and remove the derived repository; idempotent."""
+        server, self._server = self._server, None
+        try:
+            if server is not None:
+                server.stop()
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
+
+    def __enter__(self) -> ServedRepository:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _remove_model(model_dir: Path) -> None:
+    shutil.rmtree(model_dir)
+
+
+def serve_until_stopped(
+    served: ServedRepository, on_ready: Callable[[ServedRepository], None]
+) -> None:
+    """Start ``served``, call ``on_ready``, and serve until SIGINT or SIGTERM; then stop.
+
+    A signal during the start-up interrupts it (``KeyboardInterrupt``) after stopping what
+    was started. Raises :class:`ServerError` if the server exits on its own.
+    """
+    # A plain flag: threading.Event.set() in a signal handler can deadlock with an
+    # Event.wait() that the signal interrupted in the main thread.
+    state = {"ready": False, "stop": False}
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        state["stop"] = True
+        if not state["ready"]:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with served:
+            state["ready"] = True
+            on_ready(served)
+            while not state["stop"]:
+                if not served.server.running:
+                    tail = served.server.log_tail(lines=30)
+                    raise ServerError(f"the Triton server exited unexpectedly; log tail:\n{tail}")
+                time.sleep(_WATCH_SECONDS)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
