@@ -12,90 +12,18 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
 
 from bsym.errors import ServerError
-from bsym.serving.triton_server import HOST, TritonServer, free_ports
+from bsym.serving.triton_server import HOST, TritonServer
 
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HTTP_PORT = 8000
 _WATCH_SECONDS = 0.5
-_ANY_ADDRESS = {"0.0.0.0", "::", ""}
-
-
-class BoundServer(TritonServer):
-    """A :class:`TritonServer` on a chosen host and ports (0 picks a free port).
-
-    Triton takes the last of repeated options, so the address and ports given here, appended
-    to the loopback ones the base class picks, are the ones it binds.
-    """
-
-    def __init__(
-        self,
-        model_repository: Path,
-        *,
-        host: str = HOST,
-        grpc_port: int = 0,
-        http_port: int = 0,
-        **options: Any,
-    ) -> None:
-        super().__init__(model_repository, **options)
-        self.host = host
-        self.requested_ports = (grpc_port, http_port)
-        self._base_args = list(self.extra_args)
-
-    @property
-    def grpc_url(self) -> str:
-        """``host:port`` to reach the gRPC endpoint from this machine."""
-        self._require_started()
-        return f"{self._connect_host}:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        self._require_started()
-        return f"{self._connect_host}:{self.http_port}"
-
-    @property
-    def _connect_host(self) -> str:
-        return HOST if self.host in _ANY_ADDRESS else self.host
-
-    def start(self, attempts: int = 3) -> None:
-        for port in self.requested_ports:
-            if port:
-                check_port_free(self.host, port)
-        super().start(attempts)
-
-    def _launch(self, binary: Path, backends: Path) -> None:
-        free = iter(free_ports(2))
-        grpc_port, http_port = (port or next(free) for port in self.requested_ports)
-        self.extra_args = [
-            *self._base_args,
-            f"--grpc-address={self.host}",
-            f"--grpc-port={grpc_port}",
-            f"--http-address={self.host}",
-            f"--http-port={http_port}",
-        ]
-        super()._launch(binary, backends)
-        self.grpc_port, self.http_port = grpc_port, http_port
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Raise :class:`ServerError` if ``port`` cannot be bound on ``host`` now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as error:
-            raise ServerError(
-                f"cannot serve on {host}:{port}: {error.strerror}; choose another port "
-                "(--grpc-port/--http-port, 0 for a free one)"
-            ) from error
 
 
 class ServedRepository:
@@ -124,10 +52,10 @@ class ServedRepository:
         self.only = None if models is None else list(models)
         self.models: list[str] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self._server: BoundServer | None = None
+        self._server: TritonServer | None = None
 
     @property
-    def server(self) -> BoundServer:
+    def server(self) -> TritonServer:
         if self._server is None:
             raise ServerError(f"no Triton server is running for {self.repository}")
         return self._server
@@ -152,7 +80,7 @@ class ServedRepository:
                 for name in set(self.models) - set(self.only):
                     _remove_model(derived / name)
                 self.models = [name for name in self.models if name in self.only]
-            self._server = BoundServer(
+            self._server = TritonServer(
                 derived,
                 host=self.host,
                 grpc_port=self.ports[0],

@@ -35,6 +35,7 @@ from bsym.errors import BsymError, ServerError, did_you_mean
 
 INSTALL_HINT = "pip install 'bsym[triton]'"
 HOST = "127.0.0.1"
+_ANY_ADDRESS = {"0.0.0.0", "::", ""}
 STUB_NAME = "triton_python_backend_stub"
 _BIND_FAILURES = ("address already in use", "failed to start")
 _POLL_SECONDS = 0.2
@@ -173,8 +174,13 @@ class TritonServer:
         grace_period: float = 10.0,
         backend_cache: Path | None = None,
         extra_args: Sequence[str] = (),
+        host: str = HOST,
+        grpc_port: int = 0,
+        http_port: int = 0,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
+        self.host = host
+        self.requested_ports = (grpc_port, http_port)
         self.models = None if models is None else list(models)
         self.startup_timeout = startup_timeout
         self.grace_period = grace_period
@@ -192,13 +198,17 @@ class TritonServer:
     def grpc_url(self) -> str:
         """``host:port`` of the gRPC endpoint, as tritonclient.grpc wants it."""
         self._require_started()
-        return f"{HOST}:{self.grpc_port}"
+        return f"{self._connect_host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
         """``host:port`` of the HTTP endpoint."""
         self._require_started()
-        return f"{HOST}:{self.http_port}"
+        return f"{self._connect_host}:{self.http_port}"
+
+    @property
+    def _connect_host(self) -> str:
+        return HOST if self.host in _ANY_ADDRESS else self.host
 
     @property
     def running(self) -> bool:
@@ -239,6 +249,9 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise ServerError(f"model repository {self.model_repository} is not a directory")
         self._check_models_exist()
+        for port in self.requested_ports:
+            if port:
+                check_port_free(self.host, port)
         binary = find_tritonserver()
         backends = prepare_backends(self.backend_cache)
         for attempt in range(1, attempts + 1):
@@ -269,7 +282,9 @@ class TritonServer:
                 )
 
     def _launch(self, binary: Path, backends: Path) -> None:
-        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+        free = iter(free_ports(3))
+        self.grpc_port, self.http_port = (port or next(free) for port in self.requested_ports)
+        self.metrics_port = next(free)
         self._log_dir = Path(tempfile.mkdtemp(prefix="bsym-triton-"))
         self._final_log = ""
         shm_prefix = f"bsym{os.getpid()}_{uuid.uuid4().hex[:8]}_"
@@ -278,9 +293,9 @@ class TritonServer:
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backends}",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-            f"--grpc-address={HOST}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            f"--http-address={HOST}",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             f"--metrics-address={HOST}",
             f"--metrics-port={self.metrics_port}",
@@ -386,3 +401,16 @@ class TritonServer:
         if self._process is None:
             raise ServerError(f"Triton server for {self.model_repository} is not running")
         return self._process
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`ServerError` if ``port`` cannot be bound on ``host`` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise ServerError(
+                f"cannot serve on {host}:{port}: {error.strerror}; choose another port "
+                "(--grpc-port/--http-port, 0 for a free one)"
+            ) from error
