@@ -7,7 +7,9 @@ import typer
 from bsym.export.cli import export_command
 from bsym.serving.cli import score_command, serve_command
 from bsym.simulate.cli import simulate_app
+from bsym.simulate.lorentz_cli import lorentz_command
 from bsym.training.cli import evaluate_command, train_command
+from bsym.training.study_cli import study_app
 
 app = typer.Typer(
     name="bsym",
@@ -15,7 +17,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+simulate_app.command("lorentz")(lorentz_command)
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(study_app, name="study")
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("export")(export_command)
