@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from bsym.training.lorentz_models import (
 from bsym.training.lorentz_study import (
     StudySettings,
     Tensors,
+    epoch_stretch,
     load_data,
     run_study,
     train_epoch,
@@ -340,9 +342,16 @@ def test_parse_sizes() -> None:
         parse_sizes("eight")
 
 
+def test_small_training_sets_get_more_epochs_within_bounds() -> None:
+    settings = StudySettings()
+    assert epoch_stretch(80_000, settings) == 1
+    assert math.ceil(settings.max_epochs * epoch_stretch(8_000, settings)) == 78
+    assert epoch_stretch(600, settings) == 4
+
+
 def test_tiny_study_writes_table_plots_and_json(tmp_path: Path) -> None:
     settings = StudySettings(
-        sizes=(600, 1200), repeats=2, test_events=2000, val_events=1000, max_epochs=2
+        sizes=(600, 1200), repeats=2, test_events=2000, val_events=1000, max_epochs=2, min_steps=0
     )
     result = run_study(settings, tmp_path / "data", threads=1)
     assert len(result.runs) == 2 * 2 * 3

@@ -41,8 +41,43 @@ class ConeCutConfig(StrictModel):
     type: Literal["cone_cut"] = "cone_cut"
 
 
-ModelConfig = Annotated[PFNConfig | DNNConfig | ConeCutConfig, Field(discriminator="type")]
-MODEL_TYPES = ("pfn", "dnn", "cone_cut")
+class LorentzUnconstrainedConfig(StrictModel):
+    """Dimuon task (arXiv:2412.18773): per-muon map 4→64→64→16 summed, head 16→…→1."""
+
+    type: Literal["lorentz_unconstrained"] = "lorentz_unconstrained"
+
+
+class LorentzInvariantConfig(StrictModel):
+    """Dimuon task: MLP 2→64→64→16 on ψ(p0·p1) and ψ((p1−p0)²), the same head."""
+
+    type: Literal["lorentz_invariant"] = "lorentz_invariant"
+
+
+class LorentzDualConfig(StrictModel):
+    """Dimuon task: both subnets mixed by w = softmax(MLP(gate)); outputs score and weights."""
+
+    type: Literal["lorentz_dual"] = "lorentz_dual"
+    gate: str = Field(default="lead_pt", description="the globals column that gates the mixing")
+
+
+LorentzConfig = LorentzUnconstrainedConfig | LorentzInvariantConfig | LorentzDualConfig
+ModelConfig = Annotated[
+    PFNConfig
+    | DNNConfig
+    | ConeCutConfig
+    | LorentzUnconstrainedConfig
+    | LorentzInvariantConfig
+    | LorentzDualConfig,
+    Field(discriminator="type"),
+]
+MODEL_TYPES = (
+    "pfn",
+    "dnn",
+    "cone_cut",
+    "lorentz_unconstrained",
+    "lorentz_invariant",
+    "lorentz_dual",
+)
 
 
 class DataConfig(StrictModel):
@@ -121,6 +156,20 @@ class TrainConfig(StrictModel):
             raise ValueError("model type 'dnn' needs features.globals or features.cones")
         elif isinstance(model, ConeCutConfig) and spec.cones is None:
             raise ValueError("model type 'cone_cut' needs features.cones")
+        elif isinstance(model, LorentzConfig):
+            constituents = spec.constituents
+            if constituents is None or len(constituents.features) != 4:
+                raise ValueError(
+                    f"model type '{model.type}' needs features.constituents with the four "
+                    "features px, py, pz, E (in that order)"
+                )
+            if constituents.max_count < 2:
+                raise ValueError(f"model type '{model.type}' needs max_count >= 2 (two muons)")
+            if isinstance(model, LorentzDualConfig) and model.gate not in spec.global_names:
+                raise ValueError(
+                    f"model.gate '{model.gate}' is not among features.globals "
+                    f"({', '.join(spec.global_names) or 'none'})"
+                )
         return self
 
 

@@ -16,9 +16,9 @@ the budget of an hour on two shared CPU cores for 45 trainings)
     AdamW, lr 1e-3, weight decay 0.01, batch 256, at most 40 epochs; the learning rate drops
     by 3 after 3 epochs without a better validation AUC and training stops after 8. A
     training set too small for 2,400 optimiser steps in 40 epochs has the three numbers
-    stretched by the same factor (8k events: 78 epochs, patience 16, lr patience 6). (The
-    invariant network converges in about 10 epochs, the dual subnet in 10–20; the
-    unconstrained one learns the mass from four-vectors slowly, in 40 or more.)
+    stretched by the same factor, at most 4 (8k events: 78 epochs, patience 16, lr
+    patience 6). The invariant network converges in about 10 epochs, the dual subnet in
+    10–20; the unconstrained one learns the mass from four-vectors slowly, in 40 or more.
     One torch thread by default: these small networks gain little from two, and lose
     several-fold when other jobs compete for the cores. The model kept is the one of the
     best validation AUC (not the best test AUC: the test set never chooses anything). The
@@ -69,6 +69,8 @@ MODEL_TITLES = {"unconstrained": "unconstrained", "invariant": "invariant", "dua
 PT_EDGES = (0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, math.inf)
 MANIFEST = "manifest.json"
 EVAL_BATCH = 8192
+# a stretch beyond this would spend more time validating than training
+MAX_STRETCH = 4.0
 
 
 @dataclass(frozen=True)
@@ -346,10 +348,11 @@ def train_model(
 
 
 def epoch_stretch(n_train: int, settings: StudySettings) -> float:
-    """Factor (>= 1) on the epoch limit and the patiences so that a small training set still
-    gets ``min_steps`` optimiser steps."""
+    """Factor on the epoch limit and the patiences so that a small training set still gets
+    ``min_steps`` optimiser steps; between 1 and :data:`MAX_STRETCH`."""
     steps_per_epoch = max(n_train // settings.batch_size, 1)
-    return max(1.0, settings.min_steps / (steps_per_epoch * settings.max_epochs))
+    wanted = settings.min_steps / (steps_per_epoch * settings.max_epochs)
+    return min(max(1.0, wanted), MAX_STRETCH)
 
 
 def train_epoch(

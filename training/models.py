@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
-from bsym.training.config import DNNConfig, PFNConfig, TrainConfig
+from bsym.training.config import (
+    DNNConfig,
+    LorentzConfig,
+    LorentzDualConfig,
+    PFNConfig,
+    TrainConfig,
+)
 from bsym.training.metrics import roc_auc
 
 log = logging.getLogger(__name__)
@@ -230,6 +236,12 @@ def build_model(config: TrainConfig, batch: FeatureBatch) -> BsymModel:
         )
     elif isinstance(settings, DNNConfig):
         model = DNN(n_globals, settings.hidden_sizes)
+    elif isinstance(settings, LorentzConfig):
+        # imported here: lorentz_models subclasses NetworkModel from this module
+        from bsym.training.lorentz_models import build_lorentz_model
+
+        gate = settings.gate if isinstance(settings, LorentzDualConfig) else "lead_pt"
+        model = build_lorentz_model(settings.type, spec, gate=gate)
     else:
         if spec.cones is None:
             raise ConfigError("model type 'cone_cut' needs features.cones")
@@ -243,11 +255,14 @@ def build_model(config: TrainConfig, batch: FeatureBatch) -> BsymModel:
 
 def model_from_kwargs(kind: str, kwargs: dict[str, Any]) -> BsymModel:
     """Rebuild an (unfitted) model from its checkpointed type and constructor kwargs."""
-    if kind not in MODEL_CLASSES:
+    from bsym.training.lorentz_models import LORENTZ_MODEL_CLASSES
+
+    classes = {**MODEL_CLASSES, **LORENTZ_MODEL_CLASSES}
+    if kind not in classes:
         raise SpecMismatchError(
-            f"unknown model type '{kind}'; this bsym knows {', '.join(MODEL_CLASSES)}"
+            f"unknown model type '{kind}'; this bsym knows {', '.join(classes)}"
         )
-    return MODEL_CLASSES[kind](**kwargs)
+    return classes[kind](**kwargs)
 
 
 def model_inputs(model: BsymModel, batch: FeatureBatch) -> tuple[Tensor, ...]:

@@ -185,20 +185,27 @@ def auc_table(result: StudyResult) -> Table:
             mean, std = summary[model][size]
             text = f"{mean:.4f} ± {std:.4f}"
             cells.append(f"[bold]{text}[/]" if model == best else text)
-        table.add_row(f"{size // 1000}k" if size % 1000 == 0 else str(size), *cells)
+        table.add_row(_size_label(size), *cells)
     return table
 
 
 def weight_table(result: StudyResult) -> Table:
-    """Mean learned weight on the unconstrained subnet per leading-pT bin and training size."""
+    """Mean learned weight on the unconstrained subnet: one row per leading-pT bin, one column
+    per training size."""
     from rich.table import Table
 
     from bsym.training.lorentz_study import pt_bin_labels
 
-    table = Table(title="dual subnet: mean w_unconstrained by leading-muon pT [GeV]")
-    table.add_column("train events", justify="right")
-    for label in pt_bin_labels():
-        table.add_column(label, justify="center")
-    for size, bins in result.weight_summary().items():
-        table.add_row(f"{size // 1000}k", *(f"{m:.2f}±{s:.2f}" for m, s in bins))
+    summary = result.weight_summary()
+    table = Table(title="dual subnet: mean w_unconstrained (± std over repeats)")
+    table.add_column("pT0 [GeV]", justify="right")
+    for size in summary:
+        table.add_column(_size_label(size), justify="center")
+    for index, label in enumerate(pt_bin_labels()):
+        cells = [f"{bins[index][0]:.2f}±{bins[index][1]:.2f}" for bins in summary.values()]
+        table.add_row(label, *cells)
     return table
+
+
+def _size_label(size: int) -> str:
+    return f"{size // 1000}k" if size % 1000 == 0 else str(size)

@@ -15,7 +15,8 @@ Decay angles, in the dimuon rest frame reached from the lab by a pure boost
 Dimuon transverse momentum
     The same falling spectrum for both classes, dN/dq_T ∝ q_T / (1 + (q_T/q0)²)^n with
     q0 = 10 GeV and n = 1.75 (a q_T^-2.5 tail, cut at 500 GeV), azimuth uniform. It gives a
-    leading-muon pT from a few GeV to a few hundred GeV: about 5% of events above 120 GeV.
+    leading-muon pT from a few GeV to a few hundred GeV: below 20 GeV for 8% (signal) and
+    6% (background) of events, above 120 GeV for 2% and 6%.
 Longitudinal boost
     The dimuon rapidity is a Gaussian of width 1.5 truncated to |y| < 3, the same for both
     classes.
@@ -26,8 +27,8 @@ Consequence
 Detector (the symmetry breaking)
     One Gaussian draw δ with σ = ``breaking`` · pT of the leading muon is added to the pT of
     both muons; φ and pz are kept and E is recomputed for a massless muon. Where δ would make
-    a pT negative it is drawn again (a truncated Gaussian; this concerns a few per mille of
-    events, very asymmetric ones). The same δ for both muons keeps their pT order.
+    a pT negative it is drawn again (a truncated Gaussian; this concerns 0.3% of the events,
+    very asymmetric ones). The same δ for both muons keeps their pT order.
     ``breaking`` = 0 leaves the event untouched, so the symmetry is exact.
 Background weight
     100 bins of the smeared leading-muon pT with edges at the percentiles of the signal's
@@ -37,7 +38,12 @@ Background weight
     so the weighted background sums to the number of signal events; signal weight is 1.
     Percentile bins keep every bin populated where uniform bins would leave the tail empty.
     The weights are computed over the whole generated sample, so they do not depend on how
-    the output is split into files.
+    the output is split into files. Note that the weight, a function of the leading pT, is
+    not Lorentz invariant: in the weighted sample the leading pT at fixed mass differs
+    between the classes, so the ideal weighted classifier uses it too, even at breaking 0.
+    Binned likelihood ratios on 10^6 events give a weighted AUC of 0.913 from the mass alone
+    and 0.919 from mass and leading pT at breaking 0 (0.781 and 0.806 at breaking 0.10).
+    Without the weights the mass alone is ideal at breaking 0.
 Classes
     Each event is signal with probability 1/2.
 
