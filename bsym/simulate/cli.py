@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from bsym.console import stdout, user_errors
+from bsym.simulate.isolation import IsolationConfig
 
 simulate_app = typer.Typer(
     help="Generate toy ROOT ntuples (physics + detector).", no_args_is_help=True
@@ -24,8 +25,9 @@ def isolation_command(
     ] = Path("data/isolation"),
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 1,
     pileup_mean: Annotated[
-        float, typer.Option(min=0.0, help="Mean number of pile-up and underlying-event particles.")
-    ] = 20.0,
+        float,
+        typer.Option(min=0.0, help="Mean number of pile-up and underlying-event particles."),
+    ] = IsolationConfig().pileup_mean,
     events_per_file: Annotated[int, typer.Option(min=1, help="Events per output file.")] = 50_000,
 ) -> None:
     """Prompt (Z→μμ) and non-prompt (b, c jets) muons with the calorimeter cells around them.
@@ -33,7 +35,7 @@ def isolation_command(
     Writes the training layout (tree 'Muons', one entry per muon) and the NanoAOD-style
     analysis layout (tree 'Events', one entry per event) of the same muons.
     """
-    from bsym.simulate.isolation import IsolationConfig, write_isolation
+    from bsym.simulate.isolation import write_isolation
 
     with user_errors():
         paths = write_isolation(
