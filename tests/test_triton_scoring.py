@@ -48,6 +48,7 @@ from bsym.serving.serve import ServedRepository
 from bsym.serving.triton_client import TritonBackend
 from bsym.serving.triton_server import find_tritonserver, free_ports
 from bsym.simulate.isolation import write_isolation
+from bsym.simulate.lorentz import write_lorentz
 from bsym.training.config import load_config
 from bsym.training.loop import train
 
@@ -72,6 +73,7 @@ MODEL_TYPES = {
 }
 MODELS = [name for name, _ in MODEL_TYPES.values()]
 PFN = "isolation_pfn"
+DUAL = "lorentz_dual"
 BAD_SPEC = "isolation_pfn_badspec"
 
 
@@ -99,9 +101,11 @@ def embedded(repository: Path, model: str) -> OnnxRuntimeBackend:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Simulated muons in both layouts: isolation_{muons,events}_000.root."""
+    """Simulated muons in both layouts, isolation_{muons,events}_000.root, and dimuon events
+    for the dual-subnet tagger, lorentz_000.root."""
     out = tmp_path_factory.mktemp("isolation")
     write_isolation(out, 1200, seed=11)
+    write_lorentz(out, 3000, seed=12)
     return out
 
 
@@ -123,6 +127,15 @@ def repository(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
             ],
         )
         export_to_repository(train(config, progress=False).checkpoint, repository)
+    dual = load_config(
+        CONFIGS / f"{DUAL}.yaml",
+        [
+            f"data.train=['{data_dir}/lorentz_*.root']",
+            f"output_dir={runs / DUAL}",
+            "optimizer.epochs=1",
+        ],
+    )
+    export_to_repository(train(dual, progress=False).checkpoint, repository)
     bad = repository / BAD_SPEC
     shutil.copytree(repository / PFN, bad)
     text = (bad / CONFIG_FILENAME).read_text(encoding="utf-8")
@@ -204,6 +217,24 @@ def test_triton_scores_equal_the_embedded_backend(served: Served, model: str) ->
     for name, values in expected.items():
         assert found[name].shape == values.shape and len(values) > 2000
         assert np.max(np.abs(found[name] - values)) <= TOLERANCE
+
+
+def test_dual_subnet_serves_its_symmetry_weight(served: Served) -> None:
+    reference = embedded(served.repository, DUAL)
+    spec = reference.feature_spec
+    with uproot.open(served.data / "lorentz_000.root") as file:
+        tree = file[spec.tree]
+        layout = detect_layout(tree.keys(), spec)
+        arrays = tree.arrays(required_branches(spec, layout, with_label=False))
+    inputs = build_features(arrays, spec, layout).inputs()
+    with TritonBackend(served.url, DUAL, batch_size=700) as backend:
+        assert backend.output_names == ("score", "symmetry_weight")
+        found = backend.predict({name: inputs[name] for name in backend.input_names})
+    expected = reference.predict({name: inputs[name] for name in reference.input_names})
+    assert found["symmetry_weight"].shape == (3000, 2)
+    np.testing.assert_allclose(found["symmetry_weight"].sum(axis=1), 1.0, atol=1e-5)
+    for name, values in expected.items():
+        assert np.max(np.abs(found[name] - values)) <= TOLERANCE, name
 
 
 def friend_tree_structure(path: Path) -> dict[str, Any]:
