@@ -6,6 +6,7 @@ import typer
 
 from bsym.export.cli import export_command
 from bsym.serving.cli import score_command, serve_command
+from bsym.simulate.calo_rotation_cli import calo_rotation_command
 from bsym.simulate.cli import simulate_app
 from bsym.simulate.lorentz_cli import lorentz_command
 from bsym.training.cli import evaluate_command, train_command
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 simulate_app.command("lorentz")(lorentz_command)
+simulate_app.command("calo-rotation")(calo_rotation_command)
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(study_app, name="study")
 app.command("train")(train_command)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import awkward as ak
 import numpy as np
@@ -24,6 +24,9 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bsym.errors import BadValueError, SpecMismatchError
+
+if TYPE_CHECKING:
+    from bsym.efp import Cells, Polynomial
 
 Layout = Literal["object", "event"]
 FloatArray = npt.NDArray[np.float32]
@@ -81,6 +84,52 @@ class Cones(StrictModel):
         return self
 
 
+class EFP(StrictModel):
+    """One energy flow polynomial: a multigraph, the energy exponent κ and the angle exponent β."""
+
+    edges: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="pairs of vertices 0..n-1 (a repeated pair is a multi-edge); [] is Σ z_i",
+    )
+    kappa: float = Field(default=1.0, description="z_i = (ET_i / pT)^kappa")
+    beta: float = Field(default=1.0, gt=0, description="θ_ij = ΔR_ij^beta")
+
+    @model_validator(mode="after")
+    def _valid_graph(self) -> EFP:
+        from bsym.efp import Multigraph
+
+        Multigraph.of(self.edges)
+        return self
+
+    def polynomial(self) -> Polynomial:
+        from bsym.efp import Multigraph, Polynomial
+
+        return Polynomial(Multigraph.of(self.edges), self.kappa, self.beta)
+
+
+class EFPs(StrictModel):
+    """Energy flow polynomials of the cells around the axis (see ``bsym.efp``), as globals.
+
+    Each column is log(EFP) (EFPs are >= 0; values below ``floor`` are raised to it) or the
+    EFP itself. The ``max_cells`` cells of highest ET enter; cells with ET <= 0 do not.
+    """
+
+    polynomials: list[EFP] = Field(min_length=1)
+    et: str = "CaloCell_et"
+    eta: str = "CaloCell_eta"
+    phi: str = "CaloCell_phi"
+    axis_eta: str = "Muon_eta"
+    axis_phi: str = "Muon_phi"
+    normalise_by: str = "Muon_pt"
+    link: str | None = "CaloCell_muonIdx"
+    max_cells: int = Field(default=32, gt=0)
+    include_axis: bool = Field(
+        default=False, description="the muon is one more particle at the centre with z = 1"
+    )
+    transform: Literal["log", "none"] = "log"
+    floor: float = Field(default=1e-30, gt=0, description="smallest value before the log")
+
+
 class Label(StrictModel):
     """Binary truth: 1 where ``branch`` takes one of the ``positive`` values."""
 
@@ -99,13 +148,19 @@ class FeatureSpec(StrictModel):
     constituents: Constituents | None = None
     globals: list[Feature] = Field(default_factory=list)
     cones: Cones | None = None
+    efps: EFPs | None = None
     label: Label | None = Field(default_factory=Label)
     weight: str | None = None
 
     @model_validator(mode="after")
     def _has_inputs(self) -> FeatureSpec:
-        if self.constituents is None and not self.globals and self.cones is None:
-            raise ValueError("a feature spec needs constituents, globals or cones")
+        if (
+            self.constituents is None
+            and not self.globals
+            and self.cones is None
+            and self.efps is None
+        ):
+            raise ValueError("a feature spec needs constituents, globals, cones or efps")
         return self
 
     @property
@@ -121,6 +176,8 @@ class FeatureSpec(StrictModel):
         ]
         if self.cones is not None:
             names += [f"cone{r:g}" for r in self.cones.radii]
+        if self.efps is not None:
+            names += [efp.polynomial().name for efp in self.efps.polynomials]
         return names
 
     def to_json(self) -> str:
@@ -186,6 +243,11 @@ def required_branches(spec: FeatureSpec, layout: Layout, *, with_label: bool) ->
         ]
         if layout == "event" and cones.link:
             names.append(cones.link)
+    if spec.efps is not None:
+        efps = spec.efps
+        names += [efps.et, efps.eta, efps.phi, efps.axis_eta, efps.axis_phi, efps.normalise_by]
+        if layout == "event" and efps.link:
+            names.append(efps.link)
     if layout == "event":
         names.append(spec.count_branch)
     if with_label:
@@ -281,6 +343,8 @@ def build_features(
     global_columns = [_transform(rows.per_object(f.branch), f) for f in spec.globals]
     if spec.cones is not None:
         global_columns += _cone_isolations(rows, spec.cones)
+    if spec.efps is not None:
+        global_columns += _efp_columns(rows, spec.efps)
     globals_ = np.stack(global_columns, axis=1).astype(np.float32) if global_columns else None
     if globals_ is not None:
         _check_finite(globals_, spec.global_names, "globals")
@@ -350,6 +414,52 @@ def _cone_isolations(rows: _Rows, cones: Cones) -> list[npt.NDArray[np.float64]]
         summed = np.bincount(row[inside], weights=et[inside], minlength=rows.n_rows)
         columns.append(summed / pt)
     return columns
+
+
+def efp_cell_constituents(efps: EFPs) -> Constituents:
+    """The cells the EFPs are computed from as a constituents section: ET, Δη and Δφ to the
+    axis of the ``max_cells`` cells of highest ET."""
+    return Constituents(
+        features=[
+            Feature(branch=efps.et),
+            Feature(branch=efps.eta, relative_to=efps.axis_eta),
+            Feature(branch=efps.phi, relative_to=efps.axis_phi, periodic=True),
+        ],
+        max_count=efps.max_cells,
+        sort_by=efps.et,
+        link=efps.link,
+    )
+
+
+def efp_cells_from(
+    constituents: FloatArray, mask: npt.NDArray[np.bool_], pt: npt.NDArray[np.floating[Any]]
+) -> Cells:
+    """:class:`~bsym.efp.Cells` from the tensors of :func:`efp_cell_constituents` and pT."""
+    from bsym.efp import Cells
+
+    as_float = constituents.astype(np.float64)
+    pt = np.asarray(pt, dtype=np.float64)
+    return Cells(as_float[..., 0], as_float[..., 1], as_float[..., 2], mask, pt)
+
+
+def _efp_cells(rows: _Rows, efps: EFPs) -> Cells:
+    dense, mask = _build_constituents(rows, efp_cell_constituents(efps))
+    pt = rows.per_object(efps.normalise_by)
+    if np.any(pt <= 0):
+        raise BadValueError(
+            f"branch '{efps.normalise_by}' has values <= 0; the EFPs divide ET by it"
+        )
+    return efp_cells_from(dense, mask, pt)
+
+
+def _efp_columns(rows: _Rows, efps: EFPs) -> list[npt.NDArray[np.float64]]:
+    from bsym.efp import efp_values
+
+    polynomials = [efp.polynomial() for efp in efps.polynomials]
+    values = efp_values(_efp_cells(rows, efps), polynomials, include_axis=efps.include_axis)
+    if efps.transform == "log":
+        values = np.log(np.maximum(values, efps.floor))
+    return list(values.T)
 
 
 def _transform(values: npt.NDArray[np.float64], feature: Feature) -> npt.NDArray[np.float64]:

@@ -15,7 +15,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bsym.errors import BadValueError, BsymError, InputFileError, SpecMismatchError
+from bsym.errors import (
+    BadValueError,
+    BsymError,
+    InputFileError,
+    ServerError,
+    SpecMismatchError,
+)
 from bsym.features import (
     FeatureBatch,
     FeatureSpec,
@@ -116,7 +122,8 @@ def score_files(
     """Score every input (``file.root``, ``dir/*.root``, ``file.root:tree``) into ``out_dir``.
 
     A spec that does not match the model raises at once; a bad input file is recorded in
-    the summary's ``failed`` list and the run goes on with the next one.
+    the summary's ``failed`` list and the run goes on with the next one. A server error
+    stops the run: the files not yet scored are listed as such.
     """
     scorer = _Scorer(backend, step_size=step_size, force=force, progress=progress)
     summary = ScoreSummary(model=backend.name)
@@ -145,6 +152,13 @@ def score_files(
             summary.results.append(scorer.score(source, target, f"[{number}/{len(sources)}]"))
         except _Failure as failure:
             summary.failed.append((failure.source, failure.message))
+            if isinstance(failure.__cause__, ServerError):
+                # Every later file would fail the same way; say so once instead.
+                summary.failed += [
+                    (str(rest), "not scored: the run stopped at the server error above")
+                    for rest in sources[number:]
+                ]
+                break
     summary.seconds = time.perf_counter() - start
     return summary
 

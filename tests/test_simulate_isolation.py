@@ -27,6 +27,13 @@ MUON_SCALARS = {
     "Muon_pfRelIso04_all": "float32",
     "Muon_sumTrackPt03": "float32",
     "Muon_genPartFlav": "int32",
+    "Muon_fromPair": "int32",
+}
+PAIR = {
+    "dimuon_os": "int32",
+    "dimuon_leadPt": "float32",
+    "dimuon_leadEta": "float32",
+    "dimuon_selected": "int32",
 }
 CELLS = {"CaloCell_eta": "float32", "CaloCell_phi": "float32", "CaloCell_et": "float32"}
 TRAINING_BRANCHES = {
@@ -35,6 +42,7 @@ TRAINING_BRANCHES = {
     "event": "int64",
     "nCaloCell": "int32",
     **CELLS,
+    **PAIR,
 }
 EVENT_BRANCHES = {
     "nMuon": "int32",
@@ -44,6 +52,7 @@ EVENT_BRANCHES = {
     "CaloCell_muonIdx": "int32",
     "dimuon_mass": "float32",
     "event": "int64",
+    **PAIR,
 }
 
 

@@ -529,8 +529,12 @@ def test_server_killed_and_restarted_mid_run(
             log, _ = run.communicate(timeout=120)
         assert run.returncode == 1, log
         assert f"the Triton server at {url} is unavailable" in log.replace("\n", "")
+        flat_log = " ".join(log.split())
+        assert flat_log.count("is unavailable") == 1  # the run stops at the first server error
         done = _outputs(out)
         assert 1 <= len(done) < len(inputs)
+        if len(done) < len(inputs) - 1:
+            assert "not scored: the run stopped at the server error above" in flat_log
         assert not [p for p in out.iterdir() if p.suffix != ".root"]  # no partial outputs
 
         server = serve()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from bsym.errors import ConfigError, did_you_mean
 from bsym.features import FeatureSpec, StrictModel
+from bsym.training.cwola import SupervisionConfig
 
 
 class PFNConfig(StrictModel):
@@ -61,13 +63,85 @@ class LorentzDualConfig(StrictModel):
 
 
 LorentzConfig = LorentzUnconstrainedConfig | LorentzInvariantConfig | LorentzDualConfig
+
+
+class UniformEdges(StrictModel):
+    """``bins`` equal cells from ``low`` to ``high``."""
+
+    low: float
+    high: float
+    bins: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _high_above_low(self) -> UniformEdges:
+        if not self.high > self.low:
+            raise ValueError(f"high ({self.high}) must be above low ({self.low})")
+        return self
+
+
+def edge_values(edges: UniformEdges | list[float]) -> list[float]:
+    """The explicit, increasing bin edges of an image axis."""
+    if isinstance(edges, UniformEdges):
+        step = (edges.high - edges.low) / edges.bins
+        return [edges.low + step * k for k in range(edges.bins)] + [edges.high]
+    if len(edges) < 2 or any(edges[k + 1] <= edges[k] for k in range(len(edges) - 1)):
+        raise ValueError(f"bin edges must be at least two strictly increasing numbers: {edges}")
+    return list(edges)
+
+
+# the isolation image of arXiv:2102.02278: 32 cells of 0.025 in Δη and π/126 in Δφ
+ISOLATION_X_EDGES = UniformEdges(low=-16 * 0.025, high=16 * 0.025, bins=32)
+ISOLATION_Y_EDGES = UniformEdges(low=-16 * math.pi / 126, high=16 * math.pi / 126, bins=32)
+AxisEdges = UniformEdges | list[float]
+
+
+class _ImageConfig(StrictModel):
+    """Image binned in the graph from constituent columns (value, x, y); see image_models."""
+
+    x_edges: AxisEdges = Field(description="edges in column 1: a list or {low, high, bins}")
+    y_edges: AxisEdges = Field(description="edges in column 2: a list or {low, high, bins}")
+    pixel_transform: Literal["log1p", "none"] = "log1p"
+
+    @field_validator("x_edges", "y_edges")
+    @classmethod
+    def _edges_increase(cls, edges: AxisEdges) -> AxisEdges:
+        edge_values(edges)
+        return edges
+
+
+class ImageFCNConfig(_ImageConfig):
+    """Fully connected network on the image (per-pixel standardised), optionally + globals."""
+
+    type: Literal["image_fcn"] = "image_fcn"
+    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64])
+    use_globals: bool = Field(default=False, description="concatenate the globals to the image")
+
+
+class CNNConfig(_ImageConfig):
+    """Convolutions (3×3, ReLU, 2×2 pooling) on the image, then a dense head."""
+
+    type: Literal["cnn"] = "cnn"
+    x_edges: AxisEdges = ISOLATION_X_EDGES
+    y_edges: AxisEdges = ISOLATION_Y_EDGES
+    channels: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [16, 32, 32], min_length=1
+    )
+    kernel_size: int = Field(default=3, gt=0)
+    dense_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64])
+    pooling: Literal["max", "avg"] = Field(default="avg", description="2×2 pooling per block")
+    use_globals: bool = Field(default=True, description="concatenate the globals to the head")
+
+
+ImageConfig = ImageFCNConfig | CNNConfig
 ModelConfig = Annotated[
     PFNConfig
     | DNNConfig
     | ConeCutConfig
     | LorentzUnconstrainedConfig
     | LorentzInvariantConfig
-    | LorentzDualConfig,
+    | LorentzDualConfig
+    | ImageFCNConfig
+    | CNNConfig,
     Field(discriminator="type"),
 ]
 MODEL_TYPES = (
@@ -77,6 +151,8 @@ MODEL_TYPES = (
     "lorentz_unconstrained",
     "lorentz_invariant",
     "lorentz_dual",
+    "image_fcn",
+    "cnn",
 )
 
 
@@ -108,6 +184,23 @@ class OptimizerConfig(StrictModel):
     patience: int = Field(default=5, gt=0, description="epochs without a better validation AUC")
 
 
+class InvarianceConfig(StrictModel):
+    """Encouraged invariance: loss = c1·BCE + c2·mean Var(score over an event's copies)."""
+
+    c1: float = Field(default=1.0, ge=0)
+    c2: float = Field(default=0.0, ge=0, description="0 switches the invariance term off")
+
+
+class AugmentationConfig(StrictModel):
+    """Rotated copies of every training event (calo-rotation files; see training/augmentation)."""
+
+    mode: Literal["none", "post_detector", "resimulation"] = "none"
+    angles: list[float] = Field(
+        default_factory=lambda: [45.0 * k for k in range(8)], min_length=1, description="degrees"
+    )
+    invariance: InvarianceConfig = Field(default_factory=InvarianceConfig)
+
+
 class TrainConfig(StrictModel):
     """Everything ``bsym train`` needs; stored in the checkpoint and as ``config.yaml``."""
 
@@ -121,6 +214,13 @@ class TrainConfig(StrictModel):
         default_factory=lambda: ["signal"], description="what the score is the probability of"
     )
     output_dir: Path = Field(description="default runs/<name>")
+    supervision: SupervisionConfig = Field(
+        default_factory=SupervisionConfig,
+        description="labels from features.label (truth) or from the mass regions (cwola)",
+    )
+    augmentation: AugmentationConfig | None = Field(
+        default=None, description="training-only rotated copies (calo-rotation task)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -142,7 +242,7 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _model_fits_features(self) -> TrainConfig:
         spec = self.features
-        has_globals = bool(spec.globals) or spec.cones is not None
+        has_globals = bool(spec.globals) or spec.cones is not None or spec.efps is not None
         model = self.model
         if isinstance(model, PFNConfig):
             if spec.constituents is None:
@@ -170,7 +270,30 @@ class TrainConfig(StrictModel):
                     f"model.gate '{model.gate}' is not among features.globals "
                     f"({', '.join(spec.global_names) or 'none'})"
                 )
+        elif isinstance(model, ImageConfig):
+            _check_image_features(model, spec)
         return self
+
+
+def _check_image_features(model: ImageConfig, spec: FeatureSpec) -> None:
+    constituents = spec.constituents
+    if constituents is None or len(constituents.features) < 3:
+        raise ValueError(
+            f"model type '{model.type}' needs features.constituents with at least three "
+            "features: the value summed into a pixel, then the x and y positions"
+        )
+    value = constituents.features[0]
+    if value.transform != "none":
+        raise ValueError(
+            f"model type '{model.type}' sums the first constituent feature "
+            f"({value.branch}) into pixels, so it needs transform 'none', not "
+            f"'{value.transform}' (sums of logarithms mean nothing)"
+        )
+    if model.use_globals and not (spec.globals or spec.cones is not None):
+        raise ValueError(
+            "model.use_globals is true but features has no globals or cones; "
+            "add features.globals or set model.use_globals=false"
+        )
 
 
 def load_config(path: Path, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -26,6 +26,7 @@ from bsym.features import (
 )
 from bsym.rootio import TreeSource, iterate_chunks, open_tree, parse_inputs
 from bsym.training.config import TrainConfig
+from bsym.training.cwola import apply_cwola, read_cwola_rows
 
 log = logging.getLogger(__name__)
 Indices = npt.NDArray[np.int64]
@@ -70,7 +71,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     """Read ``config.data.train`` and split it by ``config.seed``."""
     tree = config.data.tree or config.features.tree
     sources = parse_inputs(config.data.train, default_tree=tree)
-    batch, records = read_rows(sources, config.features, max_rows=config.data.max_rows)
+    batch, records = read_training_rows(sources, config, max_rows=config.data.max_rows)
     split = split_rows(
         batch.n_rows,
         seed=config.seed,
@@ -86,7 +87,7 @@ def held_out_test(config: TrainConfig, split: Split) -> FeatureBatch:
     if len(split.test) == 0:
         raise ConfigError("this model was trained with data.test_fraction=0: it has no test rows")
     sources = [TreeSource(Path(record.path), record.tree) for record in split.sources]
-    batch, records = read_rows(sources, config.features, max_rows=config.data.max_rows)
+    batch, records = read_training_rows(sources, config, max_rows=config.data.max_rows)
     for before, now in zip(split.sources, records, strict=True):
         if before.entries != now.entries:
             raise SpecMismatchError(
@@ -100,10 +101,29 @@ def held_out_test(config: TrainConfig, split: Split) -> FeatureBatch:
     return take(batch, split.test)
 
 
-def read_rows(
-    sources: Sequence[TreeSource], spec: FeatureSpec, *, max_rows: int | None = None
+def read_training_rows(
+    sources: Sequence[TreeSource], config: TrainConfig, *, max_rows: int | None
 ) -> tuple[FeatureBatch, list[SourceRecord]]:
-    """Features and labels of every row in ``sources`` (either layout), in file order."""
+    """The labelled rows of ``config.supervision``: truth labels, or CWoLa's kept rows."""
+    if config.supervision.type == "truth" and not config.supervision.select:
+        return read_rows(sources, config.features, max_rows=max_rows)
+    if config.supervision.type == "truth":
+        batch, records = read_rows(sources, config.features, max_rows=max_rows)
+        rows = read_cwola_rows(sources, config.features, config.supervision, max_rows=max_rows)
+        return take(batch, rows.keep), records
+    batch, records = read_rows(sources, config.features, max_rows=max_rows, with_label=False)
+    rows = read_cwola_rows(sources, config.features, config.supervision, max_rows=max_rows)
+    return apply_cwola(batch, rows), records
+
+
+def read_rows(
+    sources: Sequence[TreeSource],
+    spec: FeatureSpec,
+    *,
+    max_rows: int | None = None,
+    with_label: bool = True,
+) -> tuple[FeatureBatch, list[SourceRecord]]:
+    """Features (and labels, ``with_label``) of every row in ``sources``, in file order."""
     batches: list[FeatureBatch] = []
     records: list[SourceRecord] = []
     n_rows = 0
@@ -113,10 +133,10 @@ def read_rows(
         tree = open_tree(source)
         try:
             layout = detect_layout(tree.keys(), spec)
-            branches = required_branches(spec, layout, with_label=True)
+            branches = required_branches(spec, layout, with_label=with_label)
             records.append(SourceRecord(str(source.path.resolve()), source.tree, tree.num_entries))
             for chunk in iterate_chunks(tree, source, branches):
-                batches.append(build_features(chunk, spec, layout, with_label=True))
+                batches.append(build_features(chunk, spec, layout, with_label=with_label))
                 n_rows += batches[-1].n_rows
                 if max_rows is not None and n_rows >= max_rows:
                     break

@@ -49,6 +49,12 @@ class ModelMetrics:
     rej50_err: float
     rej90: float
     rej90_err: float
+    supervision: str = "truth"
+    """For ``cwola`` models: auc/rej* against the truth where the rows have it, else sWeighted."""
+    auc_sweighted: float = math.nan
+    auc_sweighted_err: float = math.nan
+    signal_yield: float = math.nan
+    signal_yield_err: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,19 @@ def evaluate(
         scores = predict(loaded, batch, batch_size=PREDICT_BATCH).astype(np.float64)
         name = _unique(loaded.name, [m.name for m in metrics])
         labels, weights = batch.label, batch.weight
+        cwola = None
+        if loaded.config.supervision.type == "cwola":
+            from bsym.training.cwola_evaluation import evaluate_cwola, evaluation_rows
+
+            cwola = evaluate_cwola(
+                scores,
+                evaluation_rows(loaded, data),
+                window=loaded.config.supervision.window,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+            )
+            labels, scores = cwola.labels, cwola.scores
+            weights = None if cwola.weights is None else cwola.weights.astype(np.float32)
         try:
             fpr, tpr, _ = roc_curve(labels, scores, weights)
             auc = roc_auc(labels, scores, weights)
@@ -152,6 +171,11 @@ def evaluate(
                 rej50_err=errors[1],
                 rej90=rej90,
                 rej90_err=errors[2],
+                supervision=loaded.config.supervision.type,
+                auc_sweighted=math.nan if cwola is None else cwola.auc_sweighted,
+                auc_sweighted_err=math.nan if cwola is None else cwola.auc_sweighted_err,
+                signal_yield=math.nan if cwola is None else cwola.fit.signal_yield,
+                signal_yield_err=math.nan if cwola is None else cwola.fit.signal_yield_err,
             )
         )
         curves.append(_Curve(name, auc, tpr, fpr))
@@ -200,7 +224,12 @@ def print_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> None:
     table.add_column("type", no_wrap=True)
     for header in ("rows", "AUC", "rej50", "rej90"):
         table.add_column(header, justify="right", no_wrap=True)
+    # CWoLa models: the sWeighted AUC from the mass fit beside the AUC (truth where known)
+    cwola = any(m.supervision == "cwola" for m in models)
+    if cwola:
+        table.add_column("sWeighted AUC", justify="right", no_wrap=True)
     for m in sorted(models, key=lambda m: -m.auc):
+        sweighted = [f"{m.auc_sweighted:.4f} ± {m.auc_sweighted_err:.4f}"] if cwola else []
         table.add_row(
             m.name,
             m.type,
@@ -208,6 +237,7 @@ def print_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> None:
             f"{m.auc:.4f} ± {m.auc_err:.4f}",
             _with_error(m.rej50, m.rej50_err),
             _with_error(m.rej90, m.rej90_err),
+            *[text.replace("nan ± nan", "–") for text in sweighted],
         )
     stdout.print(table)
 
@@ -221,10 +251,10 @@ def _rows(loaded: LoadedModel, data: Sequence[str] | None) -> tuple[FeatureBatch
             )
         return loaded.held_out_test(), f"test split of {loaded.path}"
     from bsym.rootio import parse_inputs
-    from bsym.training.dataset import read_rows
+    from bsym.training.dataset import read_training_rows
 
     sources = parse_inputs(data, default_tree=loaded.config.data.tree or loaded.spec.tree)
-    batch, _ = read_rows(sources, loaded.spec)
+    batch, _ = read_training_rows(sources, loaded.config, max_rows=None)
     return batch, ", ".join(str(source) for source in sources)
 
 

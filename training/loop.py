@@ -24,6 +24,11 @@ from tqdm import tqdm
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
+from bsym.training.augmentation import (
+    AugmentedTraining,
+    augment_training_rows,
+    shuffled_rows,
+)
 from bsym.training.checkpoint import (
     checkpoint_header,
     predict,
@@ -81,6 +86,10 @@ def train(
     if previous is not None:
         _check_same_split(previous["split"], data.split, resume)
     train_rows, validation_rows = data.subset("train"), data.subset("validation")
+    augmented = None
+    if config.augmentation is not None and config.augmentation.mode != "none":
+        augmented = augment_training_rows(config, data.split)
+        train_rows = augmented.rows
     _check_both_classes(train_rows, "training")
     _check_both_classes(validation_rows, "validation")
     save_config(config, config.output_dir / "config.yaml")
@@ -88,6 +97,7 @@ def train(
         torch.manual_seed(config.seed)
         model = build_model(config, train_rows)
         run = _Run(config, model, data.split, validation_rows)
+        run.augmented = augmented
         if previous is not None:
             run.restore(previous)
         if isinstance(model, NetworkModel):
@@ -116,6 +126,7 @@ class _Run:
             if model.trainable
             else None
         )
+        self.augmented: AugmentedTraining | None = None
         self.history: list[EpochRecord] = []
         self.best_epoch = 0
         self.best_auc = float("-inf")
@@ -169,7 +180,8 @@ class _Run:
                     )
                     break
                 permutation = np.random.default_rng([self.config.seed, 1, epoch])
-                order = torch.from_numpy(permutation.permutation(rows.n_rows))
+                copies = 1 if self.augmented is None else self.augmented.n_copies
+                order = torch.from_numpy(shuffled_rows(permutation, rows.n_rows, copies))
                 loss = self._epoch(model, inputs, label, weight, order, progress=progress)
                 record = self.record(epoch=epoch, train_loss=loss)
                 bar.update()
@@ -196,6 +208,8 @@ class _Run:
         assert self.optimizer is not None
         model.train()
         size = self.config.optimizer.batch_size
+        if self.augmented is not None:
+            size = self.augmented.batch_rows(size)
         summed = total = 0.0
         steps = tqdm(
             range(0, len(order), size),
@@ -206,7 +220,10 @@ class _Run:
         for start in steps:
             rows = order[start : start + size]
             batch_weight = None if weight is None else weight[rows]
-            loss = _bce(model.logits(*(t[rows] for t in inputs)), label[rows], batch_weight)
+            logits = model.logits(*(t[rows] for t in inputs))
+            loss = _bce(logits, label[rows], batch_weight)
+            if self.augmented is not None:
+                loss = self.augmented.loss(logits, loss)
             self.optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             self.optimizer.step()

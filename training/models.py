@@ -22,6 +22,7 @@ from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
 from bsym.training.config import (
     DNNConfig,
+    ImageConfig,
     LorentzConfig,
     LorentzDualConfig,
     PFNConfig,
@@ -242,6 +243,10 @@ def build_model(config: TrainConfig, batch: FeatureBatch) -> BsymModel:
 
         gate = settings.gate if isinstance(settings, LorentzDualConfig) else "lead_pt"
         model = build_lorentz_model(settings.type, spec, gate=gate)
+    elif isinstance(settings, ImageConfig):
+        from bsym.training.image_models import build_image_model
+
+        model = build_image_model(settings, n_globals)
     else:
         if spec.cones is None:
             raise ConfigError("model type 'cone_cut' needs features.cones")
@@ -255,9 +260,10 @@ def build_model(config: TrainConfig, batch: FeatureBatch) -> BsymModel:
 
 def model_from_kwargs(kind: str, kwargs: dict[str, Any]) -> BsymModel:
     """Rebuild an (unfitted) model from its checkpointed type and constructor kwargs."""
+    from bsym.training.image_models import IMAGE_MODEL_CLASSES
     from bsym.training.lorentz_models import LORENTZ_MODEL_CLASSES
 
-    classes = {**MODEL_CLASSES, **LORENTZ_MODEL_CLASSES}
+    classes = {**MODEL_CLASSES, **LORENTZ_MODEL_CLASSES, **IMAGE_MODEL_CLASSES}
     if kind not in classes:
         raise SpecMismatchError(
             f"unknown model type '{kind}'; this bsym knows {', '.join(classes)}"

@@ -13,6 +13,8 @@ from bsym.console import stdout, user_errors
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from bsym.training.augmentation_study import RunResult as AugmentationRun
+    from bsym.training.augmentation_study import StudyResult as AugmentationResult
     from bsym.training.lorentz_study import RunResult, StudyResult
 
 study_app = typer.Typer(help="Studies: train many models and compare them.", no_args_is_help=True)
@@ -145,6 +147,223 @@ def learning_curve_command(
         stdout.print(f"wrote {path}")
 
 
+class Geometry(str, Enum):
+    rect = "rect"
+    uniform = "uniform"
+
+
+@study_app.command("augmentation")
+def augmentation_command(
+    geometry: Annotated[
+        Geometry, typer.Option(help="Detector cells: rect 32×4 or uniform 32×32.")
+    ] = Geometry.rect,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            help="Sizes 480 and 2400, 2 bootstraps, at most 10 epochs (stretched), 5k test events."
+        ),
+    ] = False,
+    sizes: Annotated[
+        str | None, typer.Option(help="Comma-separated training sizes, e.g. '480,960,2400'.")
+    ] = None,
+    bootstraps: Annotated[
+        int | None, typer.Option(min=1, help="Training sets drawn per size.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs per training.")] = None,
+    invariance_weight: Annotated[
+        float | None, typer.Option(min=0.0, help="c2 of the invariance term (c1 = 1).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data and the trainings.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            file_okay=False,
+            help="Output folder (default: studies/augmentation_<geometry>).",
+        ),
+    ] = None,
+    data: Annotated[
+        Path, typer.Option(file_okay=False, help="Cache of simulated samples (reused).")
+    ] = Path("data/augmentation_study"),
+    threads: Annotated[
+        int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
+    ] = 1,
+) -> None:
+    """Rotation augmentation against training size on calorimeter showers (arXiv:2311.05952).
+
+    Trains an FCN on the image and a PFN on the cells with pre-detector (resimulation) and
+    post-detector (image) rotation by multiples of 45°, each with and without the encouraged
+    invariance term, and without augmentation, at training sizes 480 to 2,400 with 5
+    bootstraps; prints the test AUC and the signal efficiency at 50% background efficiency
+    (mean ± std over bootstraps) in the paper's layout. Writes augmentation.json,
+    auc_vs_size.png and signal_efficiency_vs_size.png. The full study takes well under an
+    hour on two CPU cores; --quick a few minutes.
+    """
+    from bsym.training.augmentation_study import (
+        QUICK,
+        StudySettings,
+        run_study,
+        with_overrides,
+        write_outputs,
+    )
+
+    with user_errors():
+        settings = with_overrides(
+            QUICK if quick else StudySettings(),
+            geometry=geometry.value,
+            sizes=parse_sizes(sizes),
+            bootstraps=bootstraps,
+            max_epochs=epochs,
+            invariance_weight=invariance_weight,
+            seed=seed,
+        )
+        out_dir = out or Path(f"studies/augmentation_{geometry.value}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = out_dir / "runs.jsonl"
+        log.write_text("")
+        result = run_study(
+            settings,
+            data,
+            on_run=lambda run: _report_augmentation_run(run, log),
+            on_note=lambda note: stdout.print(f"[yellow]{note}[/]"),
+            threads=threads,
+        )
+        paths = [log, *write_outputs(result, out_dir)]
+    for metric, title in (
+        ("test_auc", "test AUC"),
+        ("signal_efficiency", "signal efficiency at 50% background efficiency"),
+    ):
+        stdout.print(augmentation_table(result, metric, title))
+    for name, auc in result.reference.items():
+        stdout.print(
+            f"invariant-feature reference on the {name} (a lower bound on the rotation-"
+            f"invariant ideal): test AUC {auc:.3f}"
+        )
+    for note in result.notes:
+        stdout.print(f"[yellow]{note}[/]")
+    stdout.print(f"{len(result.runs)} trainings in {result.seconds / 60:.1f} min")
+    for path in paths:
+        stdout.print(f"wrote {path}")
+
+
+def _report_augmentation_run(run: AugmentationRun, log: Path) -> None:
+    import json
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    with log.open("a") as stream:
+        stream.write(json.dumps(asdict(run)) + "\n")
+    tqdm.write(
+        f"{run.network:>4} {run.column:>9} {run.size:>5} #{run.bootstrap}: AUC "
+        f"{run.test_auc:.4f}, εS {run.signal_efficiency:.4f} (val {run.val_auc:.4f}, best "
+        f"epoch {run.best_epoch}/{run.epochs}, {run.seconds:.0f} s)"
+    )
+
+
+def augmentation_table(result: AugmentationResult, metric: str, title: str) -> Table:
+    """The paper's layout: rows network × training size, columns the five trainings."""
+    from rich.table import Table
+
+    from bsym.training.augmentation_study import COLUMN_TITLES, NETWORK_TITLES
+
+    settings = result.settings
+    summary = result.summary(metric)
+    table = Table(
+        title=f"{title}, {settings.geometry} cells, mean ± std of {settings.bootstraps} bootstraps"
+    )
+    table.add_column("network", justify="left")
+    table.add_column("train events", justify="right")
+    for column in settings.columns:
+        table.add_column(COLUMN_TITLES[column], justify="center")
+    for network, columns in summary.items():
+        for size in settings.sizes:
+            means = {c: rows[size][0] for c, rows in columns.items() if size in rows}
+            best = max(means, key=means.__getitem__) if means else None
+            cells = []
+            for column in settings.columns:
+                if size not in columns[column]:
+                    cells.append("–")
+                    continue
+                mean, std = columns[column][size]
+                text = f"{mean:.3f} ± {std:.3f}"
+                cells.append(f"[bold]{text}[/]" if column == best else text)
+            table.add_row(NETWORK_TITLES[network], str(size), *cells)
+    return table
+
+
+@study_app.command("isolation")
+def isolation_command(
+    quick: Annotated[
+        bool,
+        typer.Option(help="8k training and 6k test events, at most 4 epochs, 8 bootstraps."),
+    ] = False,
+    events: Annotated[
+        int | None, typer.Option(min=1000, help="Training events (default 60,000).")
+    ] = None,
+    bootstraps: Annotated[
+        int | None, typer.Option(min=2, help="Bootstrap resamplings of the test rows.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs per training.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data and the trainings.")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", file_okay=False, help="Output folder.")
+    ] = Path("studies/isolation"),
+    data: Annotated[
+        Path, typer.Option(file_okay=False, help="Cache of simulated samples (reused).")
+    ] = Path("data/isolation_study"),
+    threads: Annotated[
+        int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
+    ] = 1,
+) -> None:
+    """Isolation networks trained with and without labels (arXiv:2306.15737), one table.
+
+    Trains 1 cone + ΣpT, 18 cones + ΣpT, the EFP network, one EFP + cones, the CNN and the
+    PFN (their configs in bsym/configs; a missing one is skipped with a note) on the truth
+    labels and with CWoLa (mass regions), and reports on one common test sample the AUC and
+    the prompt efficiency at 50% non-prompt efficiency, and for CWoLa the sWeighted AUC from
+    a fit of the dimuon mass, each ± bootstrap error. Writes isolation_study.json and
+    roc_isolation.png. See docs/cwola.md.
+    """
+    from bsym.training.isolation_study import (
+        QUICK,
+        TABLE_WIDTH,
+        StudySettings,
+        isolation_table,
+        report_run,
+        run_study,
+        with_overrides,
+        write_outputs,
+    )
+
+    with user_errors():
+        settings = with_overrides(
+            QUICK if quick else StudySettings(),
+            train_events=events,
+            bootstraps=bootstraps,
+            max_epochs=epochs,
+            seed=seed,
+        )
+        result = run_study(
+            settings,
+            data,
+            out,
+            on_run=report_run,
+            on_note=lambda note: stdout.print(f"[yellow]{note}[/]"),
+            threads=threads,
+        )
+        paths = write_outputs(result, out)
+    stdout.print(isolation_table(result), width=max(stdout.width, TABLE_WIDTH))
+    for group, fraction in result.prompt_fractions.items():
+        stdout.print(f"prompt fraction, {group}: {fraction:.3f}")
+    for note in result.skipped:
+        stdout.print(f"[yellow]{note}[/]")
+    stdout.print(f"{len(result.runs)} trainings in {result.seconds / 60:.1f} min")
+    for path in paths:
+        stdout.print(f"wrote {path}")
+
+
 def _report_run(run: RunResult, log: Path) -> None:
     """One line on the terminal, one JSON line in ``log`` (kept if the study is interrupted)."""
     import json
@@ -209,3 +428,92 @@ def weight_table(result: StudyResult) -> Table:
 
 def _size_label(size: int) -> str:
     return f"{size // 1000}k" if size % 1000 == 0 else str(size)
+
+
+@study_app.command("efp-search")
+def efp_search_command(
+    pfn: Annotated[
+        Path,
+        typer.Option(
+            exists=True, dir_okay=False, help="Checkpoint of the PFN the EFPs are chosen against."
+        ),
+    ],
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="'dnn' config of the starting network (default: isolation_cones_sumpt.yaml).",
+        ),
+    ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option(help="2 steps, degree ≤ 4, κ and β in {0.5, 1, 2}, 1500 muons: minutes."),
+    ] = False,
+    steps: Annotated[int | None, typer.Option(min=1, help="EFPs to add.")] = None,
+    pairs: Annotated[
+        int | None, typer.Option(min=100, help="(prompt, non-prompt) pairs sampled for the ADO.")
+    ] = None,
+    muons: Annotated[
+        int | None, typer.Option(min=100, help="Validation muons the pairs are drawn from.")
+    ] = None,
+    include_axis: Annotated[
+        bool | None,
+        typer.Option(
+            "--include-axis/--cells-only",
+            help="Count the muon as a particle at the centre with z = 1 (default: cells only).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", file_okay=False, help="Output folder.")
+    ] = Path("studies/efp_search"),
+    threads: Annotated[
+        int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
+    ] = 1,
+) -> None:
+    """Guided EFP selection by average decision ordering against a PFN (arXiv:2102.02278).
+
+    Each step adds the energy flow polynomial (all connected graphs of degree ≤ 7 built
+    without K4, κ in {−1, 0, 1/2, 1, 2}, β in {1/2, 1, 2}) that best orders, like the PFN,
+    the prompt/non-prompt pairs on which the current network and the PFN disagree, then
+    retrains the small network on the baseline features plus the EFPs chosen so far. Prints
+    the EFP, its ADO and the network's ADO and test AUC after each step; writes
+    efp_search.json and chosen_efps.yaml. See docs/efp.md.
+    """
+    from bsym.training.efp_search import (
+        DEFAULT_BASELINE,
+        QUICK,
+        SearchSettings,
+        report_step,
+        run_search,
+        search_table,
+        with_overrides,
+        write_outputs,
+    )
+
+    with user_errors():
+        settings = with_overrides(
+            QUICK if quick else SearchSettings(),
+            steps=steps,
+            pairs=pairs,
+            ado_rows=muons,
+            include_axis=include_axis,
+        )
+        result = run_search(
+            pfn,
+            out,
+            settings,
+            baseline=baseline or DEFAULT_BASELINE,
+            on_step=report_step,
+            threads=threads,
+        )
+        paths = write_outputs(result, out)
+    stdout.print(search_table(result), width=max(stdout.width, 110))
+    stdout.print(
+        f"EFPs: {result.candidates} candidates on {result.muons} muons in "
+        f"{result.efp_seconds:.0f} s ({result.efp_muons_per_second:.1f} muons/s with all of "
+        f"them); search {result.seconds / 60:.1f} min"
+    )
+    for path in paths:
+        stdout.print(f"wrote {path}")

@@ -62,6 +62,13 @@ Calorimeter
     not simulated one by one: how many pass the threshold on noise alone is drawn from a
     binomial and their ET from the Gaussian tail (a noise cell landing on an occupied cell is
     dropped, a negligible loss). Cells are stored per muon in decreasing ET.
+Pair branches (for training without labels, arXiv:2306.15737)
+    ``Muon_fromPair`` is 1 for the two muons of the dimuon pair (0 for the soft third muon).
+    Per event (and, in the 'Muons' tree, copied to each of its muons like ``dimuon_mass``):
+    ``dimuon_os`` is 1 for an opposite-sign pair, ``dimuon_leadPt``/``dimuon_leadEta`` are
+    the leading pair muon's pT and η, and ``dimuon_selected`` is 1 where both pair muons
+    pass the paper's selection |η| < 2.1 and pT > 25 GeV. Nothing is cut here: the
+    selection is applied by who needs it (``supervision: cwola`` in ``bsym train``).
 Isolation variables (from the true, pre-detector particles)
     ``pfRelIso03_all``/``pfRelIso04_all``: summed ET of particles (a), (b) and (d) with ΔR < 0.3/0.4
     divided by the muon pT (the muon's own deposit is excluded). ``sumTrackPt03``: scalar sum of
@@ -124,6 +131,10 @@ _HALF = 18
 _SIDE = 2 * _HALF + 1
 _CODES = _SIDE * _SIDE
 
+# The dimuon selection of arXiv:2306.15737, recorded per event in ``dimuon_selected``.
+PAIR_MAX_ABS_ETA = 2.1
+PAIR_MIN_PT = 25.0
+
 MUON_TREE = "Muons"
 EVENT_TREE = "Events"
 BLOCK_EVENTS = 10_000
@@ -137,6 +148,7 @@ _MUON_FIELDS = (
     "pfRelIso04_all",
     "sumTrackPt03",
     "genPartFlav",
+    "fromPair",
 )
 _CELL_FIELDS = ("eta", "phi", "et")
 _COUNTERS = ("nMuon", "nCaloCell")
@@ -294,6 +306,7 @@ class _Muons:
     eta: FloatArray
     phi: FloatArray
     charge: IntArray
+    in_pair: BoolArray
 
 
 @dataclass(frozen=True)
@@ -465,6 +478,7 @@ def _draw_muons(
         eta=eta[order],
         phi=_wrap_phi(phi[order]),
         charge=charge[order],
+        in_pair=(slot < 2)[order],
     )
     return mass, n_muon, muons
 
@@ -698,6 +712,7 @@ def _simulate_block(seed: int, block: int, n_events: int, cfg: IsolationConfig) 
         "charge": muons.charge.astype(np.int32),
         **{k: v.astype(np.float32) for k, v in iso.items()},
         "genPartFlav": muons.flav.astype(np.int32),
+        "fromPair": muons.in_pair.astype(np.int32),
     }
     first = block * BLOCK_EVENTS
     return _Columns(
@@ -720,6 +735,28 @@ def _simulate_range(start: int, stop: int, seed: int, cfg: IsolationConfig) -> _
     return _concat(parts).slice_events(start - offset, stop - offset)
 
 
+def _pair_columns(cols: _Columns) -> dict[str, npt.NDArray[np.generic]]:
+    """Per event: the pair's charge product sign, its leading muon and the analysis selection.
+
+    The pair is the two muons with ``fromPair`` (the soft third muon is not part of it); muons
+    are sorted by pT, so the first pair muon of an event leads.
+    """
+    in_pair = cols.muon["fromPair"].astype(np.bool_)
+    event_of_muon = np.repeat(np.arange(cols.event.size), cols.n_muon)[in_pair]
+    pt = np.asarray(cols.muon["pt"], dtype=np.float64)[in_pair].reshape(-1, 2)
+    eta = np.asarray(cols.muon["eta"], dtype=np.float64)[in_pair].reshape(-1, 2)
+    charge = np.asarray(cols.muon["charge"], dtype=np.int64)[in_pair].reshape(-1, 2)
+    if not np.array_equal(event_of_muon[::2], np.arange(cols.event.size)):
+        raise AssertionError("every event must hold exactly two pair muons")
+    passes = (np.abs(eta) < PAIR_MAX_ABS_ETA) & (pt > PAIR_MIN_PT)
+    return {
+        "dimuon_os": (charge[:, 0] * charge[:, 1] < 0).astype(np.int32),
+        "dimuon_leadPt": pt[:, 0].astype(np.float32),
+        "dimuon_leadEta": eta[:, 0].astype(np.float32),
+        "dimuon_selected": passes.all(axis=1).astype(np.int32),
+    }
+
+
 def _training_layout(cols: _Columns) -> ak.Array:
     """One record per muon, with its cells (the flattening of the event layout)."""
     event_of_muon = np.repeat(np.arange(cols.event.size), cols.n_muon)
@@ -729,6 +766,8 @@ def _training_layout(cols: _Columns) -> ak.Array:
     fields_["nCaloCell"] = cols.n_cell.astype(np.int32)
     for k in _CELL_FIELDS:
         fields_[f"CaloCell_{k}"] = ak.unflatten(cols.cell[k], cols.n_cell)
+    for k, v in _pair_columns(cols).items():
+        fields_[k] = v[event_of_muon]
     return ak.Array(fields_)
 
 
@@ -749,6 +788,7 @@ def _event_layout(cols: _Columns) -> ak.Array:
     fields_["CaloCell_muonIdx"] = ak.unflatten(muon_idx, cells_per_event)
     fields_["dimuon_mass"] = cols.mass
     fields_["event"] = cols.event
+    fields_.update(_pair_columns(cols))
     return ak.Array(fields_)
 
 
