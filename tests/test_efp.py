@@ -345,7 +345,7 @@ def test_search_runs_end_to_end(sample: Path, tmp_path: Path) -> None:
         [
             f"data.train=['{sample}/isolation_muons_*.root']",
             f"output_dir={tmp_path / 'pfn'}",
-            "optimizer.epochs=2",
+            "optimizer.epochs=1",
             "model.phi_sizes=[16]",
             "model.f_sizes=[16]",
         ],
@@ -358,8 +358,8 @@ def test_search_runs_end_to_end(sample: Path, tmp_path: Path) -> None:
         max_degree=2,
         ado_rows=300,
         pairs=2000,
-        epochs=2,
-        patience=2,
+        epochs=1,
+        patience=1,
     )
     result = run_search(checkpoint, tmp_path / "search", settings)
     assert [s.step for s in result.steps] == [0, 1, 2] and result.candidates == 2 * 4

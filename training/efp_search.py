@@ -28,6 +28,7 @@ Candidates
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -169,8 +170,9 @@ class SearchResult:
         )
 
 
-def candidate_polynomials(settings: SearchSettings) -> list[Polynomial]:
-    """All connected multigraphs of the settings' degree and cost, at every (κ, β)."""
+@functools.cache
+def connected_graphs(max_degree: int) -> tuple[Multigraph, ...]:
+    """Every connected multigraph with at most ``max_degree`` edges, from energyflow's list."""
     try:
         import energyflow
     except ImportError as error:
@@ -178,9 +180,14 @@ def candidate_polynomials(settings: SearchSettings) -> list[Polynomial]:
             "the EFP search takes its list of graphs from energyflow; install it with: "
             "pip install 'bsym[efp]'"
         ) from error
-    graphs = energyflow.EFPSet(f"d<={settings.max_degree}", "p==1").graphs()
-    chosen = [Multigraph.of(edges) for edges in graphs]
-    chosen = [g for g in chosen if g.complexity <= settings.max_complexity]
+    graphs = energyflow.EFPSet(f"d<={max_degree}", "p==1").graphs()
+    return tuple(Multigraph.of(edges) for edges in graphs)
+
+
+def candidate_polynomials(settings: SearchSettings) -> list[Polynomial]:
+    """All connected multigraphs of the settings' degree and cost, at every (κ, β)."""
+    graphs = connected_graphs(settings.max_degree)
+    chosen = [g for g in graphs if g.complexity <= settings.max_complexity]
     # β does not enter the graph without edges (Σ z_i): it is a candidate once per κ
     return [
         Polynomial(graph, kappa, beta)

@@ -7,6 +7,9 @@ fall in; further columns are ignored. A cell's pixel index along an axis is the 
 inner edges at or below its position, so non-uniform edges cost nothing extra and the graph
 needs only comparisons, sums and ScatterElements (reduction add, ONNX opset >= 16). Cells
 outside the edges (bins are [low, high), the last edge excluded) or masked are dropped.
+
+Checkpoints store every constructor argument; a setting added later gets no default (as
+``CNN``'s ``pooling``), so an older checkpoint never loads as a different network.
 """
 
 from __future__ import annotations
@@ -180,9 +183,9 @@ class CNN(ImageNetwork):
         channels: Sequence[int],
         kernel_size: int,
         dense_sizes: Sequence[int],
-        pixel_transform: str = "log1p",
-        use_globals: bool = True,
-        pooling: str = "avg",
+        pixel_transform: str,
+        use_globals: bool,
+        pooling: str,
     ) -> None:
         super().__init__(n_globals, x_edges, y_edges, pixel_transform, use_globals)
         self.init_kwargs = {
