@@ -195,6 +195,11 @@ def test_quick_isolation_study(tmp_path: Path) -> None:
     ]
     cwola = result.runs[1]
     assert cwola.auc_sweighted is not None and cwola.auc.value > 0.75
+    names = [difference.name for difference in result.differences]
+    assert names == [
+        "1 cone + ΣpT: CWoLa − supervised AUC",
+        "1 cone + ΣpT: CWoLa sWeighted − true AUC",
+    ]
     paths = write_outputs(result, tmp_path / "out")
     assert all(path.is_file() for path in paths)
     again = run_study(settings, tmp_path / "data", tmp_path / "out")  # reuses the trainings

@@ -26,6 +26,7 @@ Training
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -47,8 +48,10 @@ if TYPE_CHECKING:
     from bsym.training.checkpoint import LoadedModel
     from bsym.training.config import TrainConfig
     from bsym.training.loop import TrainResult
+    from bsym.training.sweights import MassFit
 
 FloatArray = npt.NDArray[np.float64]
+Indices = npt.NDArray[np.int64]
 MANIFEST = "manifest.json"
 # background (non-prompt) efficiencies at which the prompt efficiency is quoted
 WORKING_POINTS = (0.5, 0.05)
@@ -71,6 +74,7 @@ WITH_SUMPT = (
     "features.globals=[{branch: Muon_sumTrackPt03, transform: log1p}, "
     "{branch: Muon_pt, transform: log}]",
 )
+REFERENCE = "18 cones + ΣpT"
 ROWS: tuple[Row, ...] = (
     Row("1 cone + ΣpT", "isolation_cone1_sumpt"),
     Row("18 cones + ΣpT", "isolation_cones_sumpt"),
@@ -122,6 +126,15 @@ class RunResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Difference:
+    """A difference of two figures on the same test rows, with its paired bootstrap error."""
+
+    name: str
+    value: float
+    error: float
+
+
 @dataclass
 class StudyResult:
     """All runs, the rows skipped, the prompt fractions of the CWoLa classes, the timing."""
@@ -133,6 +146,8 @@ class StudyResult:
     n_test: int = 0
     seconds: float = 0.0
     curves: dict[str, dict[str, tuple[FloatArray, FloatArray]]] = field(default_factory=dict)
+    scores: dict[str, dict[str, FloatArray]] = field(default_factory=dict)
+    differences: list[Difference] = field(default_factory=list)
 
     def run(self, title: str, supervision: str) -> RunResult | None:
         for run in self.runs:
@@ -148,6 +163,7 @@ class StudyResult:
             "n_test": self.n_test,
             "seconds": self.seconds,
             "runs": [asdict(run) for run in self.runs],
+            "differences": [asdict(difference) for difference in self.differences],
         }
         return json.dumps(document, indent=2) + "\n"
 
@@ -235,8 +251,9 @@ def run_study(
                 on_note(note)
             continue
         result.curves[title] = {}
+        result.scores[title] = {}
         for supervision in SUPERVISIONS:
-            run, curve = _train_and_score(
+            run, scores = _train_and_score(
                 row,
                 supervision,
                 settings,
@@ -247,9 +264,12 @@ def run_study(
                 out_dir,
             )
             result.runs.append(run)
-            result.curves[title][supervision] = curve
+            fpr, tpr, _ = roc_curve(truth, scores)
+            result.curves[title][supervision] = (fpr, tpr)
+            result.scores[title][supervision] = scores
             if on_run is not None:
                 on_run(run)
+    result.differences = paired_differences(result.scores, truth, test_rows.mass, settings)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -263,7 +283,7 @@ def _train_and_score(
     test_rows: CwolaRows,
     truth: npt.NDArray[np.int64],
     out_dir: Path,
-) -> tuple[RunResult, tuple[FloatArray, FloatArray]]:
+) -> tuple[RunResult, FloatArray]:
     from bsym.training.checkpoint import predict
     from bsym.training.config import load_config
     from bsym.training.cwola import apply_cwola
@@ -307,7 +327,6 @@ def _train_and_score(
             seed=settings.seed,
         )
         sweighted = Figure(fitted.auc, fitted.auc_err)
-    fpr, tpr, _ = roc_curve(truth, scores)
     run = RunResult(
         title=row.title,
         config=name,
@@ -320,7 +339,51 @@ def _train_and_score(
         epochs=epochs,
         seconds=time.perf_counter() - began,
     )
-    return run, (fpr, tpr)
+    return run, scores
+
+
+def paired_differences(
+    scores: dict[str, dict[str, FloatArray]],
+    truth: npt.NDArray[np.int64],
+    mass: FloatArray,
+    settings: StudySettings,
+) -> list[Difference]:
+    """Supervised AUC against the 18-cone network's, CWoLa against supervised, sWeighted
+    against true; errors from the same resamplings for both figures (mass refitted in each)."""
+    from bsym.training.sweights import fit_mass, sweighted_roc_inputs, sweights
+
+    low, high = SupervisionConfig(type="cwola").window
+
+    def figures(rows: Indices, fit: MassFit) -> dict[str, float]:
+        signal, background = sweights(mass[rows], fit)
+        values: dict[str, float] = {}
+        for title, by_supervision in scores.items():
+            auc = {sup: roc_auc(truth[rows], s[rows]) for sup, s in by_supervision.items()}
+            if REFERENCE in scores and title != REFERENCE and "truth" in auc:
+                reference = roc_auc(truth[rows], scores[REFERENCE]["truth"][rows])
+                values[f"{title} − {REFERENCE}, supervised AUC"] = auc["truth"] - reference
+            if "cwola" in auc and "truth" in auc:
+                values[f"{title}: CWoLa − supervised AUC"] = auc["cwola"] - auc["truth"]
+            if "cwola" in auc:
+                labels, doubled, weights = sweighted_roc_inputs(
+                    by_supervision["cwola"][rows], signal, background
+                )
+                sweighted = roc_auc(labels, doubled, weights)
+                values[f"{title}: CWoLa sWeighted − true AUC"] = sweighted - auc["cwola"]
+        return values
+
+    every = np.arange(truth.size, dtype=np.int64)
+    central = figures(every, fit_mass(mass, low=low, high=high))
+    rng = np.random.default_rng([settings.seed, 8])
+    samples: dict[str, list[float]] = {name: [] for name in central}
+    for _ in range(settings.bootstraps):
+        rows = rng.integers(0, truth.size, truth.size).astype(np.int64)
+        for name, value in figures(rows, fit_mass(mass[rows], low=low, high=high)).items():
+            samples[name].append(value)
+    return [
+        Difference(name, value, float(np.std(samples[name], ddof=1)))
+        for name, value in central.items()
+    ]
 
 
 def _trained(
@@ -459,6 +522,22 @@ def isolation_table(result: StudyResult) -> Table:
                 _cell(getattr(cwola, name, None))
                 for name in ("auc", "auc_sweighted", "eff50", "eff5")
             ),
+        )
+    return table
+
+
+def differences_table(result: StudyResult) -> Table:
+    """The paired differences, each ± its bootstrap error and the ratio of the two."""
+    from rich.table import Table
+
+    table = Table(title="Differences on the same test rows (paired bootstrap)")
+    table.add_column("difference", justify="left", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("/ error", justify="right", no_wrap=True)
+    for difference in result.differences:
+        pull = difference.value / difference.error if difference.error > 0 else math.nan
+        table.add_row(
+            difference.name, f"{difference.value:+.4f} ± {difference.error:.4f}", f"{pull:+.1f}"
         )
     return table
 

@@ -330,6 +330,7 @@ def isolation_command(
         QUICK,
         TABLE_WIDTH,
         StudySettings,
+        differences_table,
         isolation_table,
         report_run,
         run_study,
@@ -355,6 +356,7 @@ def isolation_command(
         )
         paths = write_outputs(result, out)
     stdout.print(isolation_table(result), width=max(stdout.width, TABLE_WIDTH))
+    stdout.print(differences_table(result), width=max(stdout.width, TABLE_WIDTH))
     for group, fraction in result.prompt_fractions.items():
         stdout.print(f"prompt fraction, {group}: {fraction:.3f}")
     for note in result.skipped:
