@@ -345,7 +345,7 @@ def test_search_runs_end_to_end(sample: Path, tmp_path: Path) -> None:
         [
             f"data.train=['{sample}/isolation_muons_*.root']",
             f"output_dir={tmp_path / 'pfn'}",
-            "optimizer.epochs=1",
+            "optimizer.epochs=3",
             "model.phi_sizes=[16]",
             "model.f_sizes=[16]",
         ],
@@ -358,8 +358,8 @@ def test_search_runs_end_to_end(sample: Path, tmp_path: Path) -> None:
         max_degree=2,
         ado_rows=300,
         pairs=2000,
-        epochs=1,
-        patience=1,
+        epochs=3,
+        patience=3,
     )
     result = run_search(checkpoint, tmp_path / "search", settings)
     assert [s.step for s in result.steps] == [0, 1, 2] and result.candidates == 2 * 4
@@ -368,7 +368,8 @@ def test_search_runs_end_to_end(sample: Path, tmp_path: Path) -> None:
     for step in result.steps[1:]:
         assert step.efp_ado is not None and 0.5 <= step.efp_ado <= 1
         assert step.disagreeing_pairs > 0
-    assert all(0.5 < s.test_auc <= 1 and 0.5 < s.model_ado <= 1 for s in result.steps)
+    assert 0.6 < result.pfn_test_auc <= 1
+    assert all(0.7 < s.test_auc <= 1 and 0.5 < s.model_ado <= 1 for s in result.steps)
     json_path, yaml_path = write_outputs(result, tmp_path / "search")
     section = FeatureSpec.model_validate({"efps": yaml.safe_load(yaml_path.read_text())["efps"]})
     assert section.efps is not None and section.efps.polynomials == chosen

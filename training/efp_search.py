@@ -478,10 +478,10 @@ def search_table(result: SearchResult) -> Table:
         title=f"EFP search against {Path(result.pfn).parent.name} "
         f"(PFN test AUC {result.pfn_test_auc:.4f}; {result.candidates} candidates)"
     )
-    for name in ("step", "EFP graph (edges)", "κ", "β", "sign", "pairs", "ADO EFP"):
-        table.add_column(name, justify="left" if name.startswith("EFP") else "right")
-    table.add_column("ADO network", justify="right")
-    table.add_column("test AUC", justify="right")
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("EFP graph (edges)", justify="left", ratio=1)
+    for name in ("κ", "β", "sign", "pairs", "ADO EFP", "ADO network", "test AUC"):
+        table.add_column(name, justify="right", no_wrap=True)
     table.caption = (
         "pairs: prompt/non-prompt pairs on which the network before the step and the PFN "
         "disagree; ADO EFP: the chosen EFP's agreement with the PFN on them; ADO network: "
@@ -491,7 +491,7 @@ def search_table(result: SearchResult) -> Table:
         chosen = step.edges is not None
         table.add_row(
             str(step.step),
-            step.label,
+            step.label.replace(",", " "),
             f"{step.kappa:g}" if chosen else "",
             f"{step.beta:g}" if chosen else "",
             ("+" if step.sign == 1 else "−") if chosen else "",
