@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -142,9 +142,7 @@ def learning_curve_command(
         paths = [log, *write_outputs(result, out_dir)]
     stdout.print(auc_table(result))
     stdout.print(weight_table(result))
-    stdout.print(f"{len(result.runs)} trainings in {result.seconds / 60:.1f} min")
-    for path in paths:
-        stdout.print(f"wrote {path}")
+    print_summary(len(result.runs), result.seconds, paths)
 
 
 class Geometry(str, Enum):
@@ -242,23 +240,16 @@ def augmentation_command(
         )
     for note in result.notes:
         stdout.print(f"[yellow]{note}[/]")
-    stdout.print(f"{len(result.runs)} trainings in {result.seconds / 60:.1f} min")
-    for path in paths:
-        stdout.print(f"wrote {path}")
+    print_summary(len(result.runs), result.seconds, paths)
 
 
 def _report_augmentation_run(run: AugmentationRun, log: Path) -> None:
-    import json
-    from dataclasses import asdict
-
-    from tqdm import tqdm
-
-    with log.open("a") as stream:
-        stream.write(json.dumps(asdict(run)) + "\n")
-    tqdm.write(
+    log_run(
+        run,
+        log,
         f"{run.network:>4} {run.column:>9} {run.size:>5} #{run.bootstrap}: AUC "
         f"{run.test_auc:.4f}, εS {run.signal_efficiency:.4f} (val {run.val_auc:.4f}, best "
-        f"epoch {run.best_epoch}/{run.epochs}, {run.seconds:.0f} s)"
+        f"epoch {run.best_epoch}/{run.epochs}, {run.seconds:.0f} s)",
     )
 
 
@@ -365,12 +356,19 @@ def isolation_command(
         stdout.print(f"prompt fraction, {group}: {fraction:.3f}")
     for note in result.skipped:
         stdout.print(f"[yellow]{note}[/]")
-    stdout.print(f"{len(result.runs)} trainings in {result.seconds / 60:.1f} min")
-    for path in paths:
-        stdout.print(f"wrote {path}")
+    print_summary(len(result.runs), result.seconds, paths)
 
 
 def _report_run(run: RunResult, log: Path) -> None:
+    log_run(
+        run,
+        log,
+        f"{run.model:>13} {run.size:>6} #{run.repeat}: test AUC {run.test_auc:.4f} "
+        f"(val {run.val_auc:.4f}, best epoch {run.best_epoch}/{run.epochs}, {run.seconds:.0f} s)",
+    )
+
+
+def log_run(run: Any, log: Path, line: str) -> None:
     """One line on the terminal, one JSON line in ``log`` (kept if the study is interrupted)."""
     import json
     from dataclasses import asdict
@@ -379,10 +377,14 @@ def _report_run(run: RunResult, log: Path) -> None:
 
     with log.open("a") as stream:
         stream.write(json.dumps(asdict(run)) + "\n")
-    tqdm.write(
-        f"{run.model:>13} {run.size:>6} #{run.repeat}: test AUC {run.test_auc:.4f} "
-        f"(val {run.val_auc:.4f}, best epoch {run.best_epoch}/{run.epochs}, {run.seconds:.0f} s)"
-    )
+    tqdm.write(line)
+
+
+def print_summary(n_runs: int, seconds: float, paths: list[Path]) -> None:
+    """How many trainings took how long, and the files written."""
+    stdout.print(f"{n_runs} trainings in {seconds / 60:.1f} min")
+    for path in paths:
+        stdout.print(f"wrote {path}")
 
 
 def auc_table(result: StudyResult) -> Table:
