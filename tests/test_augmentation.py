@@ -43,6 +43,8 @@ from bsym.training.augmentation import (
 from bsym.training.augmentation_study import (
     QUICK,
     StudySettings,
+    network_feature_spec,
+    network_schedule,
     run_study,
     write_outputs,
 )
@@ -227,6 +229,33 @@ def test_augmented_training_exports_with_parity_and_scores(
     rows, _ = read_rows([TreeSource(rect_file, "Events")], config.features)
     assert len(scored) == 500
     assert np.allclose(scored, predict(loaded, rows), atol=DEFAULT_TOLERANCE)
+
+
+def test_study_pfn_reads_log_energies_through_the_spec_and_trains_longer(
+    rect_events: CaloEvents,
+) -> None:
+    events = rect_events.take(np.arange(30))
+    pfn_rows, _ = augmented_rows(
+        events, "resimulation", DEFAULT_ANGLES, network_feature_spec("pfn")
+    )
+    fcn_rows, _ = augmented_rows(
+        events, "resimulation", DEFAULT_ANGLES, network_feature_spec("fcn")
+    )
+    assert pfn_rows.mask is not None and fcn_rows.mask is not None
+    assert pfn_rows.constituents is not None and fcn_rows.constituents is not None
+    assert np.array_equal(pfn_rows.mask, fcn_rows.mask)
+    real = fcn_rows.mask
+    raw_energy = fcn_rows.constituents[..., 0][real]
+    assert raw_energy.min() > 0.5  # above the detector threshold
+    np.testing.assert_allclose(pfn_rows.constituents[..., 0][real], np.log1p(raw_energy), rtol=1e-6)
+    assert np.array_equal(pfn_rows.constituents[..., 1:], fcn_rows.constituents[..., 1:])
+
+    settings = StudySettings()
+    assert network_schedule("fcn", settings) == settings
+    pfn = network_schedule("pfn", settings)
+    assert (pfn.max_epochs, pfn.patience, pfn.min_steps) == (36, 15, 4_500)
+    with pytest.raises(ConfigError, match="pfn_schedule_factor"):
+        StudySettings(pfn_schedule_factor=0.0)
 
 
 def tiny_settings() -> StudySettings:

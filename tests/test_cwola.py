@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import uproot
 
 from bsym.errors import ConfigError
@@ -27,14 +25,6 @@ from bsym.training.evaluate import evaluate
 from bsym.training.loop import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

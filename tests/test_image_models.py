@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,6 @@ SMALL_FCN = [
     "model={type: image_fcn, x_edges: {low: -0.4, high: 0.4, bins: 16},"
     " y_edges: {low: -0.4, high: 0.4, bins: 16}, hidden_sizes: [32], use_globals: true}"
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small networks train fastest on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cells(rows: list[list[tuple[float, float, float]]]) -> tuple[torch.Tensor, torch.Tensor]:

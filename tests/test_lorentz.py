@@ -6,7 +6,6 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import awkward as ak
@@ -93,15 +92,6 @@ def fitted(model: LorentzNetwork, data: Tensors) -> LorentzNetwork:
         for _ in range(3):
             model.logits(*data.inputs(model))
     return model.eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small networks on small batches: one thread is faster, and fair to parallel jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,10 @@ the test is deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pytest
-import torch
 
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint, predict
@@ -35,15 +32,6 @@ N_EVENTS = 15_000
 SAMPLE_SEED = 1
 N_BOOTSTRAP = 200
 MODELS = ("isolation_pfn", "isolation_cones", "isolation_cone_cut")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small networks train fastest on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cells_beat_18_cones_beat_one_cone(tmp_path: Path) -> None:
