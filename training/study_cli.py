@@ -195,8 +195,8 @@ def augmentation_command(
     invariance term, and without augmentation, at training sizes 480 to 2,400 with 5
     bootstraps; prints the test AUC and the signal efficiency at 50% background efficiency
     (mean ± std over bootstraps) in the paper's layout. Writes augmentation.json,
-    auc_vs_size.png and signal_efficiency_vs_size.png. The full study used 13 min of CPU time
-    (51 min wall clock on two heavily shared cores); --quick 2 min of CPU time.
+    auc_vs_size.png and signal_efficiency_vs_size.png. The full study takes about 22 min on
+    one core; --quick a few minutes.
     """
     from bsym.training.augmentation_study import (
         QUICK,
