@@ -17,6 +17,13 @@ if TYPE_CHECKING:
     from bsym.training.augmentation_study import StudyResult as AugmentationResult
     from bsym.training.lorentz_study import RunResult, StudyResult
 
+Threads = Annotated[
+    int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
+]
+DataCache = Annotated[
+    Path, typer.Option(file_okay=False, help="Cache of simulated samples (reused).")
+]
+
 study_app = typer.Typer(help="Studies: train many models and compare them.", no_args_is_help=True)
 
 
@@ -89,15 +96,8 @@ def learning_curve_command(
             help="Output folder (default: studies/lorentz_b<breaking>).",
         ),
     ] = None,
-    data: Annotated[
-        Path, typer.Option(file_okay=False, help="Cache of simulated samples (reused).")
-    ] = Path("data/lorentz_study"),
-    threads: Annotated[
-        int,
-        typer.Option(
-            min=1, help="Torch CPU threads (1 is fastest when other jobs share the cores)."
-        ),
-    ] = 1,
+    data: DataCache = Path("data/lorentz_study"),
+    threads: Threads = 1,
 ) -> None:
     """Learning curve of the unconstrained, invariant and dual-subnet taggers (arXiv:2412.18773).
 
@@ -181,12 +181,8 @@ def augmentation_command(
             help="Output folder (default: studies/augmentation_<geometry>).",
         ),
     ] = None,
-    data: Annotated[
-        Path, typer.Option(file_okay=False, help="Cache of simulated samples (reused).")
-    ] = Path("data/augmentation_study"),
-    threads: Annotated[
-        int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
-    ] = 1,
+    data: DataCache = Path("data/augmentation_study"),
+    threads: Threads = 1,
 ) -> None:
     """Rotation augmentation against training size on calorimeter showers (arXiv:2311.05952).
 
@@ -301,12 +297,8 @@ def isolation_command(
     out: Annotated[
         Path, typer.Option("--out", "-o", file_okay=False, help="Output folder.")
     ] = Path("studies/isolation"),
-    data: Annotated[
-        Path, typer.Option(file_okay=False, help="Cache of simulated samples (reused).")
-    ] = Path("data/isolation_study"),
-    threads: Annotated[
-        int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
-    ] = 1,
+    data: DataCache = Path("data/isolation_study"),
+    threads: Threads = 1,
 ) -> None:
     """Isolation networks trained with and without labels (arXiv:2306.15737), one table.
 
@@ -476,9 +468,7 @@ def efp_search_command(
     out: Annotated[
         Path, typer.Option("--out", "-o", file_okay=False, help="Output folder.")
     ] = Path("studies/efp_search"),
-    threads: Annotated[
-        int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
-    ] = 1,
+    threads: Threads = 1,
 ) -> None:
     """Guided EFP selection by average decision ordering against a PFN (arXiv:2102.02278).
 
