@@ -10,7 +10,7 @@ from bsym.simulate.calo_rotation_cli import calo_rotation_command
 from bsym.simulate.cli import simulate_app
 from bsym.simulate.lorentz_cli import lorentz_command
 from bsym.training.cli import evaluate_command, train_command
-from bsym.training.study_cli import study_app
+from bsym.training.studies.cli import study_app
 
 app = typer.Typer(
     name="bsym",

@@ -40,7 +40,12 @@ from bsym.training.augmentation import (
     read_calo_events,
     shuffled_rows,
 )
-from bsym.training.augmentation_study import (
+from bsym.training.checkpoint import load_checkpoint, predict
+from bsym.training.config import load_config
+from bsym.training.dataset import Split, read_rows
+from bsym.training.loop import train
+from bsym.training.models import PFN
+from bsym.training.studies.augmentation import (
     QUICK,
     StudySettings,
     network_feature_spec,
@@ -48,12 +53,7 @@ from bsym.training.augmentation_study import (
     run_study,
     write_outputs,
 )
-from bsym.training.checkpoint import load_checkpoint, predict
-from bsym.training.config import load_config
-from bsym.training.dataset import Split, read_rows
-from bsym.training.loop import train
-from bsym.training.models import PFN
-from bsym.training.study_cli import augmentation_table, study_app
+from bsym.training.studies.cli import augmentation_table, study_app
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 

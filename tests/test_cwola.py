@@ -160,7 +160,7 @@ def test_train_and_evaluate_with_cwola(data_dir: Path, tmp_path: Path) -> None:
 def test_study_command_is_registered() -> None:
     from typer.testing import CliRunner
 
-    from bsym.training.study_cli import study_app
+    from bsym.training.studies.cli import study_app
 
     result = CliRunner().invoke(study_app, ["isolation", "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -169,7 +169,7 @@ def test_study_command_is_registered() -> None:
 
 @pytest.mark.slow
 def test_quick_isolation_study(tmp_path: Path) -> None:
-    from bsym.training.isolation_study import QUICK, Row, run_study, write_outputs
+    from bsym.training.studies.isolation import QUICK, Row, run_study, write_outputs
 
     settings = replace(
         QUICK,

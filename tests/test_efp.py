@@ -309,7 +309,7 @@ def test_efp_dnn_exports_with_parity_and_scores_both_layouts(sample: Path, tmp_p
 
 
 def test_average_decision_ordering() -> None:
-    from bsym.training.efp_search import ado, candidate_ados, decision_signs
+    from bsym.training.studies.efp_search import ado, candidate_ados, decision_signs
 
     first, second = np.array([0, 0, 1, 2]), np.array([3, 4, 3, 4])
     reference = decision_signs(np.array([0.9, 0.8, 0.7, 0.1, 0.2]), first, second)
@@ -325,7 +325,7 @@ def test_average_decision_ordering() -> None:
 
 def test_candidates_cover_the_connected_graphs() -> None:
     pytest.importorskip("energyflow", reason="energyflow is in the dev dependency group")
-    from bsym.training.efp_search import SearchSettings, candidate_polynomials
+    from bsym.training.studies.efp_search import SearchSettings, candidate_polynomials
 
     candidates = candidate_polynomials(SearchSettings())
     graphs = {p.graph for p in candidates}
@@ -338,7 +338,7 @@ def test_candidates_cover_the_connected_graphs() -> None:
 
 def test_search_runs_end_to_end(sample: Path, tmp_path: Path) -> None:
     pytest.importorskip("energyflow", reason="energyflow is in the dev dependency group")
-    from bsym.training.efp_search import SearchSettings, run_search, write_outputs
+    from bsym.training.studies.efp_search import SearchSettings, run_search, write_outputs
 
     pfn = load_config(
         CONFIGS / "isolation_pfn.yaml",

@@ -34,7 +34,7 @@ from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint, predict
 from bsym.training.config import TrainConfig, load_config
 from bsym.training.loop import train
-from bsym.training.lorentz_models import DualSubnet
+from bsym.training.models.lorentz import DualSubnet
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 # One shipped config per model type, shrunk to train in well under a second.

@@ -18,15 +18,16 @@ from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.scorer import score_files
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint
-from bsym.training.config import (
+from bsym.training.config import TrainConfig, load_config
+from bsym.training.loop import TrainResult, train
+from bsym.training.models.image import (
+    CNN,
     ISOLATION_Y_EDGES,
-    TrainConfig,
+    ImageBinning,
+    ImageFCN,
     UniformEdges,
     edge_values,
-    load_config,
 )
-from bsym.training.image_models import CNN, ImageBinning, ImageFCN
-from bsym.training.loop import TrainResult, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 # max pooling here; the rectangular CNN test below covers average pooling

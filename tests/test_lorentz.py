@@ -19,18 +19,20 @@ import uproot
 from typer.testing import CliRunner
 
 from bsym.errors import ConfigError
-from bsym.features import build_features, detect_layout, required_branches
+from bsym.features import FeatureBatch, build_features, detect_layout, required_branches
 from bsym.simulate.lorentz import simulate_lorentz, write_lorentz
 from bsym.simulate.lorentz_cli import lorentz_command
-from bsym.training.lorentz_models import (
+from bsym.training.models.lorentz import (
     DualSubnet,
     InvariantNet,
+    LorentzDualConfig,
+    LorentzInvariantConfig,
     LorentzNetwork,
     UnconstrainedNet,
-    build_lorentz_model,
     lorentz_feature_spec,
 )
-from bsym.training.lorentz_study import (
+from bsym.training.studies.cli import parse_sizes, study_app
+from bsym.training.studies.learning_curve import (
     StudySettings,
     Tensors,
     epoch_stretch,
@@ -40,7 +42,6 @@ from bsym.training.lorentz_study import (
     weighted_bce,
     write_outputs,
 )
-from bsym.training.study_cli import parse_sizes, study_app
 
 Float64 = npt.NDArray[np.float64]
 MUON_BRANCHES = ["Muon_px", "Muon_py", "Muon_pz", "Muon_E", "Muon_pt"]
@@ -310,16 +311,20 @@ def test_dual_subnet_onnx_parity(smeared_events: ak.Array) -> None:
     np.testing.assert_allclose(weight, expected_weight.numpy(), rtol=0, atol=1e-4)
 
 
-def test_build_lorentz_model_checks_the_spec() -> None:
+def test_lorentz_configs_check_the_spec_and_build() -> None:
     spec = lorentz_feature_spec(("mass_true", "lead_pt"))
-    model = build_lorentz_model("lorentz_dual", spec)
+    batch = FeatureBatch(0, None, None, None, None, None, None)
+    model = LorentzDualConfig().build(spec, batch)
     assert isinstance(model, DualSubnet) and model.gate_index == 1
     assert model.init_kwargs == {"gate_index": 1}
-    assert isinstance(build_lorentz_model("lorentz_invariant", spec), InvariantNet)
-    with pytest.raises(ConfigError, match="not among the globals"):
-        build_lorentz_model("lorentz_dual", spec, gate="lead_eta")
-    with pytest.raises(ConfigError, match="unknown model type"):
-        build_lorentz_model("lorentz_pfn", spec)
+    assert isinstance(LorentzInvariantConfig().build(spec, batch), InvariantNet)
+    with pytest.raises(ValueError, match="not among features"):
+        LorentzDualConfig(gate="lead_eta").check_features(spec)
+    too_few = spec.model_copy(
+        update={"constituents": spec.constituents.model_copy(update={"max_count": 1})}
+    )  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="max_count >= 2"):
+        LorentzInvariantConfig().check_features(too_few)
 
 
 # study

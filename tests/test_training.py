@@ -318,7 +318,7 @@ def test_every_model_exports_to_onnx(data_dir: Path, tmp_path: Path, name: str) 
         [TreeSource(data_dir / "isolation_muons_000.root", "Muons")], config.features
     )
     torch.manual_seed(0)
-    model = build_model(config, rows).eval()
+    model = build_model(config.model, config.features, rows).eval()
     example = model_inputs(model, take(rows, np.arange(3, dtype=np.int64)))
     onnx_path = tmp_path / "model.onnx"
     axes = {tensor: {0: "batch"} for tensor in (*model.input_names, "score")}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -14,146 +13,13 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from bsym.errors import ConfigError, did_you_mean
 from bsym.features import FeatureSpec, StrictModel
 from bsym.training.cwola import SupervisionConfig
+from bsym.training.models.base import ModelSettings
+from bsym.training.models.registry import model_config_annotation, model_types
 
-
-class PFNConfig(StrictModel):
-    """Particle-flow network (Deep Sets): per-constituent map Φ, masked sum, head F."""
-
-    type: Literal["pfn"] = "pfn"
-    phi_sizes: list[Annotated[int, Field(gt=0)]] = Field(
-        default_factory=lambda: [64, 64, 64], min_length=1
-    )
-    f_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64, 64])
-    latent: int | None = Field(
-        default=None, gt=0, description="width of the summed representation; default phi_sizes[-1]"
-    )
-    use_globals: bool = Field(default=True, description="concatenate the globals to the sum")
-
-
-class DNNConfig(StrictModel):
-    """Fully connected network on the globals (and cone isolations) only."""
-
-    type: Literal["dnn"] = "dnn"
-    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64, 64])
-
-
-class ConeCutConfig(StrictModel):
-    """The classic baseline: the single isolation cone with the best training AUC."""
-
-    type: Literal["cone_cut"] = "cone_cut"
-
-
-class LorentzUnconstrainedConfig(StrictModel):
-    """Dimuon task (arXiv:2412.18773): per-muon map 4→64→64→16 summed, head 16→…→1."""
-
-    type: Literal["lorentz_unconstrained"] = "lorentz_unconstrained"
-
-
-class LorentzInvariantConfig(StrictModel):
-    """Dimuon task: MLP 2→64→64→16 on ψ(p0·p1) and ψ((p1−p0)²), the same head."""
-
-    type: Literal["lorentz_invariant"] = "lorentz_invariant"
-
-
-class LorentzDualConfig(StrictModel):
-    """Dimuon task: both subnets mixed by w = softmax(MLP(gate)); outputs score and weights."""
-
-    type: Literal["lorentz_dual"] = "lorentz_dual"
-    gate: str = Field(default="lead_pt", description="the globals column that gates the mixing")
-
-
-LorentzConfig = LorentzUnconstrainedConfig | LorentzInvariantConfig | LorentzDualConfig
-
-
-class UniformEdges(StrictModel):
-    """``bins`` equal cells from ``low`` to ``high``."""
-
-    low: float
-    high: float
-    bins: int = Field(gt=0)
-
-    @model_validator(mode="after")
-    def _high_above_low(self) -> UniformEdges:
-        if not self.high > self.low:
-            raise ValueError(f"high ({self.high}) must be above low ({self.low})")
-        return self
-
-
-def edge_values(edges: UniformEdges | list[float]) -> list[float]:
-    """The explicit, increasing bin edges of an image axis."""
-    if isinstance(edges, UniformEdges):
-        step = (edges.high - edges.low) / edges.bins
-        return [edges.low + step * k for k in range(edges.bins)] + [edges.high]
-    if len(edges) < 2 or any(edges[k + 1] <= edges[k] for k in range(len(edges) - 1)):
-        raise ValueError(f"bin edges must be at least two strictly increasing numbers: {edges}")
-    return list(edges)
-
-
-# the isolation image of arXiv:2102.02278: 32 cells of 0.025 in Δη and π/126 in Δφ
-ISOLATION_X_EDGES = UniformEdges(low=-16 * 0.025, high=16 * 0.025, bins=32)
-ISOLATION_Y_EDGES = UniformEdges(low=-16 * math.pi / 126, high=16 * math.pi / 126, bins=32)
-AxisEdges = UniformEdges | list[float]
-
-
-class _ImageConfig(StrictModel):
-    """Image binned in the graph from constituent columns (value, x, y); see image_models."""
-
-    x_edges: AxisEdges = Field(description="edges in column 1: a list or {low, high, bins}")
-    y_edges: AxisEdges = Field(description="edges in column 2: a list or {low, high, bins}")
-    pixel_transform: Literal["log1p", "none"] = "log1p"
-
-    @field_validator("x_edges", "y_edges")
-    @classmethod
-    def _edges_increase(cls, edges: AxisEdges) -> AxisEdges:
-        edge_values(edges)
-        return edges
-
-
-class ImageFCNConfig(_ImageConfig):
-    """Fully connected network on the image (per-pixel standardised), optionally + globals."""
-
-    type: Literal["image_fcn"] = "image_fcn"
-    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64])
-    use_globals: bool = Field(default=False, description="concatenate the globals to the image")
-
-
-class CNNConfig(_ImageConfig):
-    """Convolutions (3×3, ReLU, 2×2 pooling) on the image, then a dense head."""
-
-    type: Literal["cnn"] = "cnn"
-    x_edges: AxisEdges = ISOLATION_X_EDGES
-    y_edges: AxisEdges = ISOLATION_Y_EDGES
-    channels: list[Annotated[int, Field(gt=0)]] = Field(
-        default_factory=lambda: [16, 32, 32], min_length=1
-    )
-    kernel_size: int = Field(default=3, gt=0)
-    dense_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64])
-    pooling: Literal["max", "avg"] = Field(default="avg", description="2×2 pooling per block")
-    use_globals: bool = Field(default=True, description="concatenate the globals to the head")
-
-
-ImageConfig = ImageFCNConfig | CNNConfig
-ModelConfig = Annotated[
-    PFNConfig
-    | DNNConfig
-    | ConeCutConfig
-    | LorentzUnconstrainedConfig
-    | LorentzInvariantConfig
-    | LorentzDualConfig
-    | ImageFCNConfig
-    | CNNConfig,
-    Field(discriminator="type"),
-]
-MODEL_TYPES = (
-    "pfn",
-    "dnn",
-    "cone_cut",
-    "lorentz_unconstrained",
-    "lorentz_invariant",
-    "lorentz_dual",
-    "image_fcn",
-    "cnn",
-)
+if TYPE_CHECKING:
+    ModelConfig = ModelSettings
+else:
+    ModelConfig = model_config_annotation()
 
 
 class DataConfig(StrictModel):
@@ -241,59 +107,8 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _model_fits_features(self) -> TrainConfig:
-        spec = self.features
-        has_globals = bool(spec.globals) or spec.cones is not None or spec.efps is not None
-        model = self.model
-        if isinstance(model, PFNConfig):
-            if spec.constituents is None:
-                raise ValueError("model type 'pfn' needs features.constituents")
-            if model.use_globals and not has_globals:
-                raise ValueError(
-                    "model.use_globals is true but features has no globals or cones; "
-                    "add features.globals or set model.use_globals=false"
-                )
-        elif isinstance(model, DNNConfig) and not has_globals:
-            raise ValueError("model type 'dnn' needs features.globals or features.cones")
-        elif isinstance(model, ConeCutConfig) and spec.cones is None:
-            raise ValueError("model type 'cone_cut' needs features.cones")
-        elif isinstance(model, LorentzConfig):
-            constituents = spec.constituents
-            if constituents is None or len(constituents.features) != 4:
-                raise ValueError(
-                    f"model type '{model.type}' needs features.constituents with the four "
-                    "features px, py, pz, E (in that order)"
-                )
-            if constituents.max_count < 2:
-                raise ValueError(f"model type '{model.type}' needs max_count >= 2 (two muons)")
-            if isinstance(model, LorentzDualConfig) and model.gate not in spec.global_names:
-                raise ValueError(
-                    f"model.gate '{model.gate}' is not among features.globals "
-                    f"({', '.join(spec.global_names) or 'none'})"
-                )
-        elif isinstance(model, ImageConfig):
-            _check_image_features(model, spec)
+        self.model.check_features(self.features)
         return self
-
-
-def _check_image_features(model: ImageConfig, spec: FeatureSpec) -> None:
-    constituents = spec.constituents
-    if constituents is None or len(constituents.features) < 3:
-        raise ValueError(
-            f"model type '{model.type}' needs features.constituents with at least three "
-            "features: the value summed into a pixel, then the x and y positions"
-        )
-    value = constituents.features[0]
-    if value.transform != "none":
-        raise ValueError(
-            f"model type '{model.type}' sums the first constituent feature "
-            f"({value.branch}) into pixels, so it needs transform 'none', not "
-            f"'{value.transform}' (sums of logarithms mean nothing)"
-        )
-    if model.use_globals and not (spec.globals or spec.cones is not None):
-        raise ValueError(
-            "model.use_globals is true but features has no globals or cones; "
-            "add features.globals or set model.use_globals=false"
-        )
 
 
 def load_config(path: Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -399,7 +214,7 @@ def _explain(item: Any, key: str, owner: type[BaseModel] | None) -> str:
         hint = did_you_mean(tag, expected)
         return f"{key}.type: unknown type '{tag}'{hint} (one of: {', '.join(expected)})"
     if kind == "union_tag_not_found":
-        return f"{key}.type is required (one of: {', '.join(MODEL_TYPES)})"
+        return f"{key}.type is required (one of: {', '.join(model_types())})"
     message = str(item["msg"]).removeprefix("Value error, ")
     shown = item.get("input")
     scalar = isinstance(shown, str | int | float | bool)

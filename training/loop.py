@@ -95,7 +95,7 @@ def train(
     save_config(config, config.output_dir / "config.yaml")
     with _deterministic():
         torch.manual_seed(config.seed)
-        model = build_model(config, train_rows)
+        model = build_model(config.model, config.features, train_rows)
         run = _Run(config, model, data.split, validation_rows)
         run.augmented = augmented
         if previous is not None:

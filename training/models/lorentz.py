@@ -18,14 +18,15 @@ ones included: harmless here, where every event has exactly two muons.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from bsym.errors import ConfigError, SpecMismatchError
+from bsym.errors import SpecMismatchError
 from bsym.features import Constituents, Feature, FeatureBatch, FeatureSpec, Label
-from bsym.training.models import NetworkModel, Standardise
+from bsym.training.models.base import BsymModel, ModelSettings, NetworkModel, Standardise
 
 FOUR_MOMENTUM = ("Muon_px", "Muon_py", "Muon_pz", "Muon_E")
 LATENT = 16
@@ -249,31 +250,55 @@ class DualSubnet(LorentzNetwork):
         self.gate_norm.fit(globals_[:, self.gate_index : self.gate_index + 1].numpy())
 
 
-LORENTZ_MODEL_CLASSES: dict[str, type[LorentzNetwork]] = {
-    cls.kind: cls for cls in (UnconstrainedNet, InvariantNet, DualSubnet)
-}
+class _LorentzSettings(ModelSettings):
+    """The four-momenta of the two muons, (px, py, pz, E) in that order."""
+
+    def check_features(self, spec: FeatureSpec) -> None:
+        constituents = spec.constituents
+        if constituents is None or len(constituents.features) != 4:
+            raise ValueError(
+                f"model type '{self.type}' needs features.constituents with the four "
+                "features px, py, pz, E (in that order)"
+            )
+        if constituents.max_count < 2:
+            raise ValueError(f"model type '{self.type}' needs max_count >= 2 (two muons)")
 
 
-def build_lorentz_model(kind: str, spec: FeatureSpec, *, gate: str = "lead_pt") -> LorentzNetwork:
-    """The (unfitted) network ``kind`` for ``spec``; the dual subnet gates on globals ``gate``.
+class LorentzUnconstrainedConfig(_LorentzSettings):
+    """Dimuon task (arXiv:2412.18773): per-muon map 4→64→64→16 summed, head 16→…→1."""
 
-    Checks that the spec gives what the networks assume: two constituents with four
-    features (px, py, pz, E, in that order; the invariants depend on it), and the gate.
-    """
-    if kind not in LORENTZ_MODEL_CLASSES:
-        raise ConfigError(f"unknown model type '{kind}'; choose from {list(LORENTZ_MODEL_CLASSES)}")
-    constituents = spec.constituents
-    if constituents is None or len(constituents.features) != 4 or constituents.max_count < 2:
-        raise ConfigError(
-            f"model type '{kind}' needs constituents with 4 features (px, py, pz, E) and "
-            "max_count >= 2 (the two muons)"
-        )
-    if kind != DualSubnet.kind:
-        return LORENTZ_MODEL_CLASSES[kind]()
-    names = spec.global_names
-    if gate not in names:
-        raise ConfigError(
-            f"the dual subnet gates on '{gate}', which is not among the globals "
-            f"({', '.join(names) or 'none'})"
-        )
-    return DualSubnet(gate_index=names.index(gate))
+    type: Literal["lorentz_unconstrained"] = "lorentz_unconstrained"
+
+    def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
+        return UnconstrainedNet()
+
+
+class LorentzInvariantConfig(_LorentzSettings):
+    """Dimuon task: MLP 2→64→64→16 on ψ(p0·p1) and ψ((p1−p0)²), the same head."""
+
+    type: Literal["lorentz_invariant"] = "lorentz_invariant"
+
+    def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
+        return InvariantNet()
+
+
+class LorentzDualConfig(_LorentzSettings):
+    """Dimuon task: both subnets mixed by w = softmax(MLP(gate)); outputs score and weights."""
+
+    type: Literal["lorentz_dual"] = "lorentz_dual"
+    gate: str = Field(default="lead_pt", description="the globals column that gates the mixing")
+
+    def check_features(self, spec: FeatureSpec) -> None:
+        super().check_features(spec)
+        if self.gate not in spec.global_names:
+            raise ValueError(
+                f"model.gate '{self.gate}' is not among features.globals "
+                f"({', '.join(spec.global_names) or 'none'})"
+            )
+
+    def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
+        return DualSubnet(gate_index=spec.global_names.index(self.gate))
+
+
+CONFIGS = (LorentzUnconstrainedConfig, LorentzInvariantConfig, LorentzDualConfig)
+MODELS = (UnconstrainedNet, InvariantNet, DualSubnet)

@@ -37,7 +37,7 @@ Invariance weight
     moves the training (one tuning check on 480 rect events, PFN test AUC: 0.685 with c2 = 1
     against 0.682 without; 0.777 with c2 = 10 against 0.754 without, at 30 epochs).
 Reference
-    A rotation-invariant classifier (:mod:`bsym.training.invariant_reference`: pair-distance
+    A rotation-invariant classifier (:mod:`bsym.training.studies.invariant_reference`: pair-distance
     histograms and an MLP) trained on the whole pool, on the pre-detector particles and on the
     cells, printed for context.
 Networks
@@ -322,7 +322,7 @@ def build_network(name: str, settings: StudySettings) -> NetworkModel:
     """A fresh, unfitted network of the study."""
     if name == "pfn":
         return PFN(3, 0, PFN_PHI, PFN_F, use_globals=False)
-    from bsym.training.image_models import ImageFCN
+    from bsym.training.models.image import ImageFCN
 
     detector = preset_detector(settings.geometry)
     return ImageFCN(0, detector.x_edges, detector.y_edges, FCN_HIDDEN)
@@ -330,7 +330,7 @@ def build_network(name: str, settings: StudySettings) -> NetworkModel:
 
 def image_fcn_available() -> bool:
     try:
-        from bsym.training.image_models import ImageFCN  # noqa: F401
+        from bsym.training.models.image import ImageFCN  # noqa: F401
     except ImportError:
         return False
     return True
@@ -423,7 +423,7 @@ def run_study(
     networks = list(settings.networks)
     if "fcn" in networks and not image_fcn_available():
         networks.remove("fcn")
-        note = "FCN row skipped: model type 'image_fcn' (training/image_models.py) is missing"
+        note = "FCN row skipped: model type 'image_fcn' (training/models/image.py) is missing"
         result.notes.append(note)
         if on_note is not None:
             on_note(note)
@@ -491,7 +491,7 @@ def run_study(
 
 def invariant_reference(events: CaloEvents, test_stop: int, val_stop: int) -> dict[str, float]:
     """The invariant-feature reference trained on the whole pool, on particles and cells."""
-    from bsym.training.invariant_reference import reference_auc
+    from bsym.training.studies.invariant_reference import reference_auc
 
     parts = [
         events.take(np.arange(start, stop, dtype=np.int64))

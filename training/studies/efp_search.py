@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from bsym.configs import shipped_config
 from bsym.efp import Cells, Multigraph, Polynomial, efp_values
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import (
@@ -59,8 +60,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 FloatArray = npt.NDArray[np.float64]
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
-DEFAULT_BASELINE = CONFIGS / "isolation_cones_sumpt.yaml"
+DEFAULT_BASELINE = shipped_config("isolation_cones_sumpt")
 CANDIDATE_CHUNK = 512
 
 

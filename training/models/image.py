@@ -14,18 +14,27 @@ Checkpoints store every constructor argument; a setting added later gets no defa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from bsym.errors import SpecMismatchError
-from bsym.features import FeatureBatch
-from bsym.training.config import ImageConfig, ImageFCNConfig, edge_values
-from bsym.training.models import NetworkModel, Standardise, mlp
+from bsym.features import FeatureBatch, FeatureSpec, StrictModel
+from bsym.training.models.base import (
+    BsymModel,
+    ModelSettings,
+    NetworkModel,
+    Standardise,
+    mlp,
+    n_globals_of,
+    need,
+)
 
 IMAGE_COLUMNS = 3
 POOLING: dict[str, type[nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
@@ -105,7 +114,7 @@ class ImageNetwork(NetworkModel):
 
     def images(self, batch: FeatureBatch) -> npt.NDArray[np.float32]:
         """The transformed flat images [N, n_x · n_y] of ``batch``, as numpy."""
-        constituents, mask = _need(batch.constituents, "constituents"), _need(batch.mask, "mask")
+        constituents, mask = need(batch.constituents, "constituents"), need(batch.mask, "mask")
         if constituents.shape[-1] < IMAGE_COLUMNS:
             raise SpecMismatchError(
                 f"model '{self.kind}' needs constituents with at least {IMAGE_COLUMNS} "
@@ -118,7 +127,7 @@ class ImageNetwork(NetworkModel):
 
     def prepare(self, batch: FeatureBatch) -> None:
         if self.use_globals:
-            self.norm_globals.fit(_need(batch.globals, "globals"))
+            self.norm_globals.fit(need(batch.globals, "globals"))
 
     def head_input(self, features: Tensor, rest: Sequence[Tensor]) -> Tensor:
         if self.use_globals:
@@ -229,36 +238,120 @@ class CNN(ImageNetwork):
         return output
 
 
-IMAGE_MODEL_CLASSES: dict[str, type[ImageNetwork]] = {"image_fcn": ImageFCN, "cnn": CNN}
+class UniformEdges(StrictModel):
+    """``bins`` equal cells from ``low`` to ``high``."""
+
+    low: float
+    high: float
+    bins: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _high_above_low(self) -> UniformEdges:
+        if not self.high > self.low:
+            raise ValueError(f"high ({self.high}) must be above low ({self.low})")
+        return self
 
 
-def build_image_model(settings: ImageConfig, n_globals: int) -> ImageNetwork:
-    """The (unfitted) image model that ``settings`` describes, for ``n_globals`` globals."""
-    x_edges, y_edges = edge_values(settings.x_edges), edge_values(settings.y_edges)
-    n_used = n_globals if settings.use_globals else 0
-    if isinstance(settings, ImageFCNConfig):
+def edge_values(edges: UniformEdges | list[float]) -> list[float]:
+    """The explicit, increasing bin edges of an image axis."""
+    if isinstance(edges, UniformEdges):
+        step = (edges.high - edges.low) / edges.bins
+        return [edges.low + step * k for k in range(edges.bins)] + [edges.high]
+    if len(edges) < 2 or any(edges[k + 1] <= edges[k] for k in range(len(edges) - 1)):
+        raise ValueError(f"bin edges must be at least two strictly increasing numbers: {edges}")
+    return list(edges)
+
+
+# the isolation image of arXiv:2102.02278: 32 cells of 0.025 in Δη and π/126 in Δφ
+ISOLATION_X_EDGES = UniformEdges(low=-16 * 0.025, high=16 * 0.025, bins=32)
+ISOLATION_Y_EDGES = UniformEdges(low=-16 * math.pi / 126, high=16 * math.pi / 126, bins=32)
+AxisEdges = UniformEdges | list[float]
+
+
+class _ImageConfig(ModelSettings):
+    """Image binned in the graph from constituent columns (value, x, y); see image_models."""
+
+    x_edges: AxisEdges = Field(description="edges in column 1: a list or {low, high, bins}")
+    y_edges: AxisEdges = Field(description="edges in column 2: a list or {low, high, bins}")
+    pixel_transform: Literal["log1p", "none"] = "log1p"
+    use_globals: bool = Field(default=False, description="concatenate the globals")
+
+    @field_validator("x_edges", "y_edges")
+    @classmethod
+    def _edges_increase(cls, edges: AxisEdges) -> AxisEdges:
+        edge_values(edges)
+        return edges
+
+    def check_features(self, spec: FeatureSpec) -> None:
+        constituents = spec.constituents
+        if constituents is None or len(constituents.features) < 3:
+            raise ValueError(
+                f"model type '{self.type}' needs features.constituents with at least three "
+                "features: the value summed into a pixel, then the x and y positions"
+            )
+        value = constituents.features[0]
+        if value.transform != "none":
+            raise ValueError(
+                f"model type '{self.type}' sums the first constituent feature "
+                f"({value.branch}) into pixels, so it needs transform 'none', not "
+                f"'{value.transform}' (sums of logarithms mean nothing)"
+            )
+        if self.use_globals and not (spec.globals or spec.cones is not None):
+            raise ValueError(
+                "model.use_globals is true but features has no globals or cones; "
+                "add features.globals or set model.use_globals=false"
+            )
+
+    def used_globals(self, batch: FeatureBatch) -> int:
+        return n_globals_of(batch) if self.use_globals else 0
+
+
+class ImageFCNConfig(_ImageConfig):
+    """Fully connected network on the image (per-pixel standardised), optionally + globals."""
+
+    type: Literal["image_fcn"] = "image_fcn"
+    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64])
+    use_globals: bool = Field(default=False, description="concatenate the globals to the image")
+
+    def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
         return ImageFCN(
-            n_used,
-            x_edges,
-            y_edges,
-            settings.hidden_sizes,
-            settings.pixel_transform,
-            settings.use_globals,
+            self.used_globals(batch),
+            edge_values(self.x_edges),
+            edge_values(self.y_edges),
+            self.hidden_sizes,
+            self.pixel_transform,
+            self.use_globals,
         )
-    return CNN(
-        n_used,
-        x_edges,
-        y_edges,
-        settings.channels,
-        settings.kernel_size,
-        settings.dense_sizes,
-        settings.pixel_transform,
-        settings.use_globals,
-        settings.pooling,
+
+
+class CNNConfig(_ImageConfig):
+    """Convolutions (3×3, ReLU, 2×2 pooling) on the image, then a dense head."""
+
+    type: Literal["cnn"] = "cnn"
+    x_edges: AxisEdges = ISOLATION_X_EDGES
+    y_edges: AxisEdges = ISOLATION_Y_EDGES
+    channels: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [16, 32, 32], min_length=1
     )
+    kernel_size: int = Field(default=3, gt=0)
+    dense_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64])
+    pooling: Literal["max", "avg"] = Field(default="avg", description="2×2 pooling per block")
+    use_globals: bool = Field(default=True, description="concatenate the globals to the head")
+
+    def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
+        return CNN(
+            self.used_globals(batch),
+            edge_values(self.x_edges),
+            edge_values(self.y_edges),
+            self.channels,
+            self.kernel_size,
+            self.dense_sizes,
+            self.pixel_transform,
+            self.use_globals,
+            self.pooling,
+        )
 
 
-def _need(array: npt.NDArray[Any] | None, name: str) -> npt.NDArray[Any]:
-    if array is None:
-        raise SpecMismatchError(f"the feature batch has no '{name}' tensor")
-    return array
+ImageConfig = ImageFCNConfig | CNNConfig
+CONFIGS = (ImageFCNConfig, CNNConfig)
+MODELS = (ImageFCN, CNN)

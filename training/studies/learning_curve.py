@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from bsym.errors import ConfigError, SpecMismatchError
-from bsym.training.lorentz_models import (
+from bsym.training.models.lorentz import (
     DualSubnet,
     InvariantNet,
     LorentzNetwork,

@@ -30,13 +30,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.rootio import TreeSource
 from bsym.training.cwola import CwolaRows, SupervisionConfig, prompt_fractions, read_cwola_rows
@@ -186,11 +186,6 @@ def with_overrides(
     )
 
 
-def config_path(name: str) -> Path:
-    """The shipped config ``bsym/configs/<name>.yaml`` (it may not exist)."""
-    return Path(str(resources.files("bsym.configs") / f"{name}.yaml"))
-
-
 def simulate_samples(settings: StudySettings, data_dir: Path) -> tuple[list[Path], list[Path]]:
     """The training and test samples (files of the 'Muons' tree), simulated or reused."""
     train = _sample(data_dir, "train", settings.train_events, seed=2 * settings.seed + 101)
@@ -243,7 +238,7 @@ def run_study(
     result.prompt_fractions = _train_prompt_fractions(train_files)
     for row in settings.rows:
         title = row.title
-        path = config_path(row.config)
+        path = shipped_config(row.config)
         if not path.is_file():
             note = f"skipped '{title}': no config {path.name} in bsym/configs yet"
             result.skipped.append(note)
@@ -296,7 +291,7 @@ def _train_and_score(
     epoch_cap = min(settings.max_epochs, row.max_epochs or settings.max_epochs)
     files = "[" + ", ".join(str(p) for p in train_files) + "]"
     config = load_config(
-        config_path(name),
+        shipped_config(name),
         [
             f"data.train={files}",
             "data.test_fraction=0",

@@ -13,9 +13,9 @@ from bsym.console import stdout, user_errors
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from bsym.training.augmentation_study import RunResult as AugmentationRun
-    from bsym.training.augmentation_study import StudyResult as AugmentationResult
-    from bsym.training.lorentz_study import RunResult, StudyResult
+    from bsym.training.studies.augmentation import RunResult as AugmentationRun
+    from bsym.training.studies.augmentation import StudyResult as AugmentationResult
+    from bsym.training.studies.learning_curve import RunResult, StudyResult
 
 Threads = Annotated[
     int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
@@ -113,7 +113,7 @@ def learning_curve_command(
     background weights in the loss (weighted BCE). The full study takes about 40 minutes on
     one CPU core; --quick a few minutes.
     """
-    from bsym.training.lorentz_study import (
+    from bsym.training.studies.learning_curve import (
         QUICK,
         StudySettings,
         run_study,
@@ -194,7 +194,7 @@ def augmentation_command(
     auc_vs_size.png and signal_efficiency_vs_size.png. The full study takes about 22 min on
     one core; --quick a few minutes.
     """
-    from bsym.training.augmentation_study import (
+    from bsym.training.studies.augmentation import (
         QUICK,
         StudySettings,
         run_study,
@@ -253,7 +253,7 @@ def augmentation_table(result: AugmentationResult, metric: str, title: str) -> T
     """The paper's layout: rows network × training size, columns the five trainings."""
     from rich.table import Table
 
-    from bsym.training.augmentation_study import COLUMN_TITLES, NETWORK_TITLES
+    from bsym.training.studies.augmentation import COLUMN_TITLES, NETWORK_TITLES
 
     settings = result.settings
     summary = result.summary(metric)
@@ -309,7 +309,7 @@ def isolation_command(
     a fit of the dimuon mass, each ± bootstrap error. Writes isolation_study.json and
     roc_isolation.png. See docs/cwola.md.
     """
-    from bsym.training.isolation_study import (
+    from bsym.training.studies.isolation import (
         QUICK,
         TABLE_WIDTH,
         StudySettings,
@@ -383,7 +383,7 @@ def auc_table(result: StudyResult) -> Table:
     """The paper's layout: one row per training size, one column per model, best in bold."""
     from rich.table import Table
 
-    from bsym.training.lorentz_study import MODEL_TITLES
+    from bsym.training.studies.learning_curve import MODEL_TITLES
 
     summary = result.summary()
     settings = result.settings
@@ -413,7 +413,7 @@ def weight_table(result: StudyResult) -> Table:
     per training size."""
     from rich.table import Table
 
-    from bsym.training.lorentz_study import pt_bin_labels
+    from bsym.training.studies.learning_curve import pt_bin_labels
 
     summary = result.weight_summary()
     table = Table(title="dual subnet: mean w_unconstrained (± std over repeats)")
@@ -480,7 +480,7 @@ def efp_search_command(
     efp_search.json and chosen_efps.yaml. About 20 minutes on two shared cores (most of it
     computing 7,280 candidate EFPs on 2,000 muons); --quick about 3. See docs/efp.md.
     """
-    from bsym.training.efp_search import (
+    from bsym.training.studies.efp_search import (
         DEFAULT_BASELINE,
         QUICK,
         SearchSettings,
