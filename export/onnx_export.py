@@ -223,7 +223,7 @@ def _export_loaded(
     return ExportReport(
         onnx_path=out,
         model_name=model_name,
-        model_type=str(loaded.payload.get("model_type", type(model).__name__)),
+        model_type=loaded.checkpoint.model_type,
         input_names=input_names,
         output_names=output_names,
         opset=opset,
@@ -402,7 +402,7 @@ def _metadata(loaded: LoadedModel, model_name: str, parity: ParityReport) -> dic
         "bsym_version": bsym.__version__,
         "bsym_git_commit": git_commit(Path(bsym.__file__).resolve().parent),
         "bsym_model_name": model_name,
-        "bsym_model_type": str(loaded.payload.get("model_type", "")),
+        "bsym_model_type": loaded.checkpoint.model_type,
         "bsym_class_labels": json.dumps(list(labels)),
         "bsym_parity_max_abs_diff": repr(parity.worst),
         "bsym_parity_tolerance": repr(parity.tolerance),

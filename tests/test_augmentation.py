@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.export.onnx_export import DEFAULT_TOLERANCE, export_onnx
-from bsym.features import FeatureBatch
 from bsym.rootio import TreeSource
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.scorer import score_files
@@ -27,23 +26,20 @@ from bsym.simulate.calo_rotation import (
 )
 from bsym.training.augmentation import (
     DEFAULT_ANGLES,
-    AugmentedTraining,
     CaloEvents,
     augment_training_rows,
-    augmentation_loss,
     augmented_rows,
     calo_feature_spec,
     cell_features,
     check_reproduces_cells,
-    event_batches,
-    invariance_penalty,
     read_calo_events,
-    shuffled_rows,
 )
 from bsym.training.checkpoint import load_checkpoint, predict
 from bsym.training.config import load_config
 from bsym.training.dataset import Split, read_rows
+from bsym.training.fit import batch_rows, shuffled_rows
 from bsym.training.loop import train
+from bsym.training.losses import InvarianceTerm, LossBatch, classification_loss, invariance_penalty
 from bsym.training.models import PFN
 from bsym.training.studies.augmentation import (
     QUICK,
@@ -91,8 +87,9 @@ def test_copies_are_event_major_and_the_first_is_the_original(
 
 
 def test_batches_hold_whole_events_with_all_their_copies() -> None:
-    rng = np.random.default_rng(0)
-    batches = event_batches(10, 8, 3, rng)
+    order = shuffled_rows(np.random.default_rng(0), 80, 8)
+    size = batch_rows(24, 8)
+    batches = [order[start : start + size] for start in range(0, 80, size)]
     assert [len(b) for b in batches] == [24, 24, 24, 8]
     every = np.concatenate(batches)
     assert np.array_equal(np.sort(every), np.arange(80))
@@ -103,9 +100,8 @@ def test_batches_hold_whole_events_with_all_their_copies() -> None:
 
 
 def test_training_batches_take_whole_events() -> None:
-    rows = FeatureBatch(16, None, None, None, None, None, None)
-    augmented = AugmentedTraining(rows, n_copies=8, c1=1.0, c2=0.0)
-    assert [augmented.batch_rows(b) for b in (128, 100, 4)] == [128, 96, 8]
+    assert [batch_rows(b, 8) for b in (128, 100, 4)] == [128, 96, 8]
+    assert batch_rows(100, 1) == 100
 
 
 def test_augmentation_refuses_a_spec_reading_more_than_the_cells() -> None:
@@ -132,11 +128,12 @@ def test_invariance_penalty_is_the_mean_variance_of_scores() -> None:
     scores = torch.sigmoid(logits[:, 0]).reshape(2, 2)
     expected = float(((scores - scores.mean(1, keepdim=True)) ** 2).mean())
     assert float(invariance_penalty(logits, 2)) == pytest.approx(expected)
-    label = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], label)
-    assert float(augmentation_loss(logits, label, 2, c2=0.0)) == pytest.approx(float(bce))
-    combined = augmentation_loss(logits, label, 2, c1=0.5, c2=3.0)
-    assert float(combined) == pytest.approx(0.5 * float(bce) + 3.0 * expected)
+    label = torch.tensor([1, 1, 0, 0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], label.float())
+    assert float(classification_loss(logits, label, None)) == pytest.approx(float(bce))
+    batch = LossBatch(inputs=(), label=label, weight=None, copies=2)
+    assert float(InvarianceTerm(0.0)(logits, batch)) == 0.0
+    assert float(InvarianceTerm(3.0)(logits, batch)) == pytest.approx(3.0 * expected)
 
 
 class EnergyOnly(nn.Module):

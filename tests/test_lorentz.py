@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import awkward as ak
@@ -16,12 +16,17 @@ import pytest
 import torch
 import typer
 import uproot
+from torch import Tensor
 from typer.testing import CliRunner
 
+from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.features import FeatureBatch, build_features, detect_layout, required_branches
 from bsym.simulate.lorentz import simulate_lorentz, write_lorentz
 from bsym.simulate.lorentz_cli import lorentz_command
+from bsym.training.config import load_config
+from bsym.training.fit import Budget, OptimizerConfig, Rows, budget, fit
+from bsym.training.losses import classification_loss
 from bsym.training.models.lorentz import (
     DualSubnet,
     InvariantNet,
@@ -34,12 +39,8 @@ from bsym.training.models.lorentz import (
 from bsym.training.studies.cli import parse_sizes, study_app
 from bsym.training.studies.learning_curve import (
     StudySettings,
-    Tensors,
-    epoch_stretch,
     load_data,
     run_study,
-    train_epoch,
-    weighted_bce,
     write_outputs,
 )
 
@@ -53,6 +54,31 @@ def four_vectors(events: ak.Array) -> Float64:
         [ak.to_numpy(events[f"Muon_{c}"]).astype(np.float64) for c in ("px", "py", "pz", "E")],
         axis=-1,
     )
+
+
+@dataclass
+class Tensors:
+    """Model inputs, labels and weights of a set of events."""
+
+    constituents: Tensor
+    mask: Tensor
+    globals: Tensor
+    label: Tensor
+    weight: Tensor
+
+    def inputs(self, model: LorentzNetwork) -> tuple[Tensor, ...]:
+        by_name = {"constituents": self.constituents, "mask": self.mask, "globals": self.globals}
+        return tuple(by_name[name] for name in model.input_names)
+
+    def rows(self, model: LorentzNetwork) -> Rows:
+        label = self.label.numpy().astype(np.int64)
+        return Rows(self.inputs(model), label, self.weight.numpy())
+
+
+def train_epochs(model: LorentzNetwork, data: Tensors, *, epochs: int, batch_size: int) -> None:
+    """``epochs`` epochs of the one training loop on ``data`` (validated on itself)."""
+    schedule = OptimizerConfig(batch_size=batch_size, epochs=epochs, patience=epochs)
+    fit(model, data.rows(model), data.rows(model), schedule, seed=0)
 
 
 def tensors(events: ak.Array) -> Tensors:
@@ -271,13 +297,10 @@ def test_short_training_reduces_the_loss(
         model.train()
         with torch.no_grad():
             logits = model.logits(*data.inputs(model))[:, 0]
-            return float(weighted_bce(logits, data.label, data.weight))
+            return float(classification_loss(logits[:, None], data.label, data.weight))
 
     before = loss()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        train_epoch(model, optimiser, data, 64, generator)
+    train_epochs(model, data, epochs=6, batch_size=64)
     assert loss() < before - 0.01
 
 
@@ -286,8 +309,7 @@ def test_dual_subnet_onnx_parity(smeared_events: ak.Array) -> None:
     torch.manual_seed(2)
     model = DualSubnet()
     model.fit_normalisation(*data.inputs(model))
-    train_epoch(model, torch.optim.AdamW(model.parameters()), data, 128, torch.Generator())
-    model.eval()
+    train_epochs(model, data, epochs=1, batch_size=128)
     names = [*model.input_names, *model.output_names]
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -338,10 +360,18 @@ def test_parse_sizes() -> None:
 
 
 def test_small_training_sets_get_more_epochs_within_bounds() -> None:
-    settings = StudySettings()
-    assert epoch_stretch(80_000, settings) == 1
-    assert math.ceil(settings.max_epochs * epoch_stretch(8_000, settings)) == 78
-    assert epoch_stretch(600, settings) == 4
+    schedule = StudySettings().schedule()
+    assert budget(schedule, 80_000).stretch == 1
+    assert budget(schedule, 8_000) == Budget(
+        epochs=78, patience=16, lr_patience=6, stretch=2400 / 1240
+    )
+    assert budget(schedule, 600).stretch == 4
+
+
+@pytest.mark.parametrize("model", ["unconstrained", "invariant", "dual"])
+def test_bsym_train_uses_the_study_schedule(model: str) -> None:
+    config = load_config(shipped_config(f"lorentz_{model}"))
+    assert config.optimizer == StudySettings().schedule()
 
 
 def test_tiny_study_writes_table_plots_and_json(tmp_path: Path) -> None:
@@ -367,7 +397,7 @@ def test_tiny_study_writes_table_plots_and_json(tmp_path: Path) -> None:
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.root")}
     again = load_data(settings, tmp_path / "data")
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.root")} == files
-    assert len(again) == settings.total_events
+    assert again.n_rows == settings.total_events
 
 
 def test_study_command_help() -> None:

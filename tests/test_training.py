@@ -261,7 +261,7 @@ def test_early_stopping_keeps_the_best_epoch(data_dir: Path, tmp_path: Path) -> 
     result = train(config, progress=False)
     assert result.stopped_early
     assert result.best_epoch == 1 and result.epochs == 3
-    assert load_checkpoint(result.checkpoint).payload["epoch"] == 1
+    assert load_checkpoint(result.checkpoint).checkpoint.epoch == 1
 
 
 def test_cone_cut_picks_a_cone(data_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ Rows go through :func:`bsym.features.build_features` like any file, so training 
 see the same tensors. The encouraged-invariance loss is
 ``c1·BCE + c2·mean over events of Var(sigmoid score over that event's copies)`` (the
 variance with divisor K, i.e. the squared standard deviation), which needs every batch to
-hold whole events with all their copies: :func:`event_batches` makes such batches.
+hold whole events with all their copies: the training loop (:mod:`bsym.training.fit`) makes
+such batches from rows given with their number of copies, and adds the term
+(:class:`bsym.training.losses.InvarianceTerm`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ from pathlib import Path
 import awkward as ak
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import (
@@ -182,59 +181,6 @@ def augmented_rows(
     return cell_features(cells, label, spec), len(angles)
 
 
-def event_batches(
-    n_events: int, n_copies: int, events_per_batch: int, rng: np.random.Generator
-) -> list[Ints]:
-    """Shuffled batches of row indices, each holding whole events with all their copies
-    (rows ``event·n_copies … event·n_copies + n_copies − 1``), copies of one event adjacent."""
-    if events_per_batch <= 0:
-        raise ConfigError(f"a batch needs at least one event, got {events_per_batch}")
-    order = rng.permutation(n_events).astype(np.int64)
-    batches = []
-    for start in range(0, n_events, events_per_batch):
-        chosen = order[start : start + events_per_batch]
-        rows = (chosen[:, None] * n_copies + np.arange(n_copies)[None, :]).ravel()
-        batches.append(rows)
-    return batches
-
-
-def events_per_batch(batch_size: int, n_copies: int) -> int:
-    """Events per batch so a batch holds about ``batch_size`` rows (at least one event)."""
-    return max(1, batch_size // n_copies)
-
-
-def invariance_penalty(logits: Tensor, n_copies: int) -> Tensor:
-    """Mean over events of the variance (divisor K) of the sigmoid score over their K copies;
-    ``logits`` [N·K] or [N·K, 1], event-major."""
-    scores = torch.sigmoid(logits.reshape(-1))
-    if scores.numel() % n_copies:
-        raise SpecMismatchError(
-            f"{scores.numel()} scores do not split into events of {n_copies} copies"
-        )
-    per_event = scores.reshape(-1, n_copies)
-    return per_event.var(dim=1, unbiased=False).mean()
-
-
-def augmentation_loss(
-    logits: Tensor, label: Tensor, n_copies: int, *, c1: float = 1.0, c2: float = 0.0
-) -> Tensor:
-    """``c1·BCE + c2·invariance_penalty``; the penalty is skipped when ``c2`` is 0."""
-    loss = c1 * F.binary_cross_entropy_with_logits(logits.reshape(-1), label.reshape(-1))
-    if c2 != 0 and n_copies > 1:
-        loss = loss + c2 * invariance_penalty(logits, n_copies)
-    return loss
-
-
-def shuffled_rows(rng: np.random.Generator, n_rows: int, n_copies: int) -> Ints:
-    """A shuffle of the rows that keeps each event's copies together and in order; with one
-    copy it is ``rng.permutation(n_rows)``."""
-    if n_rows % n_copies:
-        raise SpecMismatchError(f"{n_rows} rows do not split into events of {n_copies} copies")
-    events = rng.permutation(n_rows // n_copies).astype(np.int64)
-    rows: Ints = (events[:, None] * n_copies + np.arange(n_copies)[None, :]).ravel()
-    return rows
-
-
 @dataclass(frozen=True)
 class AugmentedTraining:
     """Training rows with their rotated copies, event-major, and the loss weights."""
@@ -243,17 +189,6 @@ class AugmentedTraining:
     n_copies: int
     c1: float
     c2: float
-
-    def batch_rows(self, batch_size: int) -> int:
-        """Rows per batch: whole events, about ``batch_size`` rows."""
-        return events_per_batch(batch_size, self.n_copies) * self.n_copies
-
-    def loss(self, logits: Tensor, bce: Tensor) -> Tensor:
-        """``c1·bce + c2·invariance_penalty(logits)`` for one batch of whole events."""
-        loss = self.c1 * bce
-        if self.c2 != 0 and self.n_copies > 1:
-            loss = loss + self.c2 * invariance_penalty(logits, self.n_copies)
-        return loss
 
 
 def augment_training_rows(config: TrainConfig, split: Split) -> AugmentedTraining:

@@ -1,17 +1,21 @@
 """Checkpoints: what training saves, and the one small API the other stages load them with.
 
-A checkpoint is a ``torch.save`` dict readable with ``weights_only=True``:
+A checkpoint file is a ``torch.save`` dict readable with ``weights_only=True``; in memory it
+is a :class:`Checkpoint`. The dict's keys:
 
 ======================  ==============================================================
-``format``              ``"bsym-checkpoint"``; ``format_version`` 1
+``format``              ``"bsym-checkpoint"``; ``format_version`` 2 (1 still loads)
 ``config``              the :class:`TrainConfig` as JSON
 ``feature_spec``        the :class:`FeatureSpec` as JSON (also inside ``config``)
-``model_type``          ``pfn``, ``dnn`` or ``cone_cut``; ``model_kwargs`` its constructor
+``model_type``          the registered model type; ``model_kwargs`` its constructor
 ``input_names``         the model's input tensors, in order
 ``state_dict``          weights and buffers (normalisation, chosen cone)
 ``optimizer_state``     AdamW state, ``None`` for models not trained by gradient
-``epoch``               completed epochs; ``history`` one dict per epoch
-``best_epoch``          and ``best_val_auc``
+``scheduler_state``     the plateau schedule's state, ``None`` without one (version 2)
+``epoch``               completed epochs; ``steps`` optimiser steps (version 2)
+``history``             one dict per epoch
+``best_epoch``          and ``best_val_auc``; ``stopped_early``; ``finished`` (version 2:
+                        the run ended by early stopping or its epoch or step budget)
 ``seeds``               ``seed`` and how the split and shuffles derive from it
 ``split``               ``seed``, ``n_rows``, ``sources`` and int64 ``validation``/``test``
 ``torch_rng_state``     for resuming
@@ -23,13 +27,14 @@ A checkpoint is a ``torch.save`` dict readable with ``weights_only=True``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import ValidationError
 
 import bsym
 from bsym.errors import InputFileError
@@ -40,7 +45,13 @@ from bsym.training.dataset import SourceRecord, Split, held_out_test
 from bsym.training.models import BsymModel, model_from_kwargs, model_inputs
 
 CHECKPOINT_FORMAT = "bsym-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+SEEDS = {
+    "torch": "torch.manual_seed(seed) before the model is built",
+    "split": "numpy.random.default_rng([seed, 0]).permutation(n_rows)",
+    "shuffle": "numpy.random.default_rng([seed, 1, epoch]).permutation(n_train_events)",
+}
 
 
 @dataclass(frozen=True)
@@ -52,8 +63,8 @@ class LoadedModel:
     spec: FeatureSpec
     path: Path
     split: Split
-    payload: dict[str, Any]
-    """The raw checkpoint, for the rarely needed rest (history, epochs)."""
+    checkpoint: Checkpoint
+    """Everything else the file holds (history, epochs, versions)."""
 
     @property
     def name(self) -> str:
@@ -66,13 +77,12 @@ class LoadedModel:
 
 def load_checkpoint(path: Path) -> LoadedModel:
     """Load a ``checkpoint.pt`` (or ``last.pt``) written by ``bsym train``."""
-    payload = read_payload(path)
-    config = TrainConfig.model_validate_json(payload["config"])
-    model = model_from_kwargs(payload["model_type"], payload["model_kwargs"])
-    model.load_state_dict(payload["state_dict"])
+    checkpoint = read_checkpoint(path)
+    model = model_from_kwargs(checkpoint.model_type, checkpoint.model_kwargs)
+    model.load_state_dict(checkpoint.state_dict)
     model.eval()
-    spec = FeatureSpec.from_json(payload["feature_spec"])
-    return LoadedModel(model, config, spec, path, split_from_payload(payload["split"]), payload)
+    config = checkpoint.config
+    return LoadedModel(model, config, config.features, path, checkpoint.split, checkpoint)
 
 
 def predict(
@@ -96,8 +106,111 @@ def predict(
     return scores
 
 
-def read_payload(path: Path) -> dict[str, Any]:
-    """The checkpoint dict, checked to be a bsym checkpoint of a known format version."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """The typed content of a checkpoint file (see the module docstring)."""
+
+    config: TrainConfig
+    model_type: str
+    model_kwargs: dict[str, Any]
+    input_names: list[str]
+    state_dict: dict[str, torch.Tensor]
+    split: Split
+    epoch: int
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_auc: float
+    stopped_early: bool
+    finished: bool
+    optimizer_state: dict[str, Any] | None = None
+    scheduler_state: dict[str, Any] | None = None
+    steps: int = 0
+    best_state_dict: dict[str, torch.Tensor] | None = None
+    torch_rng_state: torch.Tensor | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: BsymModel, config: TrainConfig, split: Split, **rest: Any) -> Checkpoint:
+        """A checkpoint of ``model`` as it is now; ``rest`` gives the training state."""
+        return cls(
+            config=config,
+            model_type=model.kind,
+            model_kwargs=model.init_kwargs,
+            input_names=list(model.input_names),
+            state_dict=model.state_dict(),
+            split=split,
+            torch_rng_state=torch.get_rng_state(),
+            versions={"bsym": bsym.__version__, "torch": str(torch.__version__)},
+            **rest,
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "config": self.config.model_dump_json(),
+            "feature_spec": self.config.features.to_json(),
+            "model_type": self.model_type,
+            "model_kwargs": self.model_kwargs,
+            "input_names": self.input_names,
+            "state_dict": self.state_dict,
+            "optimizer_state": self.optimizer_state,
+            "scheduler_state": self.scheduler_state,
+            "epoch": self.epoch,
+            "steps": self.steps,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_val_auc": self.best_val_auc,
+            "stopped_early": self.stopped_early,
+            "finished": self.finished,
+            "seeds": {"seed": self.config.seed, **SEEDS},
+            "split": split_to_payload(self.split),
+            "torch_rng_state": self.torch_rng_state,
+            "versions": self.versions,
+        }
+        if self.best_state_dict is not None:
+            payload["best_state_dict"] = self.best_state_dict
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], path: Path) -> Checkpoint:
+        """Read a version 1 or 2 payload; a missing key is a clear error, not a KeyError."""
+        try:
+            config = TrainConfig.model_validate_json(payload["config"])
+            epoch = int(payload["epoch"])
+            stopped_early = bool(payload["stopped_early"])
+            return cls(
+                config=config,
+                model_type=str(payload["model_type"]),
+                model_kwargs=dict(payload["model_kwargs"]),
+                input_names=list(payload["input_names"]),
+                state_dict=payload["state_dict"],
+                split=split_from_payload(payload["split"]),
+                epoch=epoch,
+                history=list(payload["history"]),
+                best_epoch=int(payload["best_epoch"]),
+                best_val_auc=float(payload["best_val_auc"]),
+                stopped_early=stopped_early,
+                finished=bool(
+                    payload.get("finished", stopped_early or epoch >= config.optimizer.epochs)
+                ),
+                optimizer_state=payload.get("optimizer_state"),
+                scheduler_state=payload.get("scheduler_state"),
+                steps=int(payload.get("steps", 0)),
+                best_state_dict=payload.get("best_state_dict"),
+                torch_rng_state=payload.get("torch_rng_state"),
+                versions=dict(payload.get("versions", {})),
+            )
+        except KeyError as error:
+            raise InputFileError(f"{path}: the checkpoint has no '{error.args[0]}'") from error
+        except ValidationError as error:
+            raise InputFileError(
+                f"{path}: the checkpoint's config does not load in this bsym ({error})"
+            ) from error
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint at ``path``, checked to be a bsym checkpoint of a readable version."""
     if not path.is_file():
         raise InputFileError(f"{path}: no such checkpoint")
     try:
@@ -106,26 +219,18 @@ def read_payload(path: Path) -> dict[str, Any]:
         raise InputFileError(f"{path}: not a readable checkpoint ({error})") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InputFileError(f"{path} is not a bsym checkpoint")
-    if payload.get("format_version") != CHECKPOINT_VERSION:
+    if payload.get("format_version") not in READABLE_VERSIONS:
         raise InputFileError(
-            f"{path} has checkpoint format {payload.get('format_version')}, "
-            f"this bsym reads {CHECKPOINT_VERSION}"
+            f"{path} has checkpoint format {payload.get('format_version')}, this bsym reads "
+            f"{', '.join(str(v) for v in READABLE_VERSIONS)}"
         )
-    return payload
+    return Checkpoint.from_payload(payload, path)
 
 
-def save_payload(path: Path, payload: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Write a checkpoint atomically: a crash never leaves a half-written file behind."""
     with atomic_output(path) as temporary:
-        torch.save(payload, temporary)
-
-
-def checkpoint_header() -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "versions": {"bsym": bsym.__version__, "torch": str(torch.__version__)},
-    }
+        torch.save(checkpoint.to_payload(), temporary)
 
 
 def split_to_payload(split: Split) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from bsym.errors import ConfigError, did_you_mean
 from bsym.features import FeatureSpec, StrictModel
 from bsym.training.cwola import SupervisionConfig
+from bsym.training.fit import OptimizerConfig
 from bsym.training.models.base import ModelSettings
 from bsym.training.models.registry import model_config_annotation, model_types
 
@@ -38,16 +39,6 @@ class DataConfig(StrictModel):
                 "validation_fraction + test_fraction must be below 1 to leave training rows"
             )
         return self
-
-
-class OptimizerConfig(StrictModel):
-    """AdamW, minibatches and early stopping on the validation AUC."""
-
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=256, gt=0)
-    epochs: int = Field(default=30, gt=0)
-    patience: int = Field(default=5, gt=0, description="epochs without a better validation AUC")
 
 
 class InvarianceConfig(StrictModel):

@@ -50,9 +50,7 @@ Networks
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -61,7 +59,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch import Tensor
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch, FeatureSpec
@@ -69,15 +66,16 @@ from bsym.simulate.calo_rotation import preset_detector, write_calo_rotation
 from bsym.training.augmentation import (
     DEFAULT_ANGLES,
     CaloEvents,
-    augmentation_loss,
     augmented_rows,
     calo_feature_spec,
     cell_features,
-    event_batches,
     read_calo_events,
 )
+from bsym.training.fit import FitState, OptimizerConfig, Rows, fit, predict_logits
+from bsym.training.losses import InvarianceTerm
 from bsym.training.metrics import roc_auc, roc_curve
-from bsym.training.models import PFN, NetworkModel
+from bsym.training.models import PFN, NetworkModel, model_inputs
+from bsym.training.models.base import need
 
 COLUMNS = ("resim_inv", "post_inv", "resim", "post", "none")
 COLUMN_TITLES = {
@@ -266,27 +264,6 @@ def load_events(settings: StudySettings, data_dir: Path) -> CaloEvents:
     return read_calo_events(paths)
 
 
-@dataclass(frozen=True)
-class Rows:
-    """Model inputs and labels of a set of rows."""
-
-    constituents: Tensor
-    mask: Tensor
-    label: Tensor
-    labels: npt.NDArray[np.int64]
-
-    @classmethod
-    def of(cls, batch: FeatureBatch) -> Rows:
-        if batch.constituents is None or batch.mask is None or batch.label is None:
-            raise SpecMismatchError("the study needs constituents, mask and label tensors")
-        return cls(
-            torch.from_numpy(batch.constituents),
-            torch.from_numpy(batch.mask),
-            torch.from_numpy(batch.label.astype(np.float32)),
-            batch.label,
-        )
-
-
 def pfn_feature_spec(max_count: int) -> FeatureSpec:
     """The cells for the PFN: (log1p(Cell_E), Cell_x, Cell_y). The cell energies are
     exponential-like; their log keeps a few hard cells from dominating the standardised
@@ -336,14 +313,10 @@ def image_fcn_available() -> bool:
     return True
 
 
-@torch.no_grad()
-def scores(model: NetworkModel, rows: Rows) -> npt.NDArray[np.float64]:
-    model.eval()
-    parts = [
-        model(rows.constituents[s : s + EVAL_BATCH], rows.mask[s : s + EVAL_BATCH])[:, 0]
-        for s in range(0, len(rows.label), EVAL_BATCH)
-    ]
-    return torch.cat(parts).numpy().astype(np.float64)
+def scores(model: NetworkModel, rows: FeatureBatch) -> npt.NDArray[np.float64]:
+    """The model's probabilities on ``rows``, in eval mode."""
+    logits = predict_logits(model, model_inputs(model, rows))
+    return torch.sigmoid(logits[:, 0]).numpy().astype(np.float64)
 
 
 def signal_efficiency_at(
@@ -360,49 +333,41 @@ def train_network(
     name: str,
     train: FeatureBatch,
     n_copies: int,
-    val: Rows,
+    val: FeatureBatch,
     settings: StudySettings,
     *,
     invariance: bool,
     seed: int,
-) -> tuple[NetworkModel, float, int, int]:
-    """Train one network on event-major rows with ``n_copies`` per event; returns it at its
-    best validation AUC, that AUC, the best epoch (1-based) and the epochs run."""
+) -> tuple[NetworkModel, FitState]:
+    """Train one network with the one training loop on event-major rows with ``n_copies``
+    per event; it ends at its best validation AUC."""
     torch.manual_seed(seed)
     model = build_network(name, settings)
     model.prepare(train)
-    rows = Rows.of(train)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0)
-    rng = np.random.default_rng([seed, 1])
     c2 = settings.invariance_weight if invariance else 0.0
-    best_auc, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
-    epoch = 0
-    n_events = len(rows.label) // n_copies
-    stretch = epoch_stretch(n_events, settings)
-    for epoch in range(1, math.ceil(settings.max_epochs * stretch) + 1):
-        model.train()
-        for batch in event_batches(n_events, n_copies, settings.events_per_batch, rng):
-            index = torch.from_numpy(batch)
-            logits = model.logits(rows.constituents[index], rows.mask[index])
-            loss = augmentation_loss(logits, rows.label[index], n_copies, c2=c2)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
-        auc = roc_auc(val.labels, scores(model, val))
-        if auc > best_auc:
-            best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= math.ceil(settings.patience * stretch):
-            break
-    model.load_state_dict(best_state)
-    return model, best_auc, best_epoch, epoch
+    state = fit(
+        model,
+        Rows.of(model, train, copies=n_copies),
+        Rows.of(model, val),
+        schedule(settings, n_copies),
+        seed=seed,
+        terms=[InvarianceTerm(c2)],
+    )
+    return model, state
 
 
-def epoch_stretch(n_events: int, settings: StudySettings) -> float:
-    """Factor on the epoch limit and the patience so that a small training set still gets
-    ``min_steps`` optimiser steps; between 1 and :data:`MAX_STRETCH`."""
-    steps_per_epoch = math.ceil(n_events / settings.events_per_batch)
-    wanted = settings.min_steps / (steps_per_epoch * settings.max_epochs)
-    return min(max(1.0, wanted), MAX_STRETCH)
+def schedule(settings: StudySettings, n_copies: int) -> OptimizerConfig:
+    """Adam, ``events_per_batch`` events with all their copies per batch, the epoch limit
+    and patience stretched to give small sets ``min_steps`` steps."""
+    return OptimizerConfig(
+        lr=settings.learning_rate,
+        weight_decay=0.0,
+        batch_size=settings.events_per_batch * n_copies,
+        epochs=settings.max_epochs,
+        patience=settings.patience,
+        min_steps=settings.min_steps,
+        max_stretch=MAX_STRETCH,
+    )
 
 
 def run_study(
@@ -459,7 +424,7 @@ def run_study(
                 events.take(np.sort(chosen)), mode, DEFAULT_ANGLES, specs[network]
             )
         train_rows, n_copies = cache[key]
-        model, val_auc, best_epoch, epochs = train_network(
+        model, state = train_network(
             network,
             train_rows,
             n_copies,
@@ -469,7 +434,7 @@ def run_study(
             seed=seed,
         )
         test_scores = scores(model, tests[network])
-        labels = tests[network].labels
+        labels = need(tests[network].label, "label")
         run = RunResult(
             network=network,
             column=column,
@@ -477,9 +442,9 @@ def run_study(
             bootstrap=b,
             test_auc=roc_auc(labels, test_scores),
             signal_efficiency=signal_efficiency_at(labels, test_scores),
-            val_auc=val_auc,
-            best_epoch=best_epoch,
-            epochs=epochs,
+            val_auc=state.best_auc,
+            best_epoch=state.best_epoch,
+            epochs=state.epoch,
             seconds=time.perf_counter() - begun,
         )
         result.runs.append(run)
@@ -503,10 +468,12 @@ def invariant_reference(events: CaloEvents, test_stop: int, val_stop: int) -> di
     }
 
 
-def unrotated_rows(events: CaloEvents, index: npt.NDArray[np.int64], spec: FeatureSpec) -> Rows:
-    """The recorded cells of the given events, as model inputs."""
+def unrotated_rows(
+    events: CaloEvents, index: npt.NDArray[np.int64], spec: FeatureSpec
+) -> FeatureBatch:
+    """The recorded cells of the given events, as feature rows."""
     chosen = events.take(index.astype(np.int64))
-    return Rows.of(cell_features(chosen.cells, chosen.label, spec))
+    return cell_features(chosen.cells, chosen.label, spec)
 
 
 def with_overrides(settings: StudySettings, **overrides: object) -> StudySettings:

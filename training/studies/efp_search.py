@@ -315,7 +315,7 @@ def run_search(
             disagreeing_pairs=disagreeing,
             model_ado=ado(model_signs, pfn_signs),
             test_auc=roc_auc(_labels(test_batch), predict(loaded, test_batch)),
-            val_auc=float(loaded.payload["best_val_auc"]),
+            val_auc=loaded.checkpoint.best_val_auc,
             seconds=time.perf_counter() - begun,
         )
         result.steps.append(record)

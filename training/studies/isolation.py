@@ -388,17 +388,14 @@ def _trained(
 
     Returns the best model, its epoch and the number of epochs run.
     """
-    from bsym.training.checkpoint import load_checkpoint, read_payload
-    from bsym.training.config import TrainConfig as Config
+    from bsym.training.checkpoint import load_checkpoint, read_checkpoint
 
     last = config.output_dir / "last.pt"
     if last.is_file() and (config.output_dir / "checkpoint.pt").is_file():
-        payload = read_payload(last)
-        epochs = len(payload["history"])
-        finished = payload["stopped_early"] or epochs >= config.optimizer.epochs
-        if finished and Config.model_validate_json(payload["config"]) == config:
+        previous = read_checkpoint(last)
+        if previous.finished and previous.config == config:
             loaded = load_checkpoint(config.output_dir / "checkpoint.pt")
-            return loaded, int(payload["best_epoch"]), epochs
+            return loaded, previous.best_epoch, previous.epoch
     result = train(config, overwrite=True, progress=False)
     return load_checkpoint(result.checkpoint), result.best_epoch, result.epochs
 

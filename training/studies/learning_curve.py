@@ -11,20 +11,23 @@ Data
     ``val_events`` the validation set, and repeat r trains on the first n events of its own
     block of ``max(sizes)`` events, so the training sets of one repeat are nested and the
     repeats are disjoint.
-Training (in memory; the paper's AdamW lr 1e-5, batch 128, 100 epochs is far too slow for
-the budget of an hour on two shared CPU cores for 45 trainings)
-    AdamW, lr 1e-3, weight decay 0.01, batch 256, at most 40 epochs; the learning rate drops
-    by 3 after 3 epochs without a better validation AUC and training stops after 8. A
-    training set too small for 2,400 optimiser steps in 40 epochs has the three numbers
-    stretched by the same factor, at most 4 (8k events: 78 epochs, patience 16, lr
-    patience 6). The invariant network converges in about 10 epochs, the dual subnet in
-    10–20; the unconstrained one learns the mass from four-vectors slowly, in 40 or more.
-    One torch thread by default: these small networks gain little from two, and lose
-    several-fold when other jobs compete for the cores. The model kept is the one of the
-    best validation AUC (not the best test AUC: the test set never chooses anything). The
-    background weights enter as a weighted loss: per-event BCE with logits times the event
-    weight, divided by the sum of the weights in the batch. ``--quick``: sizes 8k and 32k,
-    2 repeats, at most 12 epochs, 50k test events.
+Training (in memory, with the one training loop :func:`bsym.training.fit.fit`; the paper's
+AdamW lr 1e-5, batch 128, 100 epochs is far too slow for the budget of an hour on two shared
+CPU cores for 45 trainings)
+    The schedule is :meth:`StudySettings.schedule`, the same as the ``optimizer`` section of
+    the shipped ``lorentz_*.yaml`` configs, so ``bsym train`` trains like the study: AdamW,
+    lr 1e-3, weight decay 0.01, batch 256, at most 40 epochs; the learning rate drops by 3
+    after 3 epochs without a better validation AUC and training stops after 8. A training
+    set too small for 2,400 optimiser steps in 40 epochs has the three numbers stretched by
+    the same factor, at most 4 (8k events: 78 epochs, patience 16, lr patience 6). The
+    invariant network converges in about 10 epochs, the dual subnet in 10–20; the
+    unconstrained one learns the mass from four-vectors slowly, in 40 or more. One torch
+    thread by default: these small networks gain little from two, and lose several-fold
+    when other jobs compete for the cores. The model kept is the one of the best validation
+    AUC (not the best test AUC: the test set never chooses anything). The background weights
+    enter as a weighted loss: per-event BCE with logits times the event weight, divided by
+    the sum of the weights in the batch. ``--quick``: sizes 8k and 32k, 2 repeats, at most
+    12 epochs, 50k test events.
 Metric
     ROC AUC on the test set with the background weights (signal weight 1), so the leading
     pT alone gives 0.5. The learned weight of the dual subnet is the plain mean of
@@ -38,7 +41,7 @@ Control without weights (``reweight=False``)
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -48,10 +51,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 from bsym.errors import ConfigError, SpecMismatchError
+from bsym.features import FeatureBatch
+from bsym.training.fit import (
+    FitState,
+    OptimizerConfig,
+    Rows,
+    classifier_auc,
+    fit,
+    predict_logits,
+)
+from bsym.training.models.base import model_inputs, need
 from bsym.training.models.lorentz import (
     DualSubnet,
     InvariantNet,
@@ -108,6 +122,19 @@ class StudySettings:
     def total_events(self) -> int:
         return self.test_events + self.val_events + self.repeats * max(self.sizes)
 
+    def schedule(self) -> OptimizerConfig:
+        """The training schedule of every run (the shipped lorentz_*.yaml configs' too)."""
+        return OptimizerConfig(
+            lr=self.learning_rate,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            epochs=self.max_epochs,
+            patience=self.patience,
+            lr_patience=self.lr_patience,
+            min_steps=self.min_steps,
+            max_stretch=MAX_STRETCH,
+        )
+
 
 QUICK = StudySettings(
     sizes=(8_000, 32_000),
@@ -119,27 +146,6 @@ QUICK = StudySettings(
     lr_patience=2,
     min_steps=0,
 )
-
-
-@dataclass
-class Tensors:
-    """Model inputs, labels and weights of a set of events."""
-
-    constituents: Tensor
-    mask: Tensor
-    globals: Tensor
-    label: Tensor
-    weight: Tensor
-
-    def __len__(self) -> int:
-        return int(self.label.shape[0])
-
-    def subset(self, index: slice | Tensor) -> Tensors:
-        return Tensors(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
-
-    def inputs(self, model: LorentzNetwork) -> tuple[Tensor, ...]:
-        by_name = {"constituents": self.constituents, "mask": self.mask, "globals": self.globals}
-        return tuple(by_name[name] for name in model.input_names)
 
 
 @dataclass
@@ -226,11 +232,12 @@ def pt_bin_labels() -> list[str]:
     return labels
 
 
-def load_data(settings: StudySettings, data_dir: Path) -> Tensors:
-    """Simulate the study's sample into ``data_dir`` (or reuse it) and read it as tensors."""
+def load_data(settings: StudySettings, data_dir: Path) -> FeatureBatch:
+    """Simulate the study's sample into ``data_dir`` (or reuse it) and read it as rows."""
     from bsym.features import build_features, detect_layout, required_branches
     from bsym.rootio import TreeSource, open_tree, read_all
     from bsym.simulate.lorentz import write_lorentz
+    from bsym.training.dataset import concatenate
 
     sample_dir = data_dir / (
         f"breaking{settings.breaking:g}_seed{settings.seed}_n{settings.total_events}"
@@ -253,63 +260,51 @@ def load_data(settings: StudySettings, data_dir: Path) -> Tensors:
         tree.file.close()
         arrays = read_all(source, required_branches(spec, layout, with_label=True))
         batches.append(build_features(arrays, spec, layout, with_label=True))
-
-    def column(name: str) -> Tensor:
-        arrays = [getattr(batch, name) for batch in batches]
-        if any(array is None for array in arrays):
-            raise SpecMismatchError(f"the lorentz feature spec gave no '{name}' tensor")
-        return torch.from_numpy(np.concatenate(arrays))
-
-    weight = column("weight")
-    return Tensors(
-        constituents=column("constituents"),
-        mask=column("mask"),
-        globals=column("globals"),
-        label=column("label").float(),
-        weight=weight if settings.reweight else torch.ones_like(weight),
-    )
+    rows = concatenate(batches)
+    if rows.weight is None:
+        raise SpecMismatchError("the lorentz feature spec gave no event weights")
+    if not settings.reweight:
+        rows = dataclasses.replace(rows, weight=np.ones_like(rows.weight))
+    return rows
 
 
-def split(data: Tensors, settings: StudySettings) -> tuple[Tensors, Tensors, list[Tensors]]:
+def split(
+    data: FeatureBatch, settings: StudySettings
+) -> tuple[FeatureBatch, FeatureBatch, list[FeatureBatch]]:
     """Test set, validation set and one training pool per repeat (see the module docstring)."""
-    test = data.subset(slice(0, settings.test_events))
+    from bsym.training.dataset import take
+
+    def rows(start: int, stop: int) -> FeatureBatch:
+        return take(data, np.arange(start, stop, dtype=np.int64))
+
     stop = settings.test_events + settings.val_events
-    val = data.subset(slice(settings.test_events, stop))
     block = max(settings.sizes)
-    pools = [
-        data.subset(slice(stop + r * block, stop + (r + 1) * block))
-        for r in range(settings.repeats)
-    ]
-    return test, val, pools
+    pools = [rows(stop + r * block, stop + (r + 1) * block) for r in range(settings.repeats)]
+    return rows(0, settings.test_events), rows(settings.test_events, stop), pools
 
 
-def weighted_auc(model: LorentzNetwork, data: Tensors) -> float:
+def weighted_auc(model: LorentzNetwork, data: FeatureBatch) -> float:
     """Test AUC of ``model`` on ``data`` with the event weights."""
-    from bsym.training.metrics import roc_auc
-
-    logits = predict(model, data)[0]
-    return roc_auc(data.label.numpy(), logits.numpy(), data.weight.numpy())
+    rows = Rows.of(model, data)
+    return classifier_auc(rows.label, predict_logits(model, rows.inputs), rows.weight)
 
 
 @torch.no_grad()
-def predict(model: LorentzNetwork, data: Tensors) -> tuple[Tensor, Tensor | None]:
-    """Logits [N] and, for the dual subnet, the symmetry weights [N, 2], in eval mode."""
+def symmetry_weights(model: DualSubnet, data: FeatureBatch) -> Tensor:
+    """The dual subnet's symmetry weights [N, 2] on ``data``, in eval mode."""
     model.eval()
-    logits, weights = [], []
-    for start in range(0, len(data), EVAL_BATCH):
-        batch = data.subset(slice(start, start + EVAL_BATCH))
-        if isinstance(model, DualSubnet):
-            logit, weight = model.logits_and_weight(*batch.inputs(model))
-            weights.append(weight)
-        else:
-            logit = model.logits(*batch.inputs(model))
-        logits.append(logit[:, 0])
-    return torch.cat(logits), torch.cat(weights) if weights else None
+    inputs = model_inputs(model, data)
+    return torch.cat(
+        [
+            model.logits_and_weight(*(t[start : start + EVAL_BATCH] for t in inputs))[1]
+            for start in range(0, data.n_rows, EVAL_BATCH)
+        ]
+    )
 
 
-def weight_vs_pt(weights: Tensor, lead_pt: Tensor) -> list[float]:
+def weight_vs_pt(weights: Tensor, lead_pt: npt.NDArray[np.float32]) -> list[float]:
     """Mean w_unconstrained in the leading-pT bins of :data:`PT_EDGES` (NaN where empty)."""
-    index = np.digitize(lead_pt.numpy(), PT_EDGES[1:-1])
+    index = np.digitize(lead_pt, PT_EDGES[1:-1])
     w = weights[:, 0].numpy()
     return [
         float(w[index == b].mean()) if np.any(index == b) else math.nan
@@ -318,72 +313,14 @@ def weight_vs_pt(weights: Tensor, lead_pt: Tensor) -> list[float]:
 
 
 def train_model(
-    name: str, train: Tensors, val: Tensors, settings: StudySettings, *, seed: int
-) -> tuple[LorentzNetwork, float, int, int]:
-    """Train one network; returns it at its best validation AUC, that AUC, the best epoch
-    (1-based) and the number of epochs run."""
+    name: str, train: FeatureBatch, val: FeatureBatch, settings: StudySettings, *, seed: int
+) -> tuple[LorentzNetwork, FitState]:
+    """Train one network with the one training loop; it ends at its best validation AUC."""
     torch.manual_seed(seed)
     model = MODELS[name]()
-    model.fit_normalisation(*train.inputs(model))
-    optimiser = torch.optim.AdamW(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
-    stretch = epoch_stretch(len(train), settings)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimiser, mode="max", factor=1 / 3, patience=math.ceil(settings.lr_patience * stretch)
-    )
-    generator = torch.Generator().manual_seed(seed)
-    best_auc, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
-    epoch = 0
-    for epoch in range(1, math.ceil(settings.max_epochs * stretch) + 1):
-        train_epoch(model, optimiser, train, settings.batch_size, generator)
-        auc = weighted_auc(model, val)
-        scheduler.step(auc)
-        if auc > best_auc:
-            best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= math.ceil(settings.patience * stretch):
-            break
-    model.load_state_dict(best_state)
-    return model, best_auc, best_epoch, epoch
-
-
-def epoch_stretch(n_train: int, settings: StudySettings) -> float:
-    """Factor on the epoch limit and the patiences so that a small training set still gets
-    ``min_steps`` optimiser steps; between 1 and :data:`MAX_STRETCH`."""
-    steps_per_epoch = max(n_train // settings.batch_size, 1)
-    wanted = settings.min_steps / (steps_per_epoch * settings.max_epochs)
-    return min(max(1.0, wanted), MAX_STRETCH)
-
-
-def train_epoch(
-    model: LorentzNetwork,
-    optimiser: torch.optim.Optimizer,
-    data: Tensors,
-    batch_size: int,
-    generator: torch.Generator,
-) -> float:
-    """One pass over ``data`` in shuffled batches with the weighted BCE; the mean loss."""
-    model.train()
-    order = torch.randperm(len(data), generator=generator)
-    total, seen = 0.0, 0
-    # BatchNorm needs two events; a smaller tail batch is skipped
-    for start in range(0, len(data) - 1, batch_size):
-        batch = data.subset(order[start : start + batch_size])
-        if len(batch) < 2:
-            continue
-        loss = weighted_bce(model.logits(*batch.inputs(model))[:, 0], batch.label, batch.weight)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimiser.step()
-        total += loss.item() * len(batch)
-        seen += len(batch)
-    return total / max(seen, 1)
-
-
-def weighted_bce(logits: Tensor, label: Tensor, weight: Tensor) -> Tensor:
-    """BCE with logits per event, times the event weight, over the summed weight."""
-    losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="none")
-    return torch.sum(losses * weight) / torch.sum(weight).clamp_min(1e-12)
+    model.prepare(train)
+    state = fit(model, Rows.of(model, train), Rows.of(model, val), settings.schedule(), seed=seed)
+    return model, state
 
 
 def run_study(
@@ -395,6 +332,8 @@ def run_study(
 ) -> StudyResult:
     """Train every model at every size and repeat; ``on_run`` sees each result as it comes."""
     from tqdm import tqdm
+
+    from bsym.training.dataset import take
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -410,23 +349,21 @@ def run_study(
     for repeat, size, name in tqdm(jobs, desc="learning curve", unit="run"):
         begun = time.perf_counter()
         seed = settings.seed * 10_000 + repeat * 100 + settings.sizes.index(size)
-        model, val_auc, best_epoch, epochs = train_model(
-            name, pools[repeat].subset(slice(0, size)), val, settings, seed=seed
-        )
+        train = take(pools[repeat], np.arange(size, dtype=np.int64))
+        model, state = train_model(name, train, val, settings, seed=seed)
         run = RunResult(
             model=name,
             size=size,
             repeat=repeat,
             test_auc=weighted_auc(model, test),
-            val_auc=val_auc,
-            best_epoch=best_epoch,
-            epochs=epochs,
+            val_auc=state.best_auc,
+            best_epoch=state.best_epoch,
+            epochs=state.epoch,
             seconds=time.perf_counter() - begun,
         )
         if isinstance(model, DualSubnet):
-            weights = predict(model, test)[1]
-            assert weights is not None
-            run.weight_vs_pt = weight_vs_pt(weights, test.globals[:, model.gate_index])
+            lead_pt = need(test.globals, "globals")[:, model.gate_index]
+            run.weight_vs_pt = weight_vs_pt(symmetry_weights(model, test), lead_pt)
         result.runs.append(run)
         if on_run is not None:
             on_run(run)

@@ -1,0 +1,74 @@
+"""Losses of the training loop: the classification loss and the extra terms added to it.
+
+The classification loss is the binary cross entropy with logits for one output (labels 0/1)
+and the cross entropy for C > 1 outputs (labels 0 … C−1), per row, times the row weight and
+divided by the summed weight of the batch (the plain mean without weights). Extra terms
+(:class:`LossTerm`) see the batch's logits and rows and return a scalar added to it; the
+encouraged-invariance term of rotation augmentation is one, and decorrelation terms plug in
+the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bsym.errors import SpecMismatchError
+
+
+@dataclass(frozen=True)
+class LossBatch:
+    """What a loss term may read of one batch: its rows' inputs, labels and weights."""
+
+    inputs: tuple[Tensor, ...]
+    label: Tensor
+    weight: Tensor | None
+    copies: int
+    """Consecutive rows per event (rotated copies); 1 without augmentation."""
+
+
+class LossTerm(Protocol):
+    """An extra term of the training loss, evaluated on every training batch."""
+
+    def __call__(self, logits: Tensor, batch: LossBatch) -> Tensor: ...
+
+
+def classification_loss(logits: Tensor, label: Tensor, weight: Tensor | None) -> Tensor:
+    """Weighted (binary) cross entropy of ``logits`` [N, C] against integer labels [N]."""
+    if logits.shape[-1] == 1:
+        losses = F.binary_cross_entropy_with_logits(
+            logits[:, 0], label.to(logits.dtype), reduction="none"
+        )
+    else:
+        losses = F.cross_entropy(logits, label.long(), reduction="none")
+    if weight is None:
+        return losses.mean()
+    return (losses * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def invariance_penalty(logits: Tensor, n_copies: int) -> Tensor:
+    """Mean over events of the variance (divisor K) of the sigmoid score over their K copies;
+    ``logits`` [N·K] or [N·K, 1], event-major."""
+    scores = torch.sigmoid(logits.reshape(-1))
+    if scores.numel() % n_copies:
+        raise SpecMismatchError(
+            f"{scores.numel()} scores do not split into events of {n_copies} copies"
+        )
+    per_event = scores.reshape(-1, n_copies)
+    return per_event.var(dim=1, unbiased=False).mean()
+
+
+@dataclass(frozen=True)
+class InvarianceTerm:
+    """Encouraged invariance: ``c2 · mean over events of Var(score over the event's copies)``."""
+
+    c2: float
+
+    def __call__(self, logits: Tensor, batch: LossBatch) -> Tensor:
+        if self.c2 == 0 or batch.copies == 1:
+            return logits.new_zeros(())
+        return self.c2 * invariance_penalty(logits, batch.copies)
