@@ -225,20 +225,28 @@ def test_same_seed_gives_identical_weights(data_dir: Path, tmp_path: Path) -> No
     assert not torch.equal(state(runs["a"].last)["out.weight"], different["out.weight"])
 
 
-def test_resume_repeats_uninterrupted_training(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", [[], ["optimizer.lr_patience=1", "optimizer.lr=0.02"]])
+def test_resume_repeats_uninterrupted_training(
+    data_dir: Path, tmp_path: Path, schedule: list[str]
+) -> None:
     full = train(
-        small_config("isolation_pfn", data_dir, tmp_path / "full", "optimizer.epochs=4"),
+        small_config("isolation_pfn", data_dir, tmp_path / "full", "optimizer.epochs=4", *schedule),
         progress=False,
     )
-    first = train(small_config("isolation_pfn", data_dir, tmp_path / "part"), progress=False)
+    first = train(
+        small_config("isolation_pfn", data_dir, tmp_path / "part", *schedule), progress=False
+    )
     assert first.epochs == 2
     resumed = train(
-        small_config("isolation_pfn", data_dir, tmp_path / "part", "optimizer.epochs=4"),
+        small_config("isolation_pfn", data_dir, tmp_path / "part", "optimizer.epochs=4", *schedule),
         resume=first.last,
         progress=False,
     )
     assert resumed.epochs == 4
     assert resumed.history == full.history
+    if schedule:  # the plateau schedule drops the rate inside the resumed epochs
+        rates = [record["lr"] for record in full.history]
+        assert rates[0] == 0.02 and rates[2] == pytest.approx(0.02 / 3), rates
     assert_same_state(state(resumed.last), state(full.last))
     assert_same_state(state(resumed.checkpoint), state(full.checkpoint))
     with pytest.raises(ConfigError, match=r"differs in optimizer\.lr"):

@@ -186,7 +186,7 @@ def fit(
         unit="epoch",
         disable=None if progress else True,
     )
-    state.finished = _finished(state, schedule)
+    state.finished = _stop_reason(state, schedule) is not None
     with bar, deterministic():
         while not state.finished:
             state.epoch += 1
@@ -210,8 +210,14 @@ def fit(
             if val_auc > state.best_auc:
                 state.best_auc, state.best_epoch = val_auc, state.epoch
                 state.best_state = _copy_state(model)
-            state.finished = _finished(state, schedule)
-            state.stopped_early = state.finished and state.epoch < state.budget.epochs
+            reason = _stop_reason(state, schedule)
+            state.finished, state.stopped_early = reason is not None, reason == "patience"
+            if state.stopped_early:
+                log.info(
+                    "early stop after epoch %d: the best validation AUC is from epoch %d",
+                    state.epoch,
+                    state.best_epoch,
+                )
             state.optimizer_state = optimizer.state_dict()
             state.scheduler_state = None if scheduler is None else scheduler.state_dict()
             bar.update()
@@ -223,19 +229,16 @@ def fit(
     return state
 
 
-def _finished(state: FitState, schedule: OptimizerConfig) -> bool:
+def _stop_reason(state: FitState, schedule: OptimizerConfig) -> str | None:
+    """Why the run ends after its current epoch (``None``: it goes on)."""
     assert state.budget is not None
-    out_of_steps = schedule.max_steps is not None and state.steps >= schedule.max_steps
-    if state.epoch >= state.budget.epochs or out_of_steps:
-        return True
+    if schedule.max_steps is not None and state.steps >= schedule.max_steps:
+        return "steps"
+    if state.epoch >= state.budget.epochs:
+        return "epochs"
     if state.epoch > 0 and state.epoch - state.best_epoch >= state.budget.patience:
-        log.info(
-            "early stop after epoch %d: the best validation AUC is from epoch %d",
-            state.epoch,
-            state.best_epoch,
-        )
-        return True
-    return False
+        return "patience"
+    return None
 
 
 def _epoch(
@@ -321,9 +324,9 @@ def check_classes(label: npt.NDArray[np.int64], subset: str, n_classes: int) -> 
     present = set(np.unique(label).tolist())
     if present != wanted:
         found = ", ".join(str(v) for v in sorted(present)) or "no rows"
-        expected = " and ".join(str(v) for v in sorted(wanted))
+        expected = ", ".join(str(v) for v in sorted(wanted))
         raise ConfigError(
-            f"the {subset} rows ({len(label)}) need the labels {expected}, found {found}; "
+            f"the {subset} rows ({len(label)}) need every label of {expected}, found {found}; "
             "check features.label or read more data"
         )
 
