@@ -1,4 +1,5 @@
-"""Calorimeter showers with a rotation-breaking detector (arXiv:2311.05952, PAPERS.md §2).
+"""Calorimeter showers with a rotation-breaking detector (arXiv:2311.05952; docs/papers.md,
+"Rotation symmetry").
 
 Each event is a list of pre-detector particles (x, y, E) on the square [−1, 1]²; a detector
 bins them into cells, smears each cell's energy and drops cells below a threshold. The
