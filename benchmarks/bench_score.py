@@ -45,6 +45,7 @@ from bsym.features import (
 from bsym.rootio import TreeSource, iterate_chunks, open_tree
 from bsym.serving.onnx_backend import DEFAULT_BATCH_SIZE, OnnxRuntimeBackend
 from bsym.serving.scorer import ENTRIES_PER_BATCH
+from bsym.simulate.rootwrite import write_tree
 
 console = Console(stderr=True)
 HERE = Path(__file__).resolve().parent
@@ -95,30 +96,10 @@ def make_data(path: Path, muons: int, seed: int = 1) -> Path:
             part_seed += 1
         layout = ak.concatenate(parts)
         source = "isolation simulator"
-    _write(path, layout)
+    # baskets of a realistic size, one extend each
+    write_tree(path, "Muons", layout, counters=("nCaloCell",), basket_entries=100_000)
     console.print(f"wrote {path} ({muons:,} muons, {source})")
     return path
-
-
-def _write(path: Path, layout: ak.Array, entries_per_basket: int = 100_000) -> None:
-    """Write the Muons tree in baskets of a realistic size (one extend per basket)."""
-    import uproot
-
-    columns: dict[str, Any] = {}
-    for name in layout.fields:
-        if name.startswith("CaloCell_"):
-            columns.setdefault("CaloCell", {})[name.removeprefix("CaloCell_")] = layout[name]
-        elif name != "nCaloCell":
-            columns[name] = ak.to_numpy(layout[name])
-    columns["CaloCell"] = ak.zip(columns["CaloCell"])
-    temporary = path.with_name(f".{path.name}.partial")
-    with uproot.recreate(temporary) as file:
-        tree = file.mktree(
-            "Muons", {k: v.type if isinstance(v, ak.Array) else v.dtype for k, v in columns.items()}
-        )
-        for start in range(0, len(layout), entries_per_basket):
-            tree.extend({k: v[start : start + entries_per_basket] for k, v in columns.items()})
-    temporary.replace(path)
 
 
 def _synthetic(muons: int, seed: int) -> ak.Array:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import awkward as ak
 import numpy as np
 import pytest
 import uproot
 
 from bsym.errors import InputFileError, MissingBranchError
 from bsym.rootio import TreeSource, atomic_output, iterate_chunks, open_tree, parse_inputs, read_all
+from bsym.simulate.rootwrite import write_branches, write_tree
 
 
-def write_tree(path: Path, entries: int = 100) -> Path:
+def write_muons(path: Path, entries: int = 100) -> Path:
     with uproot.recreate(path) as file:
         file["Muons"] = {"Muon_pt": np.linspace(1, 2, entries), "Muon_eta": np.zeros(entries)}
     return path
@@ -20,7 +22,7 @@ def write_tree(path: Path, entries: int = 100) -> Path:
 
 def test_parse_inputs_globs_and_tree_suffix(tmp_path: Path) -> None:
     for name in ("b.root", "a.root"):
-        write_tree(tmp_path / name)
+        write_muons(tmp_path / name)
     sources = parse_inputs([f"{tmp_path}/*.root", f"{tmp_path}/a.root:Other"], "Muons")
     assert sources == [
         TreeSource(tmp_path / "a.root", "Muons"),
@@ -32,7 +34,7 @@ def test_parse_inputs_globs_and_tree_suffix(tmp_path: Path) -> None:
 
 
 def test_read_all_and_chunks(tmp_path: Path) -> None:
-    source = TreeSource(write_tree(tmp_path / "a.root", 1000), "Muons")
+    source = TreeSource(write_muons(tmp_path / "a.root", 1000), "Muons")
     arrays = read_all(source, ["Muon_pt"])
     assert len(arrays) == 1000
     tree = open_tree(source)
@@ -41,7 +43,7 @@ def test_read_all_and_chunks(tmp_path: Path) -> None:
 
 
 def test_missing_file_tree_and_branch(tmp_path: Path) -> None:
-    path = write_tree(tmp_path / "a.root")
+    path = write_muons(tmp_path / "a.root")
     with pytest.raises(InputFileError, match="no such file"):
         open_tree(TreeSource(tmp_path / "nope.root", "Muons"))
     with pytest.raises(InputFileError, match="no tree 'Muon'; did you mean 'Muons'"):
@@ -57,7 +59,7 @@ def test_corrupt_truncated_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(InputFileError, match="not a readable ROOT file"):
         open_tree(TreeSource(garbage, "Muons"))
 
-    whole = write_tree(tmp_path / "whole.root", 200_000).read_bytes()
+    whole = write_muons(tmp_path / "whole.root", 200_000).read_bytes()
     truncated = tmp_path / "truncated.root"
     truncated.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(InputFileError, match=r"truncated\.root"):
@@ -82,3 +84,29 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
         temporary.write_text("new")
     assert target.read_text() == "new"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_simulated_files_are_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "sim.root"
+    muons = {"Muon": ak.zip({"pt": [[1.0, 2.0], [], [3.0]]}), "label": np.array([1, 0, 1])}
+    write_branches(target, "Events", muons, strings={"bsym/note": "first"})
+    with pytest.raises(ValueError):
+        write_branches(target, "Events", {"label": np.arange(3), "other": np.arange(4)})
+    assert list(tmp_path.iterdir()) == [target]
+    with uproot.open(target) as file:
+        assert str(file["bsym/note"]) == "first"
+        assert file["Events"]["label"].array(library="np").tolist() == [1, 0, 1]
+        assert ak.to_list(file["Events"]["Muon_pt"].array()) == [[1.0, 2.0], [], [3.0]]
+        assert file["Events"]["nMuon"].array(library="np").tolist() == [2, 0, 1]
+
+
+def test_simulated_files_in_baskets_hold_the_same_entries(tmp_path: Path) -> None:
+    muons = ak.Array({"Muon_pt": [[float(i)] * (i % 3) for i in range(10)], "nMuon": [0] * 10})
+    whole = write_tree(tmp_path / "whole.root", "Events", muons, counters=("nMuon",))
+    baskets = write_tree(
+        tmp_path / "baskets.root", "Events", muons, counters=("nMuon",), basket_entries=3
+    )
+    with uproot.open(whole) as one, uproot.open(baskets) as four:
+        assert one["Events"]["Muon_pt"].num_baskets == 1
+        assert four["Events"]["Muon_pt"].num_baskets == 4
+        assert ak.to_list(four["Events"].arrays()) == ak.to_list(one["Events"].arrays())

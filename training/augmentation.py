@@ -1,4 +1,5 @@
-"""Rotation augmentation for the calorimeter task (arXiv:2311.05952, PAPERS.md §2).
+"""Rotation augmentation for the calorimeter task (arXiv:2311.05952; docs/papers.md,
+"Rotation symmetry").
 
 Three ways to make training rows from calo-rotation events, all returning the rows of each
 event contiguous (event-major: event 0 at every angle, then event 1, ...):

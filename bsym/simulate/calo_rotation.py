@@ -1,4 +1,5 @@
-"""Calorimeter showers with a rotation-breaking detector (arXiv:2311.05952, PAPERS.md §2).
+"""Calorimeter showers with a rotation-breaking detector (arXiv:2311.05952; docs/papers.md,
+"Rotation symmetry").
 
 Each event is a list of pre-detector particles (x, y, E) on the square [−1, 1]²; a detector
 bins them into cells, smears each cell's energy and drops cells below a threshold. The
@@ -48,7 +49,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +62,7 @@ from pydantic import Field, model_validator
 
 from bsym.errors import ConfigError, InputFileError
 from bsym.features import StrictModel
+from bsym.simulate.rootwrite import write_branches
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
@@ -395,8 +396,6 @@ def _write_file(
     generator: dict[str, float | int],
     file_uuid: uuid.UUID,
 ) -> None:
-    import uproot
-
     particle_columns = particles.jagged("Particle")
     cell_columns = cells.jagged("Cell")
     branches: dict[str, Any] = {
@@ -405,16 +404,8 @@ def _write_file(
         "Particle": ak.zip({k.removeprefix("Particle_"): v for k, v in particle_columns.items()}),
         "Cell": ak.zip({k.removeprefix("Cell_"): v for k, v in cell_columns.items()}),
     }
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with uproot.recreate(temporary, uuid_function=lambda: file_uuid) as file:
-            file[DETECTOR_KEY] = detector.to_json()
-            file[GENERATOR_KEY] = json.dumps(generator)
-            types = {k: v.type if isinstance(v, ak.Array) else v.dtype for k, v in branches.items()}
-            file.mktree(TREE, types).extend(branches)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    strings = {DETECTOR_KEY: detector.to_json(), GENERATOR_KEY: json.dumps(generator)}
+    write_branches(path, TREE, branches, file_uuid=file_uuid, strings=strings)
 
 
 def read_detector(path: Path) -> DetectorConfig:

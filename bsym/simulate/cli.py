@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from bsym.console import stdout, user_errors
-from bsym.simulate.isolation import IsolationConfig
+from bsym.simulate.isolation_config import IsolationConfig
 
 simulate_app = typer.Typer(
     help="Generate toy ROOT ntuples (physics + detector).", no_args_is_help=True

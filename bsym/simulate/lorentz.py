@@ -56,7 +56,6 @@ events).
 from __future__ import annotations
 
 import math
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bsym.errors import ConfigError
+from bsym.simulate.rootwrite import write_branches
 
 Array = npt.NDArray[np.float64]
 
@@ -150,8 +150,8 @@ def write_lorentz(
 ) -> list[Path]:
     """Write ``lorentz_XXX.root`` files (TTree 'Events', one entry per event) into ``out_dir``.
 
-    Each file is written under a temporary name and moved into place with :func:`os.replace`,
-    so an interrupted run never leaves a truncated file. Returns the written paths.
+    Each file is written atomically (:func:`bsym.simulate.rootwrite.write_branches`), so an
+    interrupted run never leaves a truncated file. Returns the written paths.
     """
     if events_per_file <= 0:
         raise ConfigError(f"events_per_file must be a positive integer, got {events_per_file}")
@@ -168,21 +168,11 @@ def write_lorentz(
 
 
 def _write_tree(path: Path, events: ak.Array, file_uuid: uuid.UUID) -> None:
-    import uproot
-
     branches = {
         "Muon": ak.zip({name: events[f"Muon_{name}"] for name in MUON_BRANCHES}),
         **{name: events[name].to_numpy() for name in ("lead_pt", "label", "weight", "mass_true")},
     }
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with uproot.recreate(temporary, uuid_function=lambda: file_uuid) as file:
-            # mktree, not file[TREE] = ...: uproot 5.7 writes an RNTuple for the latter
-            types = {k: v.type if isinstance(v, ak.Array) else v.dtype for k, v in branches.items()}
-            file.mktree(TREE, types).extend(branches)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_branches(path, TREE, branches, file_uuid=file_uuid)
 
 
 def _check_request(n_events: int, breaking: float) -> None:

@@ -1,17 +1,19 @@
-"""Write flat awkward record arrays as ROOT TTrees, NanoAOD style, atomically."""
+"""The one writer of simulated ROOT files: flat awkward record arrays or ready branches as
+TTrees, NanoAOD style, atomically."""
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import awkward as ak
 import numpy as np
-import uproot
 
-__all__ = ["tree_data", "write_tree"]
+from bsym.rootio import atomic_output
+
+__all__ = ["tree_data", "write_branches", "write_tree"]
 
 
 def tree_data(layout: ak.Array, counters: Collection[str]) -> dict[str, object]:
@@ -47,27 +49,56 @@ def write_tree(
     *,
     counters: Collection[str],
     file_uuid: uuid.UUID | None = None,
+    basket_entries: int | None = None,
 ) -> Path:
-    """Write ``layout`` as TTree ``tree`` in a new ROOT file at ``path``, atomically.
+    """Write the flat record array ``layout`` as TTree ``tree`` in a new ROOT file at ``path``.
 
-    The file is written under a temporary name in the same folder and moved into place with
-    :func:`os.replace`, so an interrupted write never leaves a truncated file at ``path``.
-    The whole layout goes in with one ``extend`` (uproot is fast only with large baskets).
-    A fixed ``file_uuid`` removes one source of byte differences between identical runs;
-    uproot still stamps the creation time.
+    The fields are grouped by :func:`tree_data`; see :func:`write_branches` for the rest.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = tree_data(layout, counters)
+    return write_branches(
+        path,
+        tree,
+        tree_data(layout, counters),
+        file_uuid=file_uuid,
+        basket_entries=basket_entries,
+    )
+
+
+def write_branches(
+    path: Path,
+    tree: str,
+    branches: Mapping[str, Any],
+    *,
+    file_uuid: uuid.UUID | None = None,
+    strings: Mapping[str, str] | None = None,
+    basket_entries: int | None = None,
+) -> Path:
+    """Write ``branches`` (numpy arrays, or zipped awkward collections) as TTree ``tree`` in a
+    new ROOT file at ``path``, through :func:`bsym.rootio.atomic_output`, so an interrupted write
+    never leaves a truncated file at ``path``.
+
+    ``strings`` become TObjStrings under their keys (``"bsym/detector"``) before the tree. The
+    whole tree goes in with one ``extend`` (uproot is fast only with large baskets) unless
+    ``basket_entries`` asks for baskets of that many entries. A fixed ``file_uuid`` removes one
+    source of byte differences between identical runs; uproot still stamps the creation time.
+    """
+    import uproot
+
     branch_types = {
-        k: v.type if isinstance(v, ak.Array) else np.asarray(v).dtype for k, v in data.items()
+        k: v.type if isinstance(v, ak.Array) else np.asarray(v).dtype for k, v in branches.items()
     }
     options: dict[str, object] = {}
     if file_uuid is not None:
         options["uuid_function"] = lambda: file_uuid
-    try:
-        with uproot.recreate(tmp, **options) as file:
-            file.mktree(tree, branch_types).extend(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as temporary, uproot.recreate(temporary, **options) as file:
+        for key, value in (strings or {}).items():
+            file[key] = value
+        # mktree, not file[tree] = ...: uproot 5.7 writes an RNTuple for the latter
+        output = file.mktree(tree, branch_types)
+        if basket_entries is None:
+            output.extend(dict(branches))
+        else:
+            entries = len(next(iter(branches.values())))
+            for start in range(0, entries, basket_entries):
+                output.extend({k: v[start : start + basket_entries] for k, v in branches.items()})
     return path

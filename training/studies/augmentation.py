@@ -1,4 +1,5 @@
-"""Rotation augmentation against training size (arXiv:2311.05952, PAPERS.md §2).
+"""Rotation augmentation against training size (arXiv:2311.05952; docs/papers.md,
+"Rotation symmetry").
 
 Trains a fully connected network on the image (``image_fcn``) and a particle-flow network on
 the cells (``pfn``) with five ways of using the training events, at several training sizes

@@ -1,5 +1,5 @@
 """Guided search for energy flow polynomials by average decision ordering (arXiv:2010.11998,
-as arXiv:2102.02278 and arXiv:2306.15737 use it; PAPERS.md §3).
+as arXiv:2102.02278 and arXiv:2306.15737 use it; docs/papers.md, "Muon isolation").
 
 The decision ordering of two classifiers f and g on a pair (x, y) of a prompt and a
 non-prompt muon is 1 when they order the pair alike, sign(f(x) − f(y)) = sign(g(x) − g(y)),

@@ -1,4 +1,5 @@
-"""Muon isolation with and without labels (arXiv:2306.15737, PAPERS.md §3): one table.
+"""Muon isolation with and without labels (arXiv:2306.15737; docs/papers.md, "Muon
+isolation"): one table.
 
 Rows are isolation classifiers, each a shipped config in ``bsym/configs`` (1 cone + ΣpT,
 18 cones + ΣpT, the EFP network, one EFP + cones, CNN, PFN); a row whose config is not

@@ -1,4 +1,5 @@
-"""Learning curve of the broken-Lorentz-symmetry task (arXiv:2412.18773, PAPERS.md §1).
+"""Learning curve of the broken-Lorentz-symmetry task (arXiv:2412.18773; docs/papers.md,
+"Lorentz symmetry").
 
 Trains the unconstrained, invariant and dual-subnet networks at several training sizes with
 repeats and reports the test AUC of each, and the learned weight of the dual subnet on its
