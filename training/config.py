@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from bsym.errors import ConfigError, did_you_mean
 from bsym.features import FeatureSpec, StrictModel
+from bsym.rootio import atomic_output
 from bsym.training.cwola import SupervisionConfig
 from bsym.training.fit import OptimizerConfig
 from bsym.training.models.base import ModelSettings
@@ -124,9 +125,9 @@ def config_from_dict(
 
 def save_config(config: TrainConfig, path: Path) -> None:
     """Write the config as YAML that :func:`load_config` reads back to an equal config."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    path.write_text(text, encoding="utf-8")
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
