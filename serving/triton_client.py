@@ -105,8 +105,8 @@ class TritonBackend:
         if not 0 < max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ValueError(f"max_message_bytes must lie in [1, {MAX_MESSAGE_BYTES}]")
         purpose = f"scoring with model '{model}' on a Triton server"
-        utils = require("tritonclient.utils", "triton", purpose=purpose)
-        self._server_error = utils.InferenceServerException
+        grpc = require("tritonclient.grpc", "triton", purpose=purpose)
+        self._server_error = grpc.InferenceServerException
         self.url = normalise_url(url)
         self.model = model
         self.batch_size = batch_size

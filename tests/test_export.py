@@ -237,12 +237,18 @@ sys.modules["tritonclient"] = None  # as if the triton extra were not installed
 from typer.testing import CliRunner
 from bsym.cli import app
 from bsym.errors import MissingExtraError
+from bsym.export.onnx_export import export_to_repository
 from bsym.serving import TritonModel
+from pathlib import Path
 
 checkpoint, repository = sys.argv[1:]
 result = CliRunner().invoke(app, ["export", checkpoint, "--repository", repository])
 print(result.output)
 assert result.exit_code == 0, result.exception
+try:
+    export_to_repository(Path(checkpoint), Path(repository))
+except MissingExtraError as error:
+    print(f"second version: {error}")
 try:
     TritonModel("localhost:8001", "isolation_cones").feature_spec
 except MissingExtraError as error:
@@ -251,7 +257,8 @@ except MissingExtraError as error:
 
 
 def test_export_needs_no_tritonclient(trained: dict[str, Trained], tmp_path: Path) -> None:
-    """``bsym export`` works without the triton extra; the Triton client says how to get it."""
+    """``bsym export`` works without the triton extra; where it is needed, the error says how
+    to install it."""
     repository = tmp_path / "repo"
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT_TRITONCLIENT, str(trained["dnn"].checkpoint), repository],
@@ -264,3 +271,6 @@ def test_export_needs_no_tritonclient(trained: dict[str, Trained], tmp_path: Pat
     assert (repository / "isolation_cones" / "config.pbtxt").is_file()
     assert "client: scoring with model 'isolation_cones' on a Triton server needs " in result.stdout
     assert "install it with: pip install 'bsym[triton]'" in result.stdout
+    # A version beside existing ones parses their config.pbtxt, which needs Triton's schema.
+    assert "second version: reading a Triton config.pbtxt needs tritonclient" in result.stdout
+    assert not (repository / "isolation_cones" / "2").exists()
