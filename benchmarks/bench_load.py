@@ -44,7 +44,10 @@ sys.path.insert(0, str(HERE))
 
 from bench_score import MODEL_NAME, bench_spec, make_model  # noqa: E402
 
-from bsym.export.triton_config import Batching, write_model_repository  # noqa: E402
+from bsym.contract import CLASS_LABELS_KEY  # noqa: E402
+from bsym.export.triton.common import Flavour  # noqa: E402
+from bsym.export.triton.description import Batching  # noqa: E402
+from bsym.export.triton.repository import write_model_repository  # noqa: E402
 from bsym.serving.onnx_backend import OnnxRuntimeBackend  # noqa: E402
 from bsym.serving.serve import ServedRepository  # noqa: E402
 
@@ -107,7 +110,7 @@ def prepare(data_dir: Path, instances: int) -> tuple[Path, Path]:
     if not model.is_file():
         proto = onnx.load(str(make_model(data_dir / f"{MODEL_NAME}.onnx", bench_spec())))
         entry = proto.metadata_props.add()
-        entry.key, entry.value = "bsym_class_labels", json.dumps(["prompt"])
+        entry.key, entry.value = CLASS_LABELS_KEY, json.dumps(["prompt"])
         onnx.save(proto, str(model))
     repository = data_dir / "load_repository"
     write_model_repository(
@@ -115,7 +118,7 @@ def prepare(data_dir: Path, instances: int) -> tuple[Path, Path]:
         repository,
         MODEL_NAME,
         1,
-        flavour="production",
+        flavour=Flavour.production,
         force=True,
         batching=Batching(max_batch_size=4096),
         cpu_instances=instances,

@@ -33,6 +33,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bsym import contract
 from bsym.features import (
     Constituents,
     Feature,
@@ -43,7 +44,8 @@ from bsym.features import (
     required_branches,
 )
 from bsym.rootio import TreeSource, iterate_chunks, open_tree
-from bsym.serving.onnx_backend import DEFAULT_BATCH_SIZE, OnnxRuntimeBackend
+from bsym.serving.defaults import DEFAULT_BATCH_SIZE
+from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.scorer import ENTRIES_PER_BATCH
 from bsym.simulate.rootwrite import write_tree
 
@@ -177,10 +179,10 @@ def make_model(path: Path, spec: FeatureSpec) -> Path:
         )
     proto = onnx.load(str(path))
     for key, value in {
-        "bsym_feature_spec": spec.to_json(),
-        "bsym_model_name": MODEL_NAME,
-        "bsym_version": "bench",
-        "bsym_git_commit": "bench",
+        contract.FEATURE_SPEC_KEY: spec.to_json(),
+        contract.MODEL_NAME_KEY: MODEL_NAME,
+        contract.VERSION_KEY: "bench",
+        contract.GIT_COMMIT_KEY: "bench",
     }.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -41,6 +41,10 @@ class ServerError(BsymError):
     """An inference server is unreachable or refuses a request."""
 
 
+class MissingExtraError(BsymError):
+    """An optional extra (``bsym[triton]``, ``bsym[efp]``) that a feature needs is not installed."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str], *, limit: int = 3) -> str:
     """Return '; did you mean X?' for close matches of ``name``, or an empty string."""
     matches = difflib.get_close_matches(name, list(candidates), n=limit, cutoff=0.6)

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bsym.contract import CONSTITUENTS, GLOBALS, MASK
 from bsym.errors import BadValueError, SpecMismatchError
 
 if TYPE_CHECKING:
@@ -205,10 +206,10 @@ class FeatureBatch:
         """The model's input tensors by their contract names."""
         tensors: dict[str, npt.NDArray[np.generic]] = {}
         if self.constituents is not None and self.mask is not None:
-            tensors["constituents"] = self.constituents
-            tensors["mask"] = self.mask
+            tensors[CONSTITUENTS] = self.constituents
+            tensors[MASK] = self.mask
         if self.globals is not None:
-            tensors["globals"] = self.globals
+            tensors[GLOBALS] = self.globals
         return tensors
 
 

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bsym.console import stdout, user_errors
-
-# Equal to bsym.export.onnx_export.DEFAULT_TOLERANCE, which is not imported here: that module
-# pulls in numpy, awkward and pydantic, and `bsym --help` should answer instantly.
-DEFAULT_TOLERANCE = 1e-4
-
-
-class Flavour(str, Enum):
-    """Which Triton config to write beside the model."""
-
-    production = "production"
-    cpu = "cpu"
+from bsym.contract import DEFAULT_REPOSITORY
+from bsym.export.defaults import DEFAULT_TOLERANCE
+from bsym.export.triton.common import Flavour
 
 
 def export_command(
@@ -27,9 +18,9 @@ def export_command(
         Path,
         typer.Argument(exists=True, dir_okay=False, help="checkpoint.pt written by bsym train."),
     ],
-    repository: Annotated[Path, typer.Option(help="Triton model repository to write into.")] = Path(
-        "model_repository"
-    ),
+    repository: Annotated[
+        Path, typer.Option(help="Triton model repository to write into.")
+    ] = DEFAULT_REPOSITORY,
     name: Annotated[
         str | None,
         typer.Option(help="Model name (default: the config's name); it names output branches."),
@@ -72,7 +63,7 @@ def export_command(
             repository,
             name=name,
             version=version,
-            flavour="cpu" if flavour is Flavour.cpu else "production",
+            flavour=flavour,
             force=force,
             parity_data=parity_data or None,
             tolerance=tolerance,
@@ -88,7 +79,7 @@ def export_command(
         soft_wrap=True,
     )
     stdout.print(
-        f"repository: {entry.model_dir} version {entry.version} ({entry.flavour} config)",
+        f"repository: {entry.model_dir} version {entry.version} ({entry.flavour.value} config)",
         highlight=False,
         soft_wrap=True,
     )

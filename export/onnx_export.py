@@ -28,8 +28,11 @@ import numpy as np
 import numpy.typing as npt
 
 import bsym
+from bsym import contract
 from bsym.console import stderr
 from bsym.errors import ConfigError, SpecMismatchError
+from bsym.export.defaults import DEFAULT_OPSET, DEFAULT_TOLERANCE
+from bsym.export.triton.common import Flavour
 from bsym.features import FeatureBatch
 from bsym.rootio import atomic_output, parse_inputs
 
@@ -37,20 +40,15 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-    from bsym.export.triton_config import Flavour
     from bsym.training.checkpoint import LoadedModel
 
-DEFAULT_TOLERANCE = 1e-4
-"""Largest allowed |torch − ONNX Runtime| on any output value (probabilities, absolute)."""
-DEFAULT_OPSET = 17
 PARITY_MAX_ROWS = 20_000
 PARITY_MIN_ROWS = 2_000
 PARITY_BATCH_SIZES = (4096, 333, 1)
 SINGLE_ROW_CHECKS = 64
 """Batches of one row are slow in Python, so only the first rows are checked one by one."""
 
-DEFAULT_OUTPUT_NAMES = ("score",)
-MODEL_FILENAME = "model.onnx"
+DEFAULT_OUTPUT_NAMES = (contract.SCORE,)
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ class RepositoryEntry:
     repository: Path
     model_dir: Path
     version: int
-    flavour: str
+    flavour: Flavour
 
 
 def export_onnx(
@@ -121,11 +119,11 @@ def export_onnx(
 
 def export_to_repository(
     checkpoint: Path,
-    repository: Path = Path("model_repository"),
+    repository: Path = contract.DEFAULT_REPOSITORY,
     *,
     name: str | None = None,
     version: int | None = None,
-    flavour: Flavour = "production",
+    flavour: Flavour = Flavour.production,
     force: bool = False,
     parity_data: Sequence[str] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -137,9 +135,12 @@ def export_to_repository(
     ``force``. ``flavour`` picks the Triton config (``production``: ONNX Runtime backend on
     GPUs; ``cpu``: the Python backend on CPUs).
     """
-    from bsym.export.triton_config import check_model_name, write_model_repository
+    from bsym.export.triton.description import check_model_name
+    from bsym.export.triton.render import flavour_of
+    from bsym.export.triton.repository import write_model_repository
     from bsym.training.checkpoint import load_checkpoint
 
+    flavour = flavour_of(flavour)
     loaded = load_checkpoint(Path(checkpoint))
     model_name = _model_name(loaded, name)
     check_model_name(model_name)
@@ -157,7 +158,7 @@ def export_to_repository(
     with tempfile.TemporaryDirectory(prefix="bsym-export-") as tmp:
         report = _export_loaded(
             loaded,
-            Path(tmp) / MODEL_FILENAME,
+            Path(tmp) / contract.MODEL_FILENAME,
             parity_data=parity_data,
             tolerance=tolerance,
             opset=opset,
@@ -166,16 +167,15 @@ def export_to_repository(
         model_dir = write_model_repository(
             report.onnx_path, repository, model_name, version, flavour=flavour, force=force
         )
-    placed = dataclasses.replace(report, onnx_path=model_dir / str(version) / MODEL_FILENAME)
+    placed = dataclasses.replace(
+        report, onnx_path=model_dir / str(version) / contract.MODEL_FILENAME
+    )
     return RepositoryEntry(placed, repository, model_dir, version, flavour)
 
 
 def next_version(model_dir: Path) -> int:
     """One above the highest numbered version directory in ``model_dir`` (1 if none)."""
-    if not model_dir.is_dir():
-        return 1
-    numbers = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(numbers, default=0) + 1
+    return max(contract.model_versions(model_dir), default=0) + 1
 
 
 def _export_loaded(
@@ -356,7 +356,7 @@ def to_onnx(
         torch.no_grad(),
     ):
         warnings.simplefilter("ignore", DeprecationWarning)
-        traced = Path(tmp) / MODEL_FILENAME
+        traced = Path(tmp) / contract.MODEL_FILENAME
         torch.onnx.export(
             model,
             example,
@@ -397,16 +397,16 @@ def _torch_outputs(
 def _metadata(loaded: LoadedModel, model_name: str, parity: ParityReport) -> dict[str, str]:
     labels = loaded.config.class_labels
     return {
-        "bsym_feature_spec": loaded.spec.to_json(),
-        "bsym_config": loaded.config.model_dump_json(),
-        "bsym_version": bsym.__version__,
-        "bsym_git_commit": git_commit(Path(bsym.__file__).resolve().parent),
-        "bsym_model_name": model_name,
-        "bsym_model_type": loaded.checkpoint.model_type,
-        "bsym_class_labels": json.dumps(list(labels)),
-        "bsym_parity_max_abs_diff": repr(parity.worst),
-        "bsym_parity_tolerance": repr(parity.tolerance),
-        "bsym_parity_rows": str(parity.rows),
+        contract.FEATURE_SPEC_KEY: loaded.spec.to_json(),
+        contract.CONFIG_KEY: loaded.config.model_dump_json(),
+        contract.VERSION_KEY: bsym.__version__,
+        contract.GIT_COMMIT_KEY: git_commit(Path(bsym.__file__).resolve().parent),
+        contract.MODEL_NAME_KEY: model_name,
+        contract.MODEL_TYPE_KEY: loaded.checkpoint.model_type,
+        contract.CLASS_LABELS_KEY: json.dumps(list(labels)),
+        contract.PARITY_MAX_ABS_DIFF_KEY: repr(parity.worst),
+        contract.PARITY_TOLERANCE_KEY: repr(parity.tolerance),
+        contract.PARITY_ROWS_KEY: str(parity.rows),
     }
 
 

@@ -30,14 +30,13 @@ import numpy.typing as npt
 from bsym.errors import BsymError, SpecMismatchError, did_you_mean
 from bsym.features import FeatureSpec, Layout, build_features, required_branches
 from bsym.serving.backend import Tensor
-from bsym.serving.triton_client import (
+from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_IN_FLIGHT,
     DEFAULT_RETRY_TIMEOUT,
     DEFAULT_TIMEOUT,
-    RetryPolicy,
-    TritonBackend,
 )
+from bsym.serving.triton_client import RetryPolicy, TritonBackend
 
 Scores: TypeAlias = npt.NDArray[Any] | ak.Array
 

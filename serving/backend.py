@@ -16,17 +16,19 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from bsym.contract import (
+    CLASS_LABELS_KEY,
+    CONSTITUENTS,
+    FEATURE_SPEC_KEY,
+    GLOBALS,
+    INPUTS,
+    MASK,
+    MODEL_NAME_KEY,
+)
 from bsym.errors import SpecMismatchError, did_you_mean
 from bsym.features import FeatureSpec
 
 Tensor = npt.NDArray[np.generic]
-
-SPEC_KEY = "bsym_feature_spec"
-NAME_KEY = "bsym_model_name"
-VERSION_KEY = "bsym_version"
-COMMIT_KEY = "bsym_git_commit"
-CONFIG_KEY = "bsym_config"
-CLASS_LABELS_KEY = "bsym_class_labels"
 
 
 class Backend(Protocol):
@@ -79,25 +81,40 @@ class TensorSpec:
         return f"[{dims}] {self.dtype}"
 
 
+def spec_tensors(spec: FeatureSpec) -> dict[str, TensorSpec]:
+    """The input tensors :func:`~bsym.features.build_features` makes for ``spec``."""
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    if spec.constituents is not None:
+        count, features = spec.constituents.max_count, len(spec.constituents.features)
+        shapes[CONSTITUENTS] = (None, count, features)
+        shapes[MASK] = (None, count)
+    if spec.global_names:
+        shapes[GLOBALS] = (None, len(spec.global_names))
+    return {
+        name: TensorSpec(name, np.dtype(INPUTS[name].dtype), shape)
+        for name, shape in shapes.items()
+    }
+
+
 def model_identity(metadata: Mapping[str, str], where: str) -> tuple[str, FeatureSpec]:
     """The model name and feature spec from ``metadata_props``; ``where`` names the model."""
-    missing = [key for key in (NAME_KEY, SPEC_KEY) if not metadata.get(key)]
+    missing = [key for key in (MODEL_NAME_KEY, FEATURE_SPEC_KEY) if not metadata.get(key)]
     if missing:
         raise SpecMismatchError(
             f"{where} has no {' or '.join(repr(k) for k in missing)} in its metadata_props, "
             "so bsym cannot tell which branches it reads; export it with 'bsym export'"
         )
-    name = metadata[NAME_KEY]
+    name = metadata[MODEL_NAME_KEY]
     if not name.isidentifier():
         raise SpecMismatchError(
             f"{where}: model name {name!r} cannot be used in branch names "
             "(letters, digits and underscores only)"
         )
     try:
-        spec = FeatureSpec.from_json(metadata[SPEC_KEY])
+        spec = FeatureSpec.from_json(metadata[FEATURE_SPEC_KEY])
     except ValueError as error:  # pydantic's ValidationError and json's errors are ValueErrors
         raise SpecMismatchError(
-            f"{where}: invalid {SPEC_KEY!r} in metadata_props: {error}"
+            f"{where}: invalid {FEATURE_SPEC_KEY!r} in metadata_props: {error}"
         ) from error
     return name, spec
 
@@ -164,15 +181,12 @@ def probe_outputs(backend: Backend) -> dict[str, Tensor]:
     is read, and tells the scorer the shape and dtype of every output.
     """
     spec = backend.feature_spec
-    tensors: dict[str, Tensor] = {}
-    if spec.constituents is not None:
-        count, features = spec.constituents.max_count, len(spec.constituents.features)
-        tensors["constituents"] = np.zeros((1, count, features), dtype=np.float32)
-        mask = np.zeros((1, count), dtype=np.bool_)
-        mask[0, 0] = True
-        tensors["mask"] = mask
-    if spec.global_names:
-        tensors["globals"] = np.zeros((1, len(spec.global_names)), dtype=np.float32)
+    tensors: dict[str, Tensor] = {
+        name: np.zeros((1, *(d or 0 for d in tensor.shape[1:])), dtype=tensor.dtype)
+        for name, tensor in spec_tensors(spec).items()
+    }
+    if MASK in tensors:
+        tensors[MASK][0, 0] = True
     where = f"the feature spec inside model '{backend.name}'"
     for name in backend.input_names:
         if name not in tensors:

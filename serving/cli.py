@@ -11,13 +11,22 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from bsym.console import stderr, stdout, user_errors
-from bsym.errors import did_you_mean
+from bsym.contract import DEFAULT_REPOSITORY, find_model
+from bsym.errors import ConfigError
+from bsym.export.triton.common import DEFAULT_CPU_INSTANCES
+from bsym.serving.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_RETRY_TIMEOUT,
+    DEFAULT_STEP_SIZE,
+    DEFAULT_TIMEOUT,
+)
+from bsym.serving.serve import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+from bsym.serving.triton_server import DEFAULT_STARTUP_TIMEOUT, HOST
 
 if TYPE_CHECKING:
     from bsym.serving.backend import Backend
     from bsym.serving.scorer import ScoreSummary
-
-MODEL_FILE = "model.onnx"
 
 
 def resolve_model(model: str, repository: Path) -> Path:
@@ -27,24 +36,12 @@ def resolve_model(model: str, repository: Path) -> Path:
         return path
     if path.suffix == ".onnx":
         raise typer.BadParameter(f"no such model file: {path}", param_hint="'--model'")
-    directory = path if path.is_dir() else repository / model
-    if not directory.is_dir():
-        names = [p.name for p in repository.iterdir() if p.is_dir()] if repository.is_dir() else []
-        raise typer.BadParameter(
-            f"no model '{model}' in the model repository {repository}{did_you_mean(model, names)}",
-            param_hint="'--model'",
-        )
-    versions = [
-        int(version.name)
-        for version in directory.iterdir()
-        if version.name.isdigit() and (version / MODEL_FILE).is_file()
-    ]
-    if not versions:
-        raise typer.BadParameter(
-            f"{directory} has no numbered version directory holding {MODEL_FILE}",
-            param_hint="'--model'",
-        )
-    return directory / str(max(versions)) / MODEL_FILE
+    try:
+        if path.is_dir():
+            return find_model(path.parent, path.name)
+        return find_model(repository, model)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="'--model'") from error
 
 
 def _step_size(text: str) -> int | str:
@@ -71,11 +68,13 @@ def score_command(
     ],
     repository: Annotated[
         Path, typer.Option(help="Model repository where --model names are looked up.")
-    ] = Path("model_repository"),
+    ] = DEFAULT_REPOSITORY,
     step_size: Annotated[
         str, typer.Option(help="Entries read per chunk: a count or a size like '100 MB'.")
-    ] = "100 MB",
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per inference call.")] = 1024,
+    ] = DEFAULT_STEP_SIZE,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Rows per inference call.")
+    ] = DEFAULT_BATCH_SIZE,
     threads: Annotated[
         int | None, typer.Option(min=1, help="ONNX Runtime threads (default: all cores).")
     ] = None,
@@ -99,11 +98,11 @@ def score_command(
     ] = None,
     in_flight: Annotated[
         int, typer.Option(min=1, help="Requests in flight at once.", rich_help_panel="Triton")
-    ] = 4,
+    ] = DEFAULT_IN_FLIGHT,
     timeout: Annotated[
         float,
         typer.Option(min=0.001, help="Seconds to wait for one answer.", rich_help_panel="Triton"),
-    ] = 60.0,
+    ] = DEFAULT_TIMEOUT,
     retry_timeout: Annotated[
         float,
         typer.Option(
@@ -111,7 +110,7 @@ def score_command(
             help="Seconds to keep retrying, with backoff, while the server is unavailable.",
             rich_help_panel="Triton",
         ),
-    ] = 30.0,
+    ] = DEFAULT_RETRY_TIMEOUT,
 ) -> None:
     """Score ROOT files with a model; write one friend tree per file into --out."""
     from bsym.serving.scorer import score_files
@@ -214,22 +213,20 @@ def serve_command(
     repository: Annotated[
         Path,
         typer.Option(exists=True, file_okay=False, help="Model repository (production configs)."),
-    ] = Path("model_repository"),
-    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = (
-        "127.0.0.1"
-    ),
-    grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port (0: a free one).")] = (
-        8001
-    ),
-    http_port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP port (0: a free one).")] = (
-        8000
-    ),
+    ] = DEFAULT_REPOSITORY,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = HOST,
+    grpc_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="gRPC port (0: a free one).")
+    ] = DEFAULT_GRPC_PORT,
+    http_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="HTTP port (0: a free one).")
+    ] = DEFAULT_HTTP_PORT,
     instances: Annotated[
         int, typer.Option(min=1, help="CPU instances per model (one ONNX Runtime thread each).")
-    ] = 2,
+    ] = DEFAULT_CPU_INSTANCES,
     startup_timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait for every model to be ready.")
-    ] = 120.0,
+    ] = DEFAULT_STARTUP_TIMEOUT,
 ) -> None:
     """Serve the model repository with Triton (CPU here) until Ctrl-C or SIGTERM."""
     from bsym.serving.serve import ServedRepository, serve_until_stopped

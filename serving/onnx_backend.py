@@ -11,6 +11,7 @@ import numpy as np
 from bsym.errors import InputFileError, ServerError, SpecMismatchError
 from bsym.features import FeatureSpec
 from bsym.serving.backend import Tensor, TensorSpec, check_inputs, model_identity
+from bsym.serving.defaults import DEFAULT_BATCH_SIZE
 
 _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
@@ -20,7 +21,6 @@ _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
-DEFAULT_BATCH_SIZE = 1024
 
 
 class OnnxRuntimeBackend:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from bsym.contract import GIT_COMMIT_KEY, VERSION_KEY
 from bsym.errors import (
     BadValueError,
     BsymError,
@@ -39,13 +40,12 @@ from bsym.rootio import (
     parse_inputs,
 )
 from bsym.serving.backend import (
-    COMMIT_KEY,
-    VERSION_KEY,
     Backend,
     Tensor,
     class_labels,
     probe_outputs,
 )
+from bsym.serving.defaults import DEFAULT_STEP_SIZE
 from bsym.serving.friend_tree import (
     Column,
     FriendTreeWriter,
@@ -115,7 +115,7 @@ def score_files(
     backend: Backend,
     out_dir: Path,
     *,
-    step_size: int | str = "100 MB",
+    step_size: int | str = DEFAULT_STEP_SIZE,
     force: bool = False,
     progress: bool = True,
 ) -> ScoreSummary:
@@ -233,7 +233,7 @@ class _Scorer:
             layout=layout,
             model_name=self.backend.name,
             model_bsym_version=metadata.get(VERSION_KEY, ""),
-            model_git_commit=metadata.get(COMMIT_KEY, ""),
+            model_git_commit=metadata.get(GIT_COMMIT_KEY, ""),
             branches=",".join(self._branch_names(layout)),
         )
 

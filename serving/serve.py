@@ -3,7 +3,7 @@
 The repository that ``bsym export`` writes is the production one (Triton's ONNX Runtime
 backend, ``KIND_GPU``). The ``tritonserver`` binary of nvidia-pytriton has neither that backend
 nor a GPU to use here, so :class:`ServedRepository` derives the ``cpu`` flavour of every model
-into a temporary directory, with :func:`bsym.export.triton_config.derive_repository`: the same
+into a temporary directory, with :func:`bsym.export.triton.repository.derive_repository`: the same
 tensors, batching, versions, checksums and served metadata, regenerated from the production
 configs (not written twice) for the Python backend, and ``model.onnx`` linked, not copied.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from bsym.errors import ServerError
-from bsym.serving.triton_server import HOST, TritonServer
+from bsym.export.triton.common import DEFAULT_CPU_INSTANCES, Flavour
+from bsym.serving.triton_server import DEFAULT_STARTUP_TIMEOUT, HOST, TritonServer
 
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HTTP_PORT = 8000
@@ -40,8 +41,8 @@ class ServedRepository:
         host: str = HOST,
         grpc_port: int = DEFAULT_GRPC_PORT,
         http_port: int = DEFAULT_HTTP_PORT,
-        instances: int = 2,
-        startup_timeout: float = 120.0,
+        instances: int = DEFAULT_CPU_INSTANCES,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         models: Sequence[str] | None = None,
     ) -> None:
         self.repository = Path(repository)
@@ -66,7 +67,7 @@ class ServedRepository:
 
     def start(self) -> None:
         """Derive the cpu repository and start the server on it; stop everything on failure."""
-        from bsym.export.triton_config import derive_repository
+        from bsym.export.triton.repository import derive_repository
 
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} is not a directory")
@@ -74,7 +75,7 @@ class ServedRepository:
         try:
             derived = Path(self._tmp.name)
             self.models = derive_repository(
-                self.repository, derived, "cpu", cpu_instances=self.instances
+                self.repository, derived, Flavour.cpu, cpu_instances=self.instances
             )
             if self.only is not None:
                 for name in set(self.models) - set(self.only):

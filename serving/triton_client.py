@@ -3,14 +3,8 @@
 :class:`TritonBackend` implements :class:`~bsym.serving.backend.Backend`, so ``bsym score
 --server`` and :class:`~bsym.serving.analysis.TritonModel` run the same code as the embedded
 ONNX Runtime backend up to the model call. On connecting it reads, with retries while the
-server is unavailable:
-
-- the model metadata (tensor names, data types, shapes; the versions served);
-- the model config: ``max_batch_size`` and, per version, the ``bsym_*`` metadata that
-  :mod:`bsym.export.triton_config` serves as ``parameters`` (the feature spec above all);
-
-and checks that the feature spec makes exactly the tensors the server takes, so files are
-never scored with a spec that does not belong to the served model. It then pins the version,
+server is unavailable, the model metadata and config, and checks them against the served
+feature spec (:func:`~bsym.serving.triton_served.served_model`). It then pins the version,
 so a new version loaded during a run cannot mix two models in one output.
 
 Requests go through ``tritonclient.grpc.aio`` on a loop in a background thread: several are
@@ -32,40 +26,29 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from bsym.errors import ServerError, SpecMismatchError, did_you_mean
-from bsym.features import FEATURE_SPEC_VERSION, FeatureSpec
+from bsym.extras import require
+from bsym.features import FeatureSpec
 from bsym.serving.aio_thread import LoopThread
-from bsym.serving.backend import SPEC_KEY, Tensor, TensorSpec, check_inputs, model_identity
+from bsym.serving.backend import Tensor, TensorSpec, check_inputs
+from bsym.serving.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_RETRY_TIMEOUT,
+    DEFAULT_TIMEOUT,
+)
+from bsym.serving.triton_served import TRITON_TYPES, served_model
 
 if TYPE_CHECKING:
     from tritonclient.grpc.aio import InferenceServerClient
 
 T = TypeVar("T")
 
-INSTALL_HINT = "install it with: pip install 'bsym[triton]'"
-DEFAULT_BATCH_SIZE = 1024
-DEFAULT_IN_FLIGHT = 4
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_RETRY_TIMEOUT = 30.0
 MAX_MESSAGE_BYTES = 2**31 - 1
 """gRPC message limit of Triton's server and of tritonclient (INT32_MAX)."""
 _HEADROOM = 64 * 1024  # request framing, names and shapes beside the raw tensor bytes
-_SPEC_VERSION_KEY = "bsym_spec_version"
 _UNAVAILABLE = "StatusCode.UNAVAILABLE"
 _NOT_FOUND = "StatusCode.NOT_FOUND"
 _DEADLINE = "StatusCode.DEADLINE_EXCEEDED"
-
-_DTYPES: dict[str, type[np.generic]] = {
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "FP16": np.float16,
-    "BOOL": np.bool_,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-}
-_TRITON_TYPES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -80,22 +63,6 @@ class RetryPolicy:
     total: float = DEFAULT_RETRY_TIMEOUT
     first_delay: float = 0.1
     max_delay: float = 2.0
-
-
-def spec_tensors(spec: FeatureSpec) -> dict[str, TensorSpec]:
-    """The input tensors :func:`~bsym.features.build_features` makes for ``spec``."""
-    tensors: dict[str, TensorSpec] = {}
-    if spec.constituents is not None:
-        count, features = spec.constituents.max_count, len(spec.constituents.features)
-        tensors["constituents"] = TensorSpec(
-            "constituents", np.dtype(np.float32), (None, count, features)
-        )
-        tensors["mask"] = TensorSpec("mask", np.dtype(np.bool_), (None, count))
-    if spec.global_names:
-        tensors["globals"] = TensorSpec(
-            "globals", np.dtype(np.float32), (None, len(spec.global_names))
-        )
-    return tensors
 
 
 def normalise_url(url: str) -> str:
@@ -137,11 +104,9 @@ class TritonBackend:
             )
         if not 0 < max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ValueError(f"max_message_bytes must lie in [1, {MAX_MESSAGE_BYTES}]")
-        try:
-            from tritonclient.utils import InferenceServerException
-        except ImportError as error:
-            raise ServerError(f"tritonclient[grpc] is not installed; {INSTALL_HINT}") from error
-        self._server_error = InferenceServerException
+        purpose = f"scoring with model '{model}' on a Triton server"
+        grpc = require("tritonclient.grpc", "triton", purpose=purpose)
+        self._server_error = grpc.InferenceServerException
         self.url = normalise_url(url)
         self.model = model
         self.batch_size = batch_size
@@ -279,29 +244,12 @@ class TritonBackend:
             if error.status() == _NOT_FOUND:
                 raise await self._not_found(client, version) from error
             raise self._refused(error, "reading the model metadata") from error
-        ready = sorted(int(v) for v in metadata.versions if v.isdigit())
-        if not ready:
-            raise ServerError(f"{self._where} has no version ready")
-        self._version = version if version is not None else ready[-1]
-        self._max_batch_size = int(config.max_batch_size)
-        if self._max_batch_size <= 0:
-            raise SpecMismatchError(
-                f"{self._where}: expected a batching model (max_batch_size > 0), found "
-                f"max_batch_size {config.max_batch_size}"
-            )
-        self._metadata = self._served_metadata(config)
-        self._name, self._spec = model_identity(self._metadata, self._where)
-        self._check_spec_version()
-        self._inputs = tuple(self._tensor(entry, "input") for entry in metadata.inputs)
-        outputs = [self._tensor(entry, "output") for entry in metadata.outputs]
-        if "score" not in {spec.name for spec in outputs}:
-            found = [spec.name for spec in outputs]
-            raise SpecMismatchError(
-                f"{self._where}: expected an output 'score', found {found}"
-                f"{did_you_mean('score', found)}"
-            )
-        self._outputs = tuple(sorted(outputs, key=lambda spec: spec.name != "score"))
-        self._check_inputs_against_spec()
+        served = served_model(metadata, config, model=self.model, url=self.url, version=version)
+        self._version = served.version
+        self._max_batch_size = served.max_batch_size
+        self._metadata = served.metadata
+        self._name, self._spec = served.name, served.spec
+        self._inputs, self._outputs = served.inputs, served.outputs
 
     async def _not_found(self, client: InferenceServerClient, version: int | None) -> ServerError:
         index = await client.get_model_repository_index(client_timeout=self.timeout)
@@ -319,60 +267,6 @@ class TritonBackend:
             f"the Triton server at {self.url} has no model '{self.model}' (it serves "
             f"{sorted(ready) or 'no model'}){did_you_mean(self.model, ready)}"
         )
-
-    def _served_metadata(self, config: Any) -> dict[str, str]:
-        prefix = f"{self._version}/"
-        served = {
-            key.removeprefix(prefix): parameter.string_value
-            for key, parameter in config.parameters.items()
-            if key.startswith(prefix)
-        }
-        if SPEC_KEY not in served:
-            raise SpecMismatchError(
-                f"{self._where} serves no feature spec: its config has no parameter "
-                f"'{prefix}{SPEC_KEY}', so bsym cannot tell which branches it reads; write the "
-                "repository with this bsym's 'bsym export' (or serve it with 'bsym serve')"
-            )
-        return served
-
-    def _check_spec_version(self) -> None:
-        served = self._metadata.get(_SPEC_VERSION_KEY, str(self._spec.version))
-        if served != str(self._spec.version) or self._spec.version > FEATURE_SPEC_VERSION:
-            raise SpecMismatchError(
-                f"{self._where}: feature spec version {served} (spec says "
-                f"{self._spec.version}); this bsym reads versions up to {FEATURE_SPEC_VERSION}, "
-                "upgrade bsym on the client"
-            )
-
-    def _tensor(self, entry: Any, kind: str) -> TensorSpec:
-        dtype = _DTYPES.get(entry.datatype)
-        if dtype is None:
-            raise SpecMismatchError(
-                f"{self._where}: {kind} '{entry.name}' has data type {entry.datatype}, which "
-                f"bsym does not handle (expected one of {sorted(_DTYPES)})"
-            )
-        shape = tuple(int(dim) for dim in entry.shape)
-        if not shape or shape[0] != -1 or any(dim < 0 for dim in shape[1:]):
-            raise SpecMismatchError(
-                f"{self._where}: {kind} '{entry.name}' has shape {list(shape)}; expected a "
-                "variable batch axis (-1) first and fixed dimensions after it"
-            )
-        return TensorSpec(entry.name, np.dtype(dtype), (None, *shape[1:]))
-
-    def _check_inputs_against_spec(self) -> None:
-        made = spec_tensors(self._spec)
-        for served in self._inputs:
-            expected = made.get(served.name)
-            if expected is None:
-                raise SpecMismatchError(
-                    f"{self._where} takes input '{served.name}', which its feature spec does "
-                    f"not make (it makes {', '.join(map(repr, made)) or 'nothing'})"
-                )
-            if (expected.dtype, expected.shape) != (served.dtype, served.shape):
-                raise SpecMismatchError(
-                    f"{self._where}: input '{served.name}' is {served.describe()} on the server "
-                    f"but its feature spec makes {expected.describe()}"
-                )
 
     # -- inference -------------------------------------------------------------------------
 
@@ -439,7 +333,7 @@ class TritonBackend:
         tensors = []
         for spec in self._inputs:
             array = np.ascontiguousarray(inputs[spec.name][start:stop])
-            tensor = InferInput(spec.name, list(array.shape), _TRITON_TYPES[array.dtype])
+            tensor = InferInput(spec.name, list(array.shape), TRITON_TYPES[array.dtype])
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
         outputs = [InferRequestedOutput(spec.name) for spec in self._outputs]

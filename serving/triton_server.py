@@ -31,10 +31,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from bsym.errors import BsymError, ServerError, did_you_mean
+from bsym.contract import CONFIG_FILENAME, repository_models
+from bsym.errors import BsymError, MissingExtraError, ServerError, did_you_mean
+from bsym.extras import install_hint, require
 
-INSTALL_HINT = "pip install 'bsym[triton]'"
 HOST = "127.0.0.1"
+DEFAULT_STARTUP_TIMEOUT = 120.0
 _ANY_ADDRESS = {"0.0.0.0", "::", ""}
 STUB_NAME = "triton_python_backend_stub"
 _BIND_FAILURES = ("address already in use", "failed to start")
@@ -49,7 +51,7 @@ def pytriton_root() -> Path:
     """Directory of the installed ``pytriton`` package (found without importing it)."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise BsymError(f"nvidia-pytriton is not installed; {INSTALL_HINT}")
+        raise MissingExtraError(f"nvidia-pytriton is not installed; {install_hint('triton')}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -57,7 +59,7 @@ def find_tritonserver() -> Path:
     """Path of the ``tritonserver`` binary inside the installed ``pytriton`` package."""
     binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
     if not os.access(binary, os.X_OK):
-        raise BsymError(f"no executable tritonserver at {binary}; {INSTALL_HINT}")
+        raise MissingExtraError(f"no executable tritonserver at {binary}; {install_hint('triton')}")
     return binary
 
 
@@ -170,7 +172,7 @@ class TritonServer:
         model_repository: Path,
         *,
         models: Sequence[str] | None = None,
-        startup_timeout: float = 120.0,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         grace_period: float = 10.0,
         backend_cache: Path | None = None,
         extra_args: Sequence[str] = (),
@@ -269,16 +271,12 @@ class TritonServer:
                 raise
 
     def _check_models_exist(self) -> None:
-        available = sorted(
-            path.name
-            for path in self.model_repository.iterdir()
-            if (path / "config.pbtxt").is_file()
-        )
+        available = repository_models(self.model_repository)
         for name in self.models or ():
             if name not in available:
                 raise ServerError(
                     f"model '{name}' is not in {self.model_repository} (models with a "
-                    f"config.pbtxt: {available}){did_you_mean(name, available)}"
+                    f"{CONFIG_FILENAME}: {available}){did_you_mean(name, available)}"
                 )
 
     def _launch(self, binary: Path, backends: Path) -> None:
@@ -325,12 +323,10 @@ class TritonServer:
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the server and every expected model are ready, or raise ServerError."""
-        # Imported here so that find_tritonserver() works without the optional tritonclient.
-        from tritonclient.grpc import InferenceServerClient, InferenceServerException
-
+        grpc = require("tritonclient.grpc", "triton", purpose="talking to a Triton server")
         process = self._require_started()
         deadline = time.monotonic() + timeout
-        client = InferenceServerClient(self.grpc_url)
+        client = grpc.InferenceServerClient(self.grpc_url)
         try:
             while True:
                 code = process.poll()
@@ -339,7 +335,7 @@ class TritonServer:
                 try:
                     if client.is_server_ready() and self._models_ready(client):
                         return
-                except InferenceServerException:
+                except grpc.InferenceServerException:
                     pass  # not listening yet
                 if time.monotonic() > deadline:
                     raise self._failure(f"was not ready after {timeout:.0f} s")

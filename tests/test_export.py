@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from bsym.export.onnx_export import (
     export_to_repository,
     to_onnx,
 )
-from bsym.export.triton_config import parse_config
+from bsym.export.triton.parse import parse_config
 from bsym.features import FeatureSpec
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint, predict
@@ -227,3 +229,48 @@ def test_cli(trained: dict[str, Trained], tmp_path: Path) -> None:
     refused = CliRunner().invoke(app, [*args, "--version", "1"])
     assert refused.exit_code == 1
     assert export_cli.DEFAULT_TOLERANCE == DEFAULT_TOLERANCE
+
+
+WITHOUT_TRITONCLIENT = """
+import sys
+sys.modules["tritonclient"] = None  # as if the triton extra were not installed
+from typer.testing import CliRunner
+from bsym.cli import app
+from bsym.errors import MissingExtraError
+from bsym.export.onnx_export import export_to_repository
+from bsym.serving import TritonModel
+from pathlib import Path
+
+checkpoint, repository = sys.argv[1:]
+result = CliRunner().invoke(app, ["export", checkpoint, "--repository", repository])
+print(result.output)
+assert result.exit_code == 0, result.exception
+try:
+    export_to_repository(Path(checkpoint), Path(repository))
+except MissingExtraError as error:
+    print(f"second version: {error}")
+try:
+    TritonModel("localhost:8001", "isolation_cones").feature_spec
+except MissingExtraError as error:
+    print(f"client: {error}")
+"""
+
+
+def test_export_needs_no_tritonclient(trained: dict[str, Trained], tmp_path: Path) -> None:
+    """``bsym export`` works without the triton extra; where it is needed, the error says how
+    to install it."""
+    repository = tmp_path / "repo"
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRITONCLIENT, str(trained["dnn"].checkpoint), repository],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (repository / "isolation_cones" / "1" / "model.onnx").is_file()
+    assert (repository / "isolation_cones" / "config.pbtxt").is_file()
+    assert "client: scoring with model 'isolation_cones' on a Triton server needs " in result.stdout
+    assert "install it with: pip install 'bsym[triton]'" in result.stdout
+    # A version beside existing ones parses their config.pbtxt, which needs Triton's schema.
+    assert "second version: reading a Triton config.pbtxt needs tritonclient" in result.stdout
+    assert not (repository / "isolation_cones" / "2").exists()

@@ -12,17 +12,18 @@ import pytest
 from onnx import TensorProto, helper
 from pydantic import ValidationError
 
+from bsym.contract import checksum_key, sha256_of
 from bsym.errors import ConfigError, SpecMismatchError
-from bsym.export.triton_config import (
+from bsym.export.triton.common import Flavour
+from bsym.export.triton.description import (
     Batching,
     TensorConfig,
-    TritonModel,
+    TritonModelConfig,
     describe_onnx,
-    parse_config,
-    render_config,
-    write_model_repository,
 )
-from bsym.serving.triton_backend.model import checksum_key, sha256_of
+from bsym.export.triton.parse import parse_config
+from bsym.export.triton.render import render_config
+from bsym.export.triton.repository import write_model_repository
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("BSYM_UPDATE_GOLDEN") == "1"
@@ -64,9 +65,9 @@ def write_onnx(
     return path
 
 
-def golden_model() -> TritonModel:
+def golden_model() -> TritonModelConfig:
     """A fixed description, independent of the exporter, for the golden files."""
-    return TritonModel(
+    return TritonModelConfig(
         name="tagger",
         inputs=(
             TensorConfig(name="constituents", data_type="TYPE_FP32", dims=(16, 4)),
@@ -82,11 +83,11 @@ def golden_model() -> TritonModel:
     )
 
 
-@pytest.mark.parametrize("flavour", ["production", "cpu"])
-def test_golden_config(flavour: str) -> None:
+@pytest.mark.parametrize("flavour", list(Flavour))
+def test_golden_config(flavour: Flavour) -> None:
     """Regenerate with BSYM_UPDATE_GOLDEN=1 after an intended change, and review the diff."""
-    text = render_config(golden_model(), "cpu" if flavour == "cpu" else "production")
-    golden = GOLDEN / f"triton_config_{flavour}.pbtxt"
+    text = render_config(golden_model(), flavour)
+    golden = GOLDEN / f"triton_config_{flavour.value}.pbtxt"
     if UPDATE_GOLDEN:
         golden.write_text(text, encoding="utf-8")
     assert text == golden.read_text(encoding="utf-8")
@@ -112,7 +113,7 @@ def test_globals_only_multiclass_model(tmp_path: Path) -> None:
         outputs={"score": (TensorProto.FLOAT, ["batch", 3])},
         labels=["prompt", "heavy", "light"],
     )
-    config = parse_config(render_config(describe_onnx(path, "cone"), "production"))
+    config = parse_config(render_config(describe_onnx(path, "cone"), Flavour.production))
     assert [i.name for i in config.input] == ["globals"]
     assert list(config.output[0].dims) == [3]
 
@@ -120,8 +121,8 @@ def test_globals_only_multiclass_model(tmp_path: Path) -> None:
 def test_flavours_agree_on_tensors_and_batching(tmp_path: Path) -> None:
     batching = Batching(max_batch_size=512, preferred_batch_sizes=(64, 512))
     model = describe_onnx(write_onnx(tmp_path / "m.onnx"), "tagger", batching=batching)
-    production = parse_config(render_config(model, "production"))
-    cpu = parse_config(render_config(model, "cpu"))
+    production = parse_config(render_config(model, Flavour.production))
+    cpu = parse_config(render_config(model, Flavour.cpu))
     for field in ("name", "input", "output", "max_batch_size", "dynamic_batching", "parameters"):
         assert getattr(production, field) == getattr(cpu, field), field
     assert production.max_batch_size == 512
@@ -191,16 +192,14 @@ def test_bad_names_and_files_are_refused(tmp_path: Path) -> None:
         parse_config("max_batch_size: lots")
 
 
-@pytest.mark.parametrize("flavour", ["production", "cpu"])
-def test_write_model_repository_layout(tmp_path: Path, flavour: str) -> None:
+@pytest.mark.parametrize("flavour", list(Flavour))
+def test_write_model_repository_layout(tmp_path: Path, flavour: Flavour) -> None:
     onnx_path = write_onnx(tmp_path / "model.onnx")
     repository = tmp_path / "repository"
-    model_dir = write_model_repository(
-        onnx_path, repository, "tagger", 1, flavour="cpu" if flavour == "cpu" else "production"
-    )
+    model_dir = write_model_repository(onnx_path, repository, "tagger", 1, flavour=flavour)
     assert model_dir == repository / "tagger"
     expected = {"config.pbtxt", "labels.txt", "1", "1/model.onnx"}
-    if flavour == "cpu":
+    if flavour is Flavour.cpu:
         expected.add("1/model.py")
         backend = resources.files("bsym.serving.triton_backend").joinpath("model.py")
         assert (model_dir / "1" / "model.py").read_bytes() == backend.read_bytes()
@@ -215,11 +214,13 @@ def test_write_model_repository_layout(tmp_path: Path, flavour: str) -> None:
 
 def test_existing_version_needs_force(tmp_path: Path) -> None:
     repository = tmp_path / "repository"
-    write_model_repository(write_onnx(tmp_path / "a.onnx"), repository, "tagger", 1, flavour="cpu")
+    write_model_repository(
+        write_onnx(tmp_path / "a.onnx"), repository, "tagger", 1, flavour=Flavour.cpu
+    )
     replacement = write_onnx(tmp_path / "b.onnx", labels=["signal"])
     with pytest.raises(ConfigError, match="version 1 already exists"):
-        write_model_repository(replacement, repository, "tagger", 1, flavour="cpu")
-    write_model_repository(replacement, repository, "tagger", 1, flavour="cpu", force=True)
+        write_model_repository(replacement, repository, "tagger", 1, flavour=Flavour.cpu)
+    write_model_repository(replacement, repository, "tagger", 1, flavour=Flavour.cpu, force=True)
     assert (repository / "tagger" / "1" / "model.onnx").read_bytes() == replacement.read_bytes()
     assert (repository / "tagger" / "labels.txt").read_text() == "signal\n"
     assert [p.name for p in repository.iterdir()] == ["tagger"]
@@ -232,8 +233,8 @@ def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
     retrained = onnx.load(str(second))
     retrained.doc_string = "retrained"  # same signature, different bytes
     onnx.save(retrained, str(second))
-    write_model_repository(first, repository, "tagger", 1, flavour="cpu")
-    write_model_repository(second, repository, "tagger", 2, flavour="cpu")
+    write_model_repository(first, repository, "tagger", 1, flavour=Flavour.cpu)
+    write_model_repository(second, repository, "tagger", 2, flavour=Flavour.cpu)
     config = parse_config((repository / "tagger" / "config.pbtxt").read_text())
     parameters = {key: p.string_value for key, p in config.parameters.items()}
     assert {key: value for key, value in parameters.items() if key.startswith("sha256:")} == {
@@ -247,18 +248,20 @@ def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
 
 def test_new_version_must_fit_the_shared_config(tmp_path: Path) -> None:
     repository = tmp_path / "repository"
-    write_model_repository(write_onnx(tmp_path / "a.onnx"), repository, "tagger", 1, flavour="cpu")
+    write_model_repository(
+        write_onnx(tmp_path / "a.onnx"), repository, "tagger", 1, flavour=Flavour.cpu
+    )
     wider: dict[str, tuple[int, Shape]] = {
         **TAGGER_INPUTS,
         "globals": (TensorProto.FLOAT, ["N", 5]),
     }
     with pytest.raises(ConfigError, match=r"versions \[1\] .* differ .* in inputs"):
         write_model_repository(
-            write_onnx(tmp_path / "b.onnx", wider), repository, "tagger", 2, flavour="cpu"
+            write_onnx(tmp_path / "b.onnx", wider), repository, "tagger", 2, flavour=Flavour.cpu
         )
     with pytest.raises(ConfigError, match="in backend"):
         write_model_repository(
-            write_onnx(tmp_path / "c.onnx"), repository, "tagger", 2, flavour="production"
+            write_onnx(tmp_path / "c.onnx"), repository, "tagger", 2, flavour=Flavour.production
         )
     assert sorted(p.name for p in (repository / "tagger").iterdir()) == [
         "1",

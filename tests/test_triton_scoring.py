@@ -29,16 +29,13 @@ import pytest
 import uproot
 from typer.testing import CliRunner, Result
 
+from bsym.contract import CONFIG_FILENAME, LABELS_FILENAME
 from bsym.errors import BsymError, ConfigError, ServerError, SpecMismatchError
 from bsym.export.onnx_export import export_to_repository
-from bsym.export.triton_config import (
-    CONFIG_FILENAME,
-    LABELS_FILENAME,
-    derive_repository,
-    model_from_config,
-    parse_config,
-    render_config,
-)
+from bsym.export.triton.common import Flavour
+from bsym.export.triton.parse import model_from_config, parse_config
+from bsym.export.triton.render import render_config
+from bsym.export.triton.repository import derive_repository
 from bsym.features import build_features, detect_layout, required_branches
 from bsym.serving import TritonModel
 from bsym.serving.friend_tree import read_provenance
@@ -168,7 +165,7 @@ def test_both_flavours_parse_with_tritons_protobuf_and_agree(
     repository: Path, tmp_path: Path, model: str
 ) -> None:
     text = (repository / model / CONFIG_FILENAME).read_text(encoding="utf-8")
-    derive_repository(repository, tmp_path, "cpu")
+    derive_repository(repository, tmp_path, Flavour.cpu)
     derived = (tmp_path / model / CONFIG_FILENAME).read_text(encoding="utf-8")
     production, cpu = parse_config(text), parse_config(derived)  # model_config_pb2.ModelConfig
     for field in ("name", "input", "output", "max_batch_size", "dynamic_batching", "parameters"):
@@ -181,8 +178,8 @@ def test_both_flavours_parse_with_tritons_protobuf_and_agree(
     # generated, not written twice: the production config is the render of what it describes
     labels = (repository / model / LABELS_FILENAME).read_text().splitlines()
     description = model_from_config(production, labels)
-    assert render_config(description, "production") == text
-    assert render_config(description, "cpu") == derived
+    assert render_config(description, Flavour.production) == text
+    assert render_config(description, Flavour.cpu) == derived
     assert description.metadata[1]["bsym_model_name"] == model
     assert (tmp_path / model / "1" / "model.onnx").resolve() == (
         repository / model / "1" / "model.onnx"

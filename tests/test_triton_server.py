@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from bsym.errors import BsymError, ServerError
-from bsym.export.triton_config import write_model_repository
+from bsym.export.triton.common import Flavour
+from bsym.export.triton.repository import write_model_repository
 from bsym.serving import triton_server
 from bsym.serving.triton_server import TritonServer, find_tritonserver
 
@@ -122,7 +123,7 @@ def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(onnx_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repository = tmp_path_factory.mktemp("repository")
-    write_model_repository(onnx_path, repository, NAME, 1, flavour="cpu")
+    write_model_repository(onnx_path, repository, NAME, 1, flavour=Flavour.cpu)
     with TritonServer(repository) as running:
         yield running
 
@@ -153,7 +154,7 @@ def test_concurrent_requests_are_answered_in_order(server: TritonServer, onnx_pa
 
 
 def test_changed_model_is_refused(onnx_path: Path, tmp_path: Path) -> None:
-    write_model_repository(onnx_path, tmp_path, NAME, 1, flavour="cpu")
+    write_model_repository(onnx_path, tmp_path, NAME, 1, flavour=Flavour.cpu)
     export_deepset(tmp_path / NAME / "1" / "model.onnx", seed=1)
     server = TritonServer(tmp_path, startup_timeout=60)
     with pytest.raises(ServerError, match="sha256") as caught:
@@ -176,7 +177,7 @@ def test_explicit_mode_with_cached_backends_and_forced_stop(
     """Read-only site-packages: the backends are copied to our cache; SIGKILL ends the stubs."""
     monkeypatch.setattr(triton_server, "_writable", lambda directory: False)
     cache = tmp_path / "cache"
-    write_model_repository(onnx_path, tmp_path / "repository", NAME, 1, flavour="cpu")
+    write_model_repository(onnx_path, tmp_path / "repository", NAME, 1, flavour=Flavour.cpu)
     server = TritonServer(
         tmp_path / "repository", models=[NAME], backend_cache=cache, grace_period=0.01
     )
@@ -198,6 +199,6 @@ def test_explicit_mode_with_cached_backends_and_forced_stop(
 
 
 def test_unknown_model_is_named_before_starting(onnx_path: Path, tmp_path: Path) -> None:
-    write_model_repository(onnx_path, tmp_path, NAME, 1, flavour="cpu")
+    write_model_repository(onnx_path, tmp_path, NAME, 1, flavour=Flavour.cpu)
     with pytest.raises(ServerError, match="did you mean 'deepset'"):
         TritonServer(tmp_path, models=["deepsat"]).start()

@@ -1,10 +1,12 @@
 """Triton Python-backend model that serves ``model.onnx`` with ONNX Runtime on CPU.
 
-Copied by :func:`bsym.export.triton_config.write_model_repository` into each version directory
-of a ``cpu``-flavour model. It runs inside Triton's ``triton_python_backend_stub``, so it imports
-nothing from ``bsym``: only the standard library, numpy (< 2, which the stub needs) and
-onnxruntime. The pure helpers (:func:`checksum_key`, :func:`verify_checksum`,
-:func:`run_batched`) also import outside the stub so that the config writer and tests share them.
+Copied by :func:`bsym.export.triton.repository.write_model_repository` into each version
+directory of a ``cpu``-flavour model. It runs inside Triton's ``triton_python_backend_stub``, so
+it imports nothing from ``bsym``: only the standard library, numpy (< 2, which the stub needs)
+and onnxruntime. It keeps its own copy of the contract it needs (:data:`MODEL_FILENAME`,
+:data:`CHECKSUM_PREFIX`, :func:`checksum_key`, :func:`sha256_of`); ``tests/test_contract.py``
+asserts that copy equals :mod:`bsym.contract`. The pure helpers also import outside the stub,
+for tests.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ except ImportError:  # imported outside the stub: only the pure helpers are usab
 Array = npt.NDArray[Any]
 
 MODEL_FILENAME = "model.onnx"
-_CHECKSUM_KEY = "sha256:{version}/" + MODEL_FILENAME
+CHECKSUM_PREFIX = "sha256:"
 _HASH_CHUNK = 1 << 20
 
 
 def checksum_key(version: int | str) -> str:
     """Name of the config ``parameters`` entry holding the sha256 of ``<version>/model.onnx``."""
-    return _CHECKSUM_KEY.format(version=version)
+    return f"{CHECKSUM_PREFIX}{version}/{MODEL_FILENAME}"
 
 
 def sha256_of(path: Path) -> str:
@@ -53,7 +55,7 @@ def expected_checksum(model_config: Mapping[str, Any], model: str, version: str)
     entry = parameters.get(key)
     value = entry.get("string_value") if isinstance(entry, Mapping) else None
     if not value:
-        found = sorted(k for k in parameters if k.startswith("sha256:")) or "none"
+        found = sorted(k for k in parameters if k.startswith(CHECKSUM_PREFIX)) or "none"
         raise ValueError(
             f"model '{model}' version {version}: config.pbtxt has no parameter '{key}' "
             f"with the sha256 of {MODEL_FILENAME} (checksum parameters found: {found}); "

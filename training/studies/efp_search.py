@@ -42,6 +42,7 @@ import numpy.typing as npt
 from bsym.configs import shipped_config
 from bsym.efp import Cells, Multigraph, Polynomial, efp_values
 from bsym.errors import ConfigError, SpecMismatchError
+from bsym.extras import require
 from bsym.features import (
     EFP,
     EFPs,
@@ -173,13 +174,7 @@ class SearchResult:
 @functools.cache
 def connected_graphs(max_degree: int) -> tuple[Multigraph, ...]:
     """Every connected multigraph with at most ``max_degree`` edges, from energyflow's list."""
-    try:
-        import energyflow
-    except ImportError as error:
-        raise ConfigError(
-            "the EFP search takes its list of graphs from energyflow; install it with: "
-            "pip install 'bsym[efp]'"
-        ) from error
+    energyflow = require("energyflow", "efp", purpose="the EFP search's list of graphs")
     graphs = energyflow.EFPSet(f"d<={max_degree}", "p==1").graphs()
     return tuple(Multigraph.of(edges) for edges in graphs)
 
