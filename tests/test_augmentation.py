@@ -49,7 +49,9 @@ from bsym.training.studies.augmentation import (
     run_study,
     write_outputs,
 )
-from bsym.training.studies.cli import augmentation_table, study_app
+from bsym.training.studies.cli import study_app
+from bsym.training.studies.plots import augmentation_plots
+from bsym.training.studies.reports import augmentation_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 
@@ -256,8 +258,7 @@ def test_study_pfn_reads_log_energies_through_the_spec_and_trains_longer(
 
 
 def tiny_settings() -> StudySettings:
-    return replace(
-        QUICK,
+    return QUICK.with_overrides(
         sizes=(40, 80),
         bootstraps=1,
         test_events=400,
@@ -274,11 +275,13 @@ def test_tiny_study_prints_the_paper_layout_and_writes_outputs(tmp_path: Path) -
     assert len(result.runs) == 2 * 5 * 2
     assert set(result.reference) == {"particles", "cells"}
     paths = write_outputs(result, tmp_path / "out")
-    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    plots = augmentation_plots(result, tmp_path / "out")
+    assert {p.name for p in plots} == {"auc_vs_size.png", "signal_efficiency_vs_size.png"}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in [*paths, *plots])
     written = json.loads(paths[0].read_text())
     assert set(written["auc"]["pfn"]) == {"resim_inv", "post_inv", "resim", "post", "none"}
     table = augmentation_table(result, "test_auc", "test AUC")
-    assert [c.header for c in table.columns] == [
+    assert table.headers == [
         "network",
         "train events",
         "pre-det + inv",
@@ -287,9 +290,9 @@ def test_tiny_study_prints_the_paper_layout_and_writes_outputs(tmp_path: Path) -
         "post-det aug",
         "no aug",
     ]
-    assert table.row_count == 4
+    assert len(table.rows) == 4
     # the same data are reused from the cache
-    again = run_study(replace(settings, bootstraps=1, sizes=(40,)), tmp_path / "data")
+    again = run_study(settings.with_overrides(bootstraps=1, sizes=(40,)), tmp_path / "data")
     first = [r for r in result.runs if r.bootstrap == 0 and r.size == 40]
     assert [r.test_auc for r in again.runs] == [r.test_auc for r in first]
 

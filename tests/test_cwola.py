@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,9 +169,9 @@ def test_study_command_is_registered() -> None:
 @pytest.mark.slow
 def test_quick_isolation_study(tmp_path: Path) -> None:
     from bsym.training.studies.isolation import QUICK, Row, run_study, write_outputs
+    from bsym.training.studies.plots import isolation_plots
 
-    settings = replace(
-        QUICK,
+    settings = QUICK.with_overrides(
         train_events=4_000,
         test_events=3_000,
         rows=(Row("1 cone + ΣpT", "isolation_cone1_sumpt"), Row("missing", "no_such_config")),
@@ -190,7 +189,8 @@ def test_quick_isolation_study(tmp_path: Path) -> None:
         "1 cone + ΣpT: CWoLa − supervised AUC",
         "1 cone + ΣpT: CWoLa sWeighted − true AUC",
     ]
-    paths = write_outputs(result, tmp_path / "out")
+    paths = write_outputs(result, tmp_path / "out") + isolation_plots(result, tmp_path / "out")
+    assert [path.name for path in paths] == ["isolation_study.json", "roc_isolation.png"]
     assert all(path.is_file() for path in paths)
     again = run_study(settings, tmp_path / "data", tmp_path / "out")  # reuses the trainings
     assert [r.auc.value for r in again.runs] == [r.auc.value for r in result.runs]

@@ -43,6 +43,7 @@ from bsym.training.studies.learning_curve import (
     run_study,
     write_outputs,
 )
+from bsym.training.studies.plots import learning_curve_plots
 
 Float64 = npt.NDArray[np.float64]
 MUON_BRANCHES = ["Muon_px", "Muon_py", "Muon_pz", "Muon_E", "Muon_pt"]
@@ -385,7 +386,7 @@ def test_tiny_study_writes_table_plots_and_json(tmp_path: Path) -> None:
     assert all(0.3 < mean < 1 for rows in summary.values() for mean, _ in rows.values())
     weights = result.weight_summary()
     assert set(weights) == {600, 1200} and len(weights[600]) == 7
-    paths = write_outputs(result, tmp_path / "out")
+    paths = write_outputs(result, tmp_path / "out") + learning_curve_plots(result, tmp_path / "out")
     assert {p.name for p in paths} == {
         "learning_curve.json",
         "auc_vs_size.png",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import awkward as ak
@@ -51,8 +52,18 @@ from bsym.simulate.calo_rotation import (
 from bsym.training.config import TrainConfig
 from bsym.training.dataset import Split
 
-AugmentationMode = str
-MODES = ("none", "post_detector", "resimulation")
+
+class AugmentationMode(str, Enum):
+    """How the rotated copies are made (the values of a config's ``augmentation.mode``)."""
+
+    none = "none"
+    post_detector = "post_detector"
+    resimulation = "resimulation"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 DEFAULT_ANGLES = tuple(45.0 * k for k in range(8))
 CELL_BRANCHES = ("Cell_E", "Cell_x", "Cell_y")
 PARTICLE_BRANCHES = ("Particle_x", "Particle_y", "Particle_E")
@@ -166,18 +177,24 @@ def cell_features(cells: Hits, label: npt.NDArray[np.int64], spec: FeatureSpec) 
 
 
 def augmented_rows(
-    events: CaloEvents, mode: AugmentationMode, angles: Sequence[float], spec: FeatureSpec
+    events: CaloEvents,
+    mode: AugmentationMode | str,
+    angles: Sequence[float],
+    spec: FeatureSpec,
 ) -> tuple[FeatureBatch, int]:
     """Training rows of ``events`` under ``mode`` and the number of copies per event."""
-    if mode == "none":
+    try:
+        mode = AugmentationMode(mode)
+    except ValueError as error:
+        choices = ", ".join(m.value for m in AugmentationMode)
+        raise ConfigError(f"unknown augmentation mode '{mode}'; choose from {choices}") from error
+    if mode is AugmentationMode.none:
         return cell_features(events.cells, events.label, spec), 1
     angles = check_angles(angles)
-    if mode == "resimulation":
+    if mode is AugmentationMode.resimulation:
         cells = resimulated_copies(events, angles)
-    elif mode == "post_detector":
-        cells = post_detector_copies(events, angles)
     else:
-        raise ConfigError(f"unknown augmentation mode '{mode}'; choose from {', '.join(MODES)}")
+        cells = post_detector_copies(events, angles)
     label = np.repeat(events.label, len(angles))
     return cell_features(cells, label, spec), len(angles)
 
@@ -221,9 +238,10 @@ def augment_training_rows(config: TrainConfig, split: Split) -> AugmentedTrainin
             f"the calo-rotation inputs give {events.n_events} events for {split.n_rows} rows"
         )
     train = events.take(split.train)
-    if settings.mode == "resimulation":
+    mode = AugmentationMode(settings.mode)
+    if mode is AugmentationMode.resimulation:
         check_reproduces_cells(train)
-    rows, n_copies = augmented_rows(train, settings.mode, settings.angles, spec)
+    rows, n_copies = augmented_rows(train, mode, settings.angles, spec)
     return AugmentedTraining(rows, n_copies, settings.invariance.c1, settings.invariance.c2)
 
 

@@ -94,14 +94,22 @@ def evaluate_command(
     """Evaluate trained models: ROC curves, AUCs with uncertainties, plots."""
     _log_to_stderr()
     with user_errors():
-        from bsym.training.evaluate import evaluate_cli
+        from bsym.training.evaluate import comparison_table, evaluate
 
-        evaluate_cli(
+        result = evaluate(
             model,
             out if out is not None else model[0].parent / "evaluation",
             data=data or None,
             n_bootstrap=bootstrap,
         )
+    from bsym.training.tables import to_rich
+
+    stdout.print(to_rich(comparison_table(result.models, n_bootstrap=bootstrap)))
+    stdout.print(
+        f"metrics: {result.metrics_path}\nROC curve: {result.roc_path}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _log_to_stderr() -> None:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from bsym.console import stdout
 from bsym.errors import BadValueError, ConfigError, SpecMismatchError
 from bsym.rootio import atomic_output
-from bsym.training.metrics import roc_auc, roc_curve
+from bsym.training.metrics import background_rejection, roc_auc, roc_curve
+from bsym.training.tables import Column, Table, Value
 
 if TYPE_CHECKING:
     from bsym.features import FeatureBatch
@@ -78,37 +78,6 @@ class EvaluationResult:
         return sorted(self.models, key=lambda m: -m.auc)
 
 
-def rejection_at(
-    labels: npt.ArrayLike,
-    scores: npt.ArrayLike,
-    signal_efficiency: float,
-    weights: npt.ArrayLike | None = None,
-) -> float:
-    """Background rejection 1/ε_B where the ROC curve reaches ``signal_efficiency``.
-
-    Infinite where no background passes at that efficiency.
-    """
-    fpr, tpr, _ = roc_curve(labels, scores, weights)
-    return _rejection(fpr, tpr, signal_efficiency)
-
-
-def _rejection(
-    fpr: npt.NDArray[np.float64], tpr: npt.NDArray[np.float64], signal_efficiency: float
-) -> float:
-    if not 0 < signal_efficiency <= 1:
-        raise ValueError(f"signal efficiency must lie in (0, 1], got {signal_efficiency}")
-    # The first ROC point reaching the efficiency, and the one before it, bracket the target;
-    # searching from the left skips flat stretches where only background is added.
-    above = int(np.searchsorted(tpr, signal_efficiency, side="left"))
-    above = min(above, len(tpr) - 1)
-    if above == 0 or tpr[above] == tpr[above - 1]:
-        background = float(fpr[above])
-    else:
-        fraction = (signal_efficiency - tpr[above - 1]) / (tpr[above] - tpr[above - 1])
-        background = float(fpr[above - 1] + fraction * (fpr[above] - fpr[above - 1]))
-    return math.inf if background <= 0 else 1.0 / background
-
-
 def evaluate(
     models: Sequence[Path],
     out_dir: Path,
@@ -156,7 +125,7 @@ def evaluate(
             auc = roc_auc(labels, scores, weights)
         except ValueError as error:  # one class only, or non-finite weights
             raise BadValueError(f"model '{name}' on {source}: {error}") from error
-        rej50, rej90 = (_rejection(fpr, tpr, point) for point in WORKING_POINTS)
+        rej50, rej90 = (background_rejection(fpr, tpr, point) for point in WORKING_POINTS)
         errors = _bootstrap(labels, scores, weights, n_bootstrap=n_bootstrap, seed=seed)
         metrics.append(
             ModelMetrics(
@@ -188,58 +157,36 @@ def evaluate(
     return result
 
 
-def evaluate_cli(
-    models: Sequence[Path],
-    out_dir: Path,
-    *,
-    data: Sequence[str] | None = None,
-    n_bootstrap: int = 100,
-    seed: int = 0,
-) -> EvaluationResult:
-    """:func:`evaluate`, then the comparison table and the files written, on the console."""
-    result = evaluate(models, out_dir, data=data, n_bootstrap=n_bootstrap, seed=seed)
-    print_table(result.models, n_bootstrap=n_bootstrap)
-    stdout.print(
-        f"metrics: {result.metrics_path}\nROC curve: {result.roc_path}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    return result
-
-
-def print_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> None:
-    """The models as a rich table, best AUC first."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(
-        title="Held-out performance",
-        caption="rej50, rej90: background rejection 1/ε_B at 50% and 90% signal efficiency;\n"
-        f"± bootstrap standard deviation over {n_bootstrap} resamplings",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        show_edge=False,
-    )
-    table.add_column("model", no_wrap=True)
-    table.add_column("type", no_wrap=True)
-    for header in ("rows", "AUC", "rej50", "rej90"):
-        table.add_column(header, justify="right", no_wrap=True)
+def comparison_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> Table:
+    """The models side by side, best AUC first."""
     # CWoLa models: the sWeighted AUC from the mass fit beside the AUC (truth where known)
     cwola = any(m.supervision == "cwola" for m in models)
-    if cwola:
-        table.add_column("sWeighted AUC", justify="right", no_wrap=True)
+    headers = ["rows", "AUC", "rej50", "rej90", *(["sWeighted AUC"] if cwola else [])]
+    table = Table(
+        "Held-out performance",
+        [
+            Column("model", "left", no_wrap=True),
+            Column("type", "left", no_wrap=True),
+            *(Column(header, "right", no_wrap=True) for header in headers),
+        ],
+        notes=[
+            "rej50, rej90: background rejection 1/ε_B at 50% and 90% signal efficiency;",
+            f"± bootstrap standard deviation over {n_bootstrap} resamplings",
+        ],
+        compact=True,
+    )
     for m in sorted(models, key=lambda m: -m.auc):
-        sweighted = [f"{m.auc_sweighted:.4f} ± {m.auc_sweighted_err:.4f}"] if cwola else []
+        sweighted = Value(m.auc_sweighted, m.auc_sweighted_err)
         table.add_row(
             m.name,
             m.type,
             str(m.n_test),
-            f"{m.auc:.4f} ± {m.auc_err:.4f}",
-            _with_error(m.rej50, m.rej50_err),
-            _with_error(m.rej90, m.rej90_err),
-            *[text.replace("nan ± nan", "–") for text in sweighted],
+            Value(m.auc, m.auc_err),
+            Value(m.rej50, m.rej50_err, ".1f"),
+            Value(m.rej90, m.rej90_err, ".1f"),
+            *([None if math.isnan(m.auc_sweighted) else sweighted] if cwola else []),
         )
-    stdout.print(table)
+    return table
 
 
 def _rows(loaded: LoadedModel, data: Sequence[str] | None) -> tuple[FeatureBatch, str]:
@@ -278,7 +225,7 @@ def _bootstrap(
             auc = roc_auc(labels[rows], scores[rows], w)
         except ValueError:  # a resampling without one of the classes
             continue
-        rej50, rej90 = (_rejection(fpr, tpr, point) for point in WORKING_POINTS)
+        rej50, rej90 = (background_rejection(fpr, tpr, point) for point in WORKING_POINTS)
         samples.append((auc, rej50, rej90))
     values = np.asarray(samples, dtype=np.float64).reshape(-1, 3)
     return (_std(values[:, 0]), _std(values[:, 1]), _std(values[:, 2]))
@@ -340,9 +287,3 @@ def _plot_roc(path: Path, curves: Sequence[_Curve]) -> None:
     axes.legend()
     with atomic_output(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
-
-
-def _with_error(value: float, error: float) -> str:
-    if not math.isfinite(value):
-        return "∞"
-    return f"{value:.1f} ± {error:.1f}" if math.isfinite(error) else f"{value:.1f}"

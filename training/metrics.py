@@ -1,6 +1,15 @@
-"""ROC curve and area under it, weighted and tie-aware, in numpy alone."""
+"""ROC curve, the area under it and the working points on it, weighted and tie-aware.
+
+A working point reads the ROC curve of the cut ``score >= threshold`` at a fixed signal or
+background efficiency, interpolated linearly between the curve's points; where the curve
+runs flat through the target (ties, or events of one class only), the best cut at that
+efficiency is taken: the least background at a signal efficiency, the most signal at a
+background efficiency.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +44,55 @@ def roc_curve(
     fpr = np.concatenate(([0.0], np.cumsum(negative) / negative.sum()))
     thresholds = np.concatenate(([np.inf], distinct))
     return fpr, tpr, thresholds
+
+
+def signal_efficiency(fpr: FloatArray, tpr: FloatArray, background_efficiency: float) -> float:
+    """ε_S of the ROC curve ``(fpr, tpr)`` where it reaches ``background_efficiency``."""
+    if not 0 <= background_efficiency <= 1:
+        raise ValueError(f"background efficiency must lie in [0, 1], got {background_efficiency}")
+    # np.interp takes the last of repeated fpr values: the most signal at that background
+    return float(np.interp(background_efficiency, fpr, tpr))
+
+
+def background_rejection(fpr: FloatArray, tpr: FloatArray, signal_efficiency: float) -> float:
+    """1/ε_B of the ROC curve ``(fpr, tpr)`` where it reaches ``signal_efficiency``.
+
+    Infinite where no background passes at that efficiency.
+    """
+    if not 0 < signal_efficiency <= 1:
+        raise ValueError(f"signal efficiency must lie in (0, 1], got {signal_efficiency}")
+    # The first ROC point reaching the efficiency, and the one before it, bracket the target;
+    # searching from the left skips flat stretches where only background is added.
+    above = int(np.searchsorted(tpr, signal_efficiency, side="left"))
+    above = min(above, len(tpr) - 1)
+    if above == 0 or tpr[above] == tpr[above - 1]:
+        background = float(fpr[above])
+    else:
+        fraction = (signal_efficiency - tpr[above - 1]) / (tpr[above] - tpr[above - 1])
+        background = float(fpr[above - 1] + fraction * (fpr[above] - fpr[above - 1]))
+    return math.inf if background <= 0 else 1.0 / background
+
+
+def signal_efficiency_at(
+    labels: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    background_efficiency: float,
+    weights: npt.ArrayLike | None = None,
+) -> float:
+    """Signal efficiency where the background efficiency reaches ``background_efficiency``."""
+    fpr, tpr, _ = roc_curve(labels, scores, weights)
+    return signal_efficiency(fpr, tpr, background_efficiency)
+
+
+def rejection_at(
+    labels: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    signal_efficiency: float,
+    weights: npt.ArrayLike | None = None,
+) -> float:
+    """Background rejection 1/ε_B where the signal efficiency reaches ``signal_efficiency``."""
+    fpr, tpr, _ = roc_curve(labels, scores, weights)
+    return background_rejection(fpr, tpr, signal_efficiency)
 
 
 def _grouped(

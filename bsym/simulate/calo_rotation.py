@@ -62,6 +62,7 @@ from pydantic import Field, model_validator
 
 from bsym.errors import ConfigError, InputFileError
 from bsym.features import StrictModel
+from bsym.simulate.geometry import Geometry
 from bsym.simulate.rootwrite import write_branches
 
 Floats = npt.NDArray[np.float64]
@@ -118,11 +119,14 @@ def linspace_edges(low: float, high: float, bins: int) -> list[float]:
     return [float(v) for v in np.linspace(low, high, bins + 1)]
 
 
-def preset_detector(geometry: str, **settings: Any) -> DetectorConfig:
+def preset_detector(geometry: Geometry | str, **settings: Any) -> DetectorConfig:
     """``uniform``: 32×32 cells on [−1, 1]²; ``rect``: 32×4 cells."""
-    y_bins = {"uniform": 32, "rect": 4}.get(geometry)
-    if y_bins is None:
-        raise ConfigError(f"unknown geometry '{geometry}'; choose rect or uniform")
+    try:
+        preset = Geometry(geometry)
+    except ValueError as error:
+        choices = " or ".join(g.value for g in Geometry)
+        raise ConfigError(f"unknown geometry '{geometry}'; choose {choices}") from error
+    y_bins = {Geometry.uniform: 32, Geometry.rect: 4}[preset]
     return DetectorConfig(
         x_edges=linspace_edges(-1, 1, 32), y_edges=linspace_edges(-1, 1, y_bins), **settings
     )

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bsym.console import stdout, user_errors
-
-
-class GeometryChoice(str, Enum):
-    rect = "rect"
-    uniform = "uniform"
+from bsym.simulate.geometry import Geometry
 
 
 def parse_edges(text: str | None) -> list[float] | None:
@@ -31,8 +26,8 @@ def calo_rotation_command(
         20_000
     ),
     geometry: Annotated[
-        GeometryChoice, typer.Option(help="Cells: rect 32×4 or uniform 32×32 on [−1, 1]².")
-    ] = GeometryChoice.rect,
+        Geometry, typer.Option(help="Cells: rect 32×4 or uniform 32×32 on [−1, 1]².")
+    ] = Geometry.rect,
     x_edges: Annotated[
         str | None, typer.Option(help="Cell edges in x, comma-separated (replace the preset's).")
     ] = None,
@@ -66,7 +61,7 @@ def calo_rotation_command(
     from bsym.simulate.calo_rotation import DetectorConfig, preset_detector, write_calo_rotation
 
     with user_errors():
-        preset = preset_detector(geometry.value)
+        preset = preset_detector(geometry)
         try:
             detector = DetectorConfig(
                 x_edges=parse_edges(x_edges) or preset.x_edges,

@@ -51,21 +51,24 @@ Networks
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import Field, model_validator
 
-from bsym.errors import ConfigError, SpecMismatchError
+from bsym.errors import SpecMismatchError
 from bsym.features import FeatureBatch, FeatureSpec
 from bsym.simulate.calo_rotation import preset_detector, write_calo_rotation
+from bsym.simulate.geometry import Geometry
 from bsym.training.augmentation import (
     DEFAULT_ANGLES,
+    AugmentationMode,
     CaloEvents,
     augmented_rows,
     calo_feature_spec,
@@ -74,11 +77,20 @@ from bsym.training.augmentation import (
 )
 from bsym.training.fit import FitState, OptimizerConfig, Rows, fit, predict_logits
 from bsym.training.losses import InvarianceTerm
-from bsym.training.metrics import roc_auc, roc_curve
+from bsym.training.metrics import roc_auc, signal_efficiency_at
 from bsym.training.models import PFN, NetworkModel, model_inputs
 from bsym.training.models.base import need
+from bsym.training.studies.harness import (
+    Settings,
+    cached_sample,
+    jsonable_summary,
+    summarise,
+    write_json,
+)
 
-COLUMNS = ("resim_inv", "post_inv", "resim", "post", "none")
+ColumnName = Literal["resim_inv", "post_inv", "resim", "post", "none"]
+NetworkName = Literal["fcn", "pfn"]
+COLUMNS: tuple[ColumnName, ...] = ("resim_inv", "post_inv", "resim", "post", "none")
 COLUMN_TITLES = {
     "resim_inv": "pre-det + inv",
     "post_inv": "post-det + inv",
@@ -87,13 +99,13 @@ COLUMN_TITLES = {
     "none": "no aug",
 }
 COLUMN_MODES = {
-    "resim_inv": ("resimulation", True),
-    "post_inv": ("post_detector", True),
-    "resim": ("resimulation", False),
-    "post": ("post_detector", False),
-    "none": ("none", False),
+    "resim_inv": (AugmentationMode.resimulation, True),
+    "post_inv": (AugmentationMode.post_detector, True),
+    "resim": (AugmentationMode.resimulation, False),
+    "post": (AugmentationMode.post_detector, False),
+    "none": (AugmentationMode.none, False),
 }
-NETWORKS = ("fcn", "pfn")
+NETWORKS: tuple[NetworkName, ...] = ("fcn", "pfn")
 NETWORK_TITLES = {"fcn": "FCN", "pfn": "PFN"}
 PFN_PHI = (32, 32, 32, 32)
 PFN_F = (32, 32, 32)
@@ -102,54 +114,39 @@ MAX_CELLS = 16
 MAX_STRETCH = 4.0
 EVAL_BATCH = 8192
 BACKGROUND_EFFICIENCY = 0.5
-MANIFEST = "manifest.json"
 
 
-@dataclass(frozen=True)
-class StudySettings:
+class StudySettings(Settings):
     """Everything that defines one augmentation study."""
 
-    geometry: str = "rect"
-    sizes: tuple[int, ...] = (480, 960, 1440, 1920, 2400)
-    bootstraps: int = 5
+    geometry: Geometry = Geometry.rect
+    sizes: tuple[int, ...] = Field(default=(480, 960, 1440, 1920, 2400), min_length=1)
+    bootstraps: int = Field(default=5, ge=1)
     seed: int = 1
-    test_events: int = 20_000
-    val_events: int = 1_000
-    pool_events: int = 12_000
-    max_epochs: int = 12
-    patience: int = 5
-    min_steps: int = 1_500
-    events_per_batch: int = 16
-    learning_rate: float = 1e-3
-    pfn_schedule_factor: float = 3.0
-    invariance_weight: float = 10.0
-    networks: tuple[str, ...] = NETWORKS
+    test_events: int = Field(default=20_000, ge=2)
+    val_events: int = Field(default=1_000, ge=2)
+    pool_events: int = Field(default=12_000, ge=2)
+    max_epochs: int = Field(default=12, ge=1)
+    patience: int = Field(default=5, ge=1)
+    min_steps: int = Field(default=1_500, ge=0)
+    events_per_batch: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    pfn_schedule_factor: float = Field(default=3.0, gt=0)
+    invariance_weight: float = Field(default=10.0, ge=0)
+    networks: tuple[NetworkName, ...] = NETWORKS
     reference: bool = True
-    columns: tuple[str, ...] = COLUMNS
+    columns: tuple[ColumnName, ...] = COLUMNS
 
-    def __post_init__(self) -> None:
-        if self.geometry not in ("rect", "uniform"):
-            raise ConfigError(f"unknown geometry '{self.geometry}'; choose rect or uniform")
-        if not self.sizes or min(self.sizes) < 2:
-            raise ConfigError(f"training sizes must be at least 2 events, got {self.sizes}")
+    @model_validator(mode="after")
+    def _sizes_fit_the_pool(self) -> StudySettings:
+        if min(self.sizes) < 2:
+            raise ValueError(f"training sizes must be at least 2 events, got {self.sizes}")
         if max(self.sizes) > self.pool_events:
-            raise ConfigError(
+            raise ValueError(
                 f"the largest training size ({max(self.sizes)}) exceeds the pool "
                 f"({self.pool_events} events)"
             )
-        if self.pfn_schedule_factor <= 0:
-            raise ConfigError(
-                f"pfn_schedule_factor must be positive, got {self.pfn_schedule_factor}"
-            )
-        if self.bootstraps < 1:
-            raise ConfigError(f"bootstraps must be at least 1, got {self.bootstraps}")
-        for name, chosen, known in (
-            ("network", self.networks, NETWORKS),
-            ("column", self.columns, COLUMNS),
-        ):
-            unknown = sorted(set(chosen) - set(known))
-            if unknown:
-                raise ConfigError(f"unknown {name}(s) {unknown}; choose from {list(known)}")
+        return self
 
     @property
     def total_events(self) -> int:
@@ -198,70 +195,39 @@ class StudyResult:
 
     def summary(self, metric: str) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
         """Mean and std over bootstraps of ``metric``, per network, column and size."""
-        table: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}
-        for network in self.networks_run:
-            table[network] = {}
-            for column in self.settings.columns:
-                table[network][column] = {}
-                for size in self.settings.sizes:
-                    values = [
-                        getattr(r, metric)
-                        for r in self.runs
-                        if r.network == network and r.column == column and r.size == size
-                    ]
-                    if values:
-                        table[network][column][size] = (float(np.mean(values)), _std(values))
-        return table
+        settings = self.settings
+        levels = (self.networks_run, settings.columns, settings.sizes)
+        return summarise(self.runs, metric, ("network", "column", "size"), levels)
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "settings": asdict(self.settings),
-                "seconds": self.seconds,
-                "notes": self.notes,
-                "invariant_reference_auc": self.reference,
-                "auc": _jsonable(self.summary("test_auc")),
-                "signal_efficiency_at_50pct_background": _jsonable(
-                    self.summary("signal_efficiency")
-                ),
-                "runs": [asdict(run) for run in self.runs],
-            },
-            indent=2,
-        )
-
-
-def _jsonable(
-    table: dict[str, dict[str, dict[int, tuple[float, float]]]],
-) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    return {
-        network: {
-            column: {str(size): {"mean": m, "std": s} for size, (m, s) in rows.items()}
-            for column, rows in columns.items()
+    def document(self) -> dict[str, object]:
+        """The numbers of the study, as written to ``augmentation.json``."""
+        return {
+            "settings": self.settings.model_dump(mode="json"),
+            "seconds": self.seconds,
+            "notes": self.notes,
+            "invariant_reference_auc": self.reference,
+            "auc": jsonable_summary(self.summary("test_auc")),
+            "signal_efficiency_at_50pct_background": jsonable_summary(
+                self.summary("signal_efficiency")
+            ),
+            "runs": [asdict(run) for run in self.runs],
         }
-        for network, columns in table.items()
-    }
-
-
-def _std(values: Sequence[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def load_events(settings: StudySettings, data_dir: Path) -> CaloEvents:
     """Simulate the study's sample into ``data_dir`` (or reuse it) and read it back."""
-    sample_dir = data_dir / f"{settings.geometry}_seed{settings.seed}_n{settings.total_events}"
-    wanted = {"geometry": settings.geometry, "seed": settings.seed, "n": settings.total_events}
-    manifest = sample_dir / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("sample") == wanted:
-        paths = [sample_dir / name for name in json.loads(manifest.read_text())["files"]]
-    else:
-        paths = write_calo_rotation(
-            sample_dir,
+    geometry = settings.geometry.value
+    paths = cached_sample(
+        data_dir / f"{geometry}_seed{settings.seed}_n{settings.total_events}",
+        {"geometry": geometry, "seed": settings.seed, "n": settings.total_events},
+        lambda out: write_calo_rotation(
+            out,
             settings.total_events,
             seed=settings.seed,
             detector=preset_detector(settings.geometry),
-            name=settings.geometry,
-        )
-        manifest.write_text(json.dumps({"sample": wanted, "files": [p.name for p in paths]}))
+            name=geometry,
+        ),
+    )
     return read_calo_events(paths)
 
 
@@ -288,8 +254,7 @@ def network_schedule(name: str, settings: StudySettings) -> StudySettings:
     if name != "pfn":
         return settings
     factor = settings.pfn_schedule_factor
-    return replace(
-        settings,
+    return settings.with_overrides(
         max_epochs=round(settings.max_epochs * factor),
         patience=round(settings.patience * factor),
         min_steps=round(settings.min_steps * factor),
@@ -318,16 +283,6 @@ def scores(model: NetworkModel, rows: FeatureBatch) -> npt.NDArray[np.float64]:
     """The model's probabilities on ``rows``, in eval mode."""
     logits = predict_logits(model, model_inputs(model, rows))
     return torch.sigmoid(logits[:, 0]).numpy().astype(np.float64)
-
-
-def signal_efficiency_at(
-    labels: npt.NDArray[np.int64],
-    score: npt.NDArray[np.float64],
-    background_efficiency: float = BACKGROUND_EFFICIENCY,
-) -> float:
-    """Signal efficiency where the background efficiency reaches ``background_efficiency``."""
-    fpr, tpr, _ = roc_curve(labels, score)
-    return float(np.interp(background_efficiency, fpr, tpr))
 
 
 def train_network(
@@ -442,7 +397,7 @@ def run_study(
             size=size,
             bootstrap=b,
             test_auc=roc_auc(labels, test_scores),
-            signal_efficiency=signal_efficiency_at(labels, test_scores),
+            signal_efficiency=signal_efficiency_at(labels, test_scores, BACKGROUND_EFFICIENCY),
             val_auc=state.best_auc,
             best_epoch=state.best_epoch,
             epochs=state.epoch,
@@ -477,52 +432,6 @@ def unrotated_rows(
     return cell_features(chosen.cells, chosen.label, spec)
 
 
-def with_overrides(settings: StudySettings, **overrides: object) -> StudySettings:
-    """``settings`` with the given fields replaced (``None`` values are ignored)."""
-    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
-
-
-def plot_metric(result: StudyResult, metric: str, label: str, path: Path) -> None:
-    """Mean ± std against training size: one panel per network, one line per column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = result.summary(metric)
-    networks = list(summary)
-    figure, axes_list = plt.subplots(
-        1, max(len(networks), 1), figsize=(5.5 * max(len(networks), 1), 4), squeeze=False
-    )
-    for axes, network in zip(axes_list[0], networks, strict=False):
-        for column, rows in summary[network].items():
-            sizes = sorted(rows)
-            axes.errorbar(
-                sizes,
-                [rows[s][0] for s in sizes],
-                yerr=[rows[s][1] for s in sizes],
-                marker="o",
-                capsize=3,
-                label=COLUMN_TITLES[column],
-            )
-        axes.set_xlabel("training events")
-        axes.set_ylabel(label)
-        axes.set_title(f"{NETWORK_TITLES[network]}, {result.settings.geometry} cells")
-        axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def write_outputs(result: StudyResult, out_dir: Path) -> list[Path]:
-    """The JSON of the numbers and the two plots; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [
-        out_dir / "augmentation.json",
-        out_dir / "auc_vs_size.png",
-        out_dir / "signal_efficiency_vs_size.png",
-    ]
-    paths[0].write_text(result.to_json())
-    plot_metric(result, "test_auc", "test AUC", paths[1])
-    plot_metric(result, "signal_efficiency", "signal efficiency at 50% background", paths[2])
-    return paths
+    """``augmentation.json`` in ``out_dir`` (the plots are :mod:`.plots`'); its path."""
+    return [write_json(out_dir / "augmentation.json", result.document())]

@@ -1,4 +1,5 @@
-"""``bsym study``: studies that train many models and compare them (learning curves)."""
+"""``bsym study``: studies that train many models and compare them; the commands print the
+results the studies return, write their JSON and make their plots."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from bsym.console import stdout, user_errors
+from bsym.simulate.geometry import Geometry
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from bsym.training.studies.augmentation import RunResult as AugmentationRun
-    from bsym.training.studies.augmentation import StudyResult as AugmentationResult
-    from bsym.training.studies.learning_curve import RunResult, StudyResult
+    from bsym.training.studies.efp_search import Step
+    from bsym.training.studies.isolation import Figure
+    from bsym.training.studies.isolation import RunResult as IsolationRun
+    from bsym.training.studies.learning_curve import RunResult
+    from bsym.training.tables import Table
 
 Threads = Annotated[
     int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
@@ -113,17 +116,12 @@ def learning_curve_command(
     background weights in the loss (weighted BCE). The full study takes about 40 minutes on
     one CPU core; --quick a few minutes.
     """
-    from bsym.training.studies.learning_curve import (
-        QUICK,
-        StudySettings,
-        run_study,
-        with_overrides,
-        write_outputs,
-    )
+    from bsym.training.studies.learning_curve import QUICK, StudySettings, run_study, write_outputs
+    from bsym.training.studies.plots import learning_curve_plots
+    from bsym.training.studies.reports import auc_table, weight_table
 
     with user_errors():
-        settings = with_overrides(
-            QUICK if quick else StudySettings(),
+        settings = (QUICK if quick else StudySettings()).with_overrides(
             sizes=parse_sizes(sizes),
             repeats=repeats,
             breaking=breaking,
@@ -139,15 +137,9 @@ def learning_curve_command(
         result = run_study(
             settings, data, on_run=lambda run: _report_run(run, log), threads=threads
         )
-        paths = [log, *write_outputs(result, out_dir)]
-    stdout.print(auc_table(result))
-    stdout.print(weight_table(result))
+        paths = [log, *write_outputs(result, out_dir), *learning_curve_plots(result, out_dir)]
+    show(auc_table(result), weight_table(result))
     print_summary(len(result.runs), result.seconds, paths)
-
-
-class Geometry(str, Enum):
-    rect = "rect"
-    uniform = "uniform"
 
 
 @study_app.command("augmentation")
@@ -194,18 +186,13 @@ def augmentation_command(
     auc_vs_size.png and signal_efficiency_vs_size.png. The full study takes about 22 min on
     one core; --quick a few minutes.
     """
-    from bsym.training.studies.augmentation import (
-        QUICK,
-        StudySettings,
-        run_study,
-        with_overrides,
-        write_outputs,
-    )
+    from bsym.training.studies.augmentation import QUICK, StudySettings, run_study, write_outputs
+    from bsym.training.studies.plots import augmentation_plots
+    from bsym.training.studies.reports import augmentation_table
 
     with user_errors():
-        settings = with_overrides(
-            QUICK if quick else StudySettings(),
-            geometry=geometry.value,
+        settings = (QUICK if quick else StudySettings()).with_overrides(
+            geometry=geometry,
             sizes=parse_sizes(sizes),
             bootstraps=bootstraps,
             max_epochs=epochs,
@@ -223,12 +210,13 @@ def augmentation_command(
             on_note=lambda note: stdout.print(f"[yellow]{note}[/]"),
             threads=threads,
         )
-        paths = [log, *write_outputs(result, out_dir)]
-    for metric, title in (
-        ("test_auc", "test AUC"),
-        ("signal_efficiency", "signal efficiency at 50% background efficiency"),
-    ):
-        stdout.print(augmentation_table(result, metric, title))
+        paths = [log, *write_outputs(result, out_dir), *augmentation_plots(result, out_dir)]
+    show(
+        augmentation_table(result, "test_auc", "test AUC"),
+        augmentation_table(
+            result, "signal_efficiency", "signal efficiency at 50% background efficiency"
+        ),
+    )
     for name, auc in result.reference.items():
         stdout.print(
             f"invariant-feature reference on the {name} (a lower bound on the rotation-"
@@ -247,37 +235,6 @@ def _report_augmentation_run(run: AugmentationRun, log: Path) -> None:
         f"{run.test_auc:.4f}, εS {run.signal_efficiency:.4f} (val {run.val_auc:.4f}, best "
         f"epoch {run.best_epoch}/{run.epochs}, {run.seconds:.0f} s)",
     )
-
-
-def augmentation_table(result: AugmentationResult, metric: str, title: str) -> Table:
-    """The paper's layout: rows network × training size, columns the five trainings."""
-    from rich.table import Table
-
-    from bsym.training.studies.augmentation import COLUMN_TITLES, NETWORK_TITLES
-
-    settings = result.settings
-    summary = result.summary(metric)
-    table = Table(
-        title=f"{title}, {settings.geometry} cells, mean ± std of {settings.bootstraps} bootstraps"
-    )
-    table.add_column("network", justify="left")
-    table.add_column("train events", justify="right")
-    for column in settings.columns:
-        table.add_column(COLUMN_TITLES[column], justify="center")
-    for network, columns in summary.items():
-        for size in settings.sizes:
-            means = {c: rows[size][0] for c, rows in columns.items() if size in rows}
-            best = max(means, key=means.__getitem__) if means else None
-            cells = []
-            for column in settings.columns:
-                if size not in columns[column]:
-                    cells.append("–")
-                    continue
-                mean, std = columns[column][size]
-                text = f"{mean:.3f} ± {std:.3f}"
-                cells.append(f"[bold]{text}[/]" if column == best else text)
-            table.add_row(NETWORK_TITLES[network], str(size), *cells)
-    return table
 
 
 @study_app.command("isolation")
@@ -309,21 +266,12 @@ def isolation_command(
     a fit of the dimuon mass, each ± bootstrap error. Writes isolation_study.json and
     roc_isolation.png. See docs/cwola.md.
     """
-    from bsym.training.studies.isolation import (
-        QUICK,
-        TABLE_WIDTH,
-        StudySettings,
-        differences_table,
-        isolation_table,
-        report_run,
-        run_study,
-        with_overrides,
-        write_outputs,
-    )
+    from bsym.training.studies.isolation import QUICK, StudySettings, run_study, write_outputs
+    from bsym.training.studies.plots import isolation_plots
+    from bsym.training.studies.reports import differences_table, isolation_table
 
     with user_errors():
-        settings = with_overrides(
-            QUICK if quick else StudySettings(),
+        settings = (QUICK if quick else StudySettings()).with_overrides(
             train_events=events,
             bootstraps=bootstraps,
             max_epochs=epochs,
@@ -333,17 +281,12 @@ def isolation_command(
             settings,
             data,
             out,
-            on_run=report_run,
+            on_run=_report_isolation_run,
             on_note=lambda note: stdout.print(f"[yellow]{note}[/]"),
             threads=threads,
         )
-        paths = write_outputs(result, out)
-    from rich.console import Console
-
-    # the table is wide; a narrower (or redirected, 80-column) console would truncate it
-    wide = Console(width=max(stdout.width, TABLE_WIDTH))
-    wide.print(isolation_table(result))
-    wide.print(differences_table(result))
+        paths = [*write_outputs(result, out), *isolation_plots(result, out)]
+    show(isolation_table(result), differences_table(result))
     for group, fraction in result.prompt_fractions.items():
         stdout.print(f"prompt fraction, {group}: {fraction:.3f}")
     for note in result.skipped:
@@ -377,57 +320,6 @@ def print_summary(n_runs: int, seconds: float, paths: list[Path]) -> None:
     stdout.print(f"{n_runs} trainings in {seconds / 60:.1f} min")
     for path in paths:
         stdout.print(f"wrote {path}")
-
-
-def auc_table(result: StudyResult) -> Table:
-    """The paper's layout: one row per training size, one column per model, best in bold."""
-    from rich.table import Table
-
-    from bsym.training.studies.learning_curve import MODEL_TITLES
-
-    summary = result.summary()
-    settings = result.settings
-    table = Table(
-        title=f"test AUC, mean ± std of {settings.repeats} (breaking {settings.breaking:g})"
-    )
-    table.add_column("train events", justify="right")
-    for model in settings.models:
-        table.add_column(MODEL_TITLES[model], justify="center")
-    for size in settings.sizes:
-        means = {m: summary[m][size][0] for m in settings.models if size in summary[m]}
-        best = max(means, key=means.__getitem__) if means else None
-        cells = []
-        for model in settings.models:
-            if size not in summary[model]:
-                cells.append("–")
-                continue
-            mean, std = summary[model][size]
-            text = f"{mean:.4f} ± {std:.4f}"
-            cells.append(f"[bold]{text}[/]" if model == best else text)
-        table.add_row(_size_label(size), *cells)
-    return table
-
-
-def weight_table(result: StudyResult) -> Table:
-    """Mean learned weight on the unconstrained subnet: one row per leading-pT bin, one column
-    per training size."""
-    from rich.table import Table
-
-    from bsym.training.studies.learning_curve import pt_bin_labels
-
-    summary = result.weight_summary()
-    table = Table(title="dual subnet: mean w_unconstrained (± std over repeats)")
-    table.add_column("pT0 [GeV]", justify="right")
-    for size in summary:
-        table.add_column(_size_label(size), justify="center")
-    for index, label in enumerate(pt_bin_labels()):
-        cells = [f"{bins[index][0]:.2f}±{bins[index][1]:.2f}" for bins in summary.values()]
-        table.add_row(label, *cells)
-    return table
-
-
-def _size_label(size: int) -> str:
-    return f"{size // 1000}k" if size % 1000 == 0 else str(size)
 
 
 @study_app.command("efp-search")
@@ -484,16 +376,13 @@ def efp_search_command(
         DEFAULT_BASELINE,
         QUICK,
         SearchSettings,
-        report_step,
         run_search,
-        search_table,
-        with_overrides,
         write_outputs,
     )
+    from bsym.training.studies.reports import search_table
 
     with user_errors():
-        settings = with_overrides(
-            QUICK if quick else SearchSettings(),
+        settings = (QUICK if quick else SearchSettings()).with_overrides(
             steps=steps,
             pairs=pairs,
             ado_rows=muons,
@@ -504,11 +393,11 @@ def efp_search_command(
             out,
             settings,
             baseline=baseline or DEFAULT_BASELINE,
-            on_step=report_step,
+            on_step=_report_step,
             threads=threads,
         )
         paths = write_outputs(result, out)
-    stdout.print(search_table(result))
+    show(search_table(result))
     stdout.print(
         f"EFPs: {result.candidates} candidates on {result.muons} muons in "
         f"{result.efp_seconds:.0f} s ({result.efp_muons_per_second:.1f} muons/s with all of "
@@ -516,3 +405,46 @@ def efp_search_command(
     )
     for path in paths:
         stdout.print(f"wrote {path}")
+
+
+def _report_isolation_run(run: IsolationRun) -> None:
+    """One line per finished training on the terminal."""
+    from tqdm import tqdm
+
+    def cell(figure: Figure) -> str:
+        return f"{figure.value:.4f} ± {figure.error:.4f}"
+
+    sweighted = "" if run.auc_sweighted is None else f", sW AUC {cell(run.auc_sweighted)}"
+    tqdm.write(
+        f"{run.title:>15} {run.supervision:>5}: AUC {cell(run.auc)}{sweighted}, "
+        f"ε_S@50% {cell(run.eff50)}, ε_S@5% {cell(run.eff5)} "
+        f"(best epoch {run.best_epoch}/{run.epochs}, {run.seconds:.0f} s)"
+    )
+
+
+def _report_step(step: Step) -> None:
+    """One line on the terminal as each step of the EFP search ends."""
+    from tqdm import tqdm
+
+    if step.edges is None:
+        tqdm.write(f"baseline: test AUC {step.test_auc:.4f}, ADO with the PFN {step.model_ado:.4f}")
+        return
+    tqdm.write(
+        f"step {step.step}: EFP {step.label} κ={step.kappa:g} β={step.beta:g} "
+        f"(ADO {step.efp_ado:.4f} on {step.disagreeing_pairs} pairs) → test AUC "
+        f"{step.test_auc:.4f}, ADO with the PFN {step.model_ado:.4f} ({step.seconds:.0f} s)"
+    )
+
+
+def show(*tables: Table) -> None:
+    """Render the tables with rich on stdout, widened to what a table needs unwrapped (a
+    narrower or redirected, 80-column, console would truncate a wide one)."""
+    from rich.console import Console
+
+    from bsym.training.tables import to_rich
+
+    for table in tables:
+        console = stdout
+        if table.min_width is not None and stdout.width < table.min_width:
+            console = Console(width=table.min_width)
+        console.print(to_rich(table))

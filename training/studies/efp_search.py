@@ -29,15 +29,15 @@ Candidates
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field
 
 from bsym.configs import shipped_config
 from bsym.efp import Cells, Multigraph, Polynomial, efp_values
@@ -56,39 +56,28 @@ from bsym.training.checkpoint import LoadedModel, load_checkpoint, predict
 from bsym.training.config import TrainConfig, load_config
 from bsym.training.dataset import Split, read_rows, take
 from bsym.training.metrics import roc_auc
-
-if TYPE_CHECKING:
-    from rich.table import Table
+from bsym.training.studies.harness import Settings, write_json
 
 FloatArray = npt.NDArray[np.float64]
 DEFAULT_BASELINE = shipped_config("isolation_cones_sumpt")
 CANDIDATE_CHUNK = 512
 
 
-@dataclass(frozen=True)
-class SearchSettings:
+class SearchSettings(Settings):
     """Everything that defines one search."""
 
-    steps: int = 5
-    kappas: tuple[float, ...] = (-1.0, 0.0, 0.5, 1.0, 2.0)
-    betas: tuple[float, ...] = (0.5, 1.0, 2.0)
-    max_degree: int = 7
-    max_complexity: int = 3
-    max_cells: int = 32
+    steps: int = Field(default=5, ge=1)
+    kappas: tuple[float, ...] = Field(default=(-1.0, 0.0, 0.5, 1.0, 2.0), min_length=1)
+    betas: tuple[Annotated[float, Field(gt=0)], ...] = Field(default=(0.5, 1.0, 2.0), min_length=1)
+    max_degree: int = Field(default=7, ge=0, le=7)
+    max_complexity: int = Field(default=3, ge=0)
+    max_cells: int = Field(default=32, ge=1)
     include_axis: bool = False
-    ado_rows: int = 2000
-    pairs: int = 200_000
-    epochs: int = 80
-    patience: int = 10
+    ado_rows: int = Field(default=2000, ge=2)
+    pairs: int = Field(default=200_000, ge=1)
+    epochs: int = Field(default=80, ge=1)
+    patience: int = Field(default=10, ge=1)
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps must be at least 1, got {self.steps}")
-        if not 0 <= self.max_degree <= 7:
-            raise ConfigError(f"max_degree must lie in 0..7, got {self.max_degree}")
-        if not self.kappas or not self.betas or min(self.betas) <= 0:
-            raise ConfigError("give at least one kappa and one positive beta")
 
 
 QUICK = SearchSettings(
@@ -153,22 +142,20 @@ class SearchResult:
             if s.edges is not None and s.kappa is not None and s.beta is not None
         ]
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "settings": asdict(self.settings),
-                "pfn": self.pfn,
-                "pfn_test_auc": self.pfn_test_auc,
-                "candidates": self.candidates,
-                "muons": self.muons,
-                "efp_seconds": self.efp_seconds,
-                "efp_muons_per_second": self.efp_muons_per_second,
-                "seconds": self.seconds,
-                "steps": [asdict(s) for s in self.steps],
-                "chosen_polynomials": [e.model_dump(mode="json") for e in self.chosen()],
-            },
-            indent=2,
-        )
+    def document(self) -> dict[str, object]:
+        """The search, as written to ``efp_search.json``."""
+        return {
+            "settings": self.settings.model_dump(mode="json"),
+            "pfn": self.pfn,
+            "pfn_test_auc": self.pfn_test_auc,
+            "candidates": self.candidates,
+            "muons": self.muons,
+            "efp_seconds": self.efp_seconds,
+            "efp_muons_per_second": self.efp_muons_per_second,
+            "seconds": self.seconds,
+            "steps": [asdict(s) for s in self.steps],
+            "chosen_polynomials": [e.model_dump(mode="json") for e in self.chosen()],
+        }
 
 
 @functools.cache
@@ -445,66 +432,16 @@ def _labels(batch: FeatureBatch) -> npt.NDArray[np.int64]:
     return batch.label
 
 
-def with_overrides(settings: SearchSettings, **overrides: object) -> SearchSettings:
-    """``settings`` with the given fields replaced (``None`` values are ignored)."""
-    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
-
-
-def report_step(step: Step) -> None:
-    """One line on the terminal as each step ends."""
-    from tqdm import tqdm
-
-    if step.edges is None:
-        tqdm.write(f"baseline: test AUC {step.test_auc:.4f}, ADO with the PFN {step.model_ado:.4f}")
-        return
-    tqdm.write(
-        f"step {step.step}: EFP {step.label} κ={step.kappa:g} β={step.beta:g} "
-        f"(ADO {step.efp_ado:.4f} on {step.disagreeing_pairs} pairs) → test AUC "
-        f"{step.test_auc:.4f}, ADO with the PFN {step.model_ado:.4f} ({step.seconds:.0f} s)"
-    )
-
-
-def search_table(result: SearchResult) -> Table:
-    """One row per step: the EFP added, its ADO on the disagreeing pairs, and the network's
-    ADO with the PFN and test AUC after retraining."""
-    from rich.table import Table
-
-    table = Table(
-        title=f"EFP search against {Path(result.pfn).parent.name} "
-        f"(PFN test AUC {result.pfn_test_auc:.4f}; {result.candidates} candidates)"
-    )
-    table.add_column("step", justify="right", no_wrap=True)
-    table.add_column("EFP graph (edges)", justify="left", ratio=1)
-    for name in ("κ", "β", "sign", "pairs", "ADO EFP", "ADO network", "test AUC"):
-        table.add_column(name, justify="right", no_wrap=True)
-    table.caption = (
-        "pairs: prompt/non-prompt pairs on which the network before the step and the PFN "
-        "disagree; ADO EFP: the chosen EFP's agreement with the PFN on them; ADO network: "
-        "the retrained network's with the PFN on all pairs"
-    )
-    for step in result.steps:
-        chosen = step.edges is not None
-        table.add_row(
-            str(step.step),
-            step.label.replace(",", " "),
-            f"{step.kappa:g}" if chosen else "",
-            f"{step.beta:g}" if chosen else "",
-            ("+" if step.sign == 1 else "−") if chosen else "",
-            str(step.disagreeing_pairs) if chosen else "",
-            f"{step.efp_ado:.4f}" if step.efp_ado is not None else "",
-            f"{step.model_ado:.4f}",
-            f"{step.test_auc:.4f}",
-        )
-    return table
-
-
 def write_outputs(result: SearchResult, out_dir: Path) -> list[Path]:
     """``efp_search.json`` and ``chosen_efps.yaml`` (the chosen EFPs as a spec section)."""
     import yaml
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "efp_search.json", out_dir / "chosen_efps.yaml"]
-    paths[0].write_text(result.to_json())
+    from bsym.rootio import atomic_output
+
+    paths = [
+        write_json(out_dir / "efp_search.json", result.document()),
+        out_dir / "chosen_efps.yaml",
+    ]
     section = {
         "efps": {
             "max_cells": result.settings.max_cells,
@@ -515,5 +452,6 @@ def write_outputs(result: SearchResult, out_dir: Path) -> list[Path]:
             ],
         }
     }
-    paths[1].write_text(yaml.safe_dump(section, sort_keys=False, default_flow_style=None))
+    with atomic_output(paths[1]) as temporary:
+        temporary.write_text(yaml.safe_dump(section, sort_keys=False, default_flow_style=None))
     return paths

@@ -26,26 +26,24 @@ Training
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field
 
 from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.rootio import TreeSource
 from bsym.training.cwola import CwolaRows, SupervisionConfig, prompt_fractions, read_cwola_rows
-from bsym.training.metrics import roc_auc, roc_curve
+from bsym.training.metrics import roc_auc, roc_curve, signal_efficiency
+from bsym.training.studies.harness import Settings, bootstrap, cached_sample, write_json
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from bsym.training.checkpoint import LoadedModel
     from bsym.training.config import TrainConfig
     from bsym.training.loop import TrainResult
@@ -53,7 +51,6 @@ if TYPE_CHECKING:
 
 FloatArray = npt.NDArray[np.float64]
 Indices = npt.NDArray[np.int64]
-MANIFEST = "manifest.json"
 # background (non-prompt) efficiencies at which the prompt efficiency is quoted
 WORKING_POINTS = (0.5, 0.05)
 SUPERVISIONS = ("truth", "cwola")
@@ -87,15 +84,14 @@ ROWS: tuple[Row, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class StudySettings:
+class StudySettings(Settings):
     """Everything that defines one isolation study."""
 
-    train_events: int = 60_000
-    test_events: int = 20_000
-    max_epochs: int = 40
-    patience: int = 5
-    bootstraps: int = 20
+    train_events: int = Field(default=60_000, ge=1)
+    test_events: int = Field(default=20_000, ge=1)
+    max_epochs: int = Field(default=40, ge=1)
+    patience: int = Field(default=5, ge=1)
+    bootstraps: int = Field(default=20, ge=2)
     seed: int = 0
     rows: tuple[Row, ...] = ROWS
 
@@ -156,9 +152,10 @@ class StudyResult:
                 return run
         return None
 
-    def to_json(self) -> str:
-        document = {
-            "settings": asdict(self.settings),
+    def document(self) -> dict[str, object]:
+        """The numbers of the study, as written to ``isolation_study.json``."""
+        return {
+            "settings": self.settings.model_dump(mode="json"),
             "skipped": self.skipped,
             "prompt_fractions": self.prompt_fractions,
             "n_test": self.n_test,
@@ -166,25 +163,6 @@ class StudyResult:
             "runs": [asdict(run) for run in self.runs],
             "differences": [asdict(difference) for difference in self.differences],
         }
-        return json.dumps(document, indent=2) + "\n"
-
-
-def with_overrides(
-    settings: StudySettings,
-    *,
-    train_events: int | None = None,
-    bootstraps: int | None = None,
-    max_epochs: int | None = None,
-    seed: int | None = None,
-) -> StudySettings:
-    """``settings`` with the fields given (not None) replaced."""
-    return replace(
-        settings,
-        train_events=settings.train_events if train_events is None else train_events,
-        bootstraps=settings.bootstraps if bootstraps is None else bootstraps,
-        max_epochs=settings.max_epochs if max_epochs is None else max_epochs,
-        seed=settings.seed if seed is None else seed,
-    )
 
 
 def simulate_samples(settings: StudySettings, data_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -197,17 +175,13 @@ def simulate_samples(settings: StudySettings, data_dir: Path) -> tuple[list[Path
 def _sample(data_dir: Path, kind: str, n_events: int, *, seed: int) -> list[Path]:
     from bsym.simulate import write_isolation
 
-    sample_dir = data_dir / f"{kind}_n{n_events}_s{seed}"
-    manifest = sample_dir / MANIFEST
-    wanted = {"events": n_events, "seed": seed}
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-        if recorded.get("sample") == wanted:
-            return [sample_dir / name for name in recorded["files"]]
-    written = write_isolation(sample_dir, n_events, seed=seed)
-    muons = [path for path in written if path.name.startswith("isolation_muons_")]
-    manifest.write_text(json.dumps({"sample": wanted, "files": [p.name for p in muons]}))
-    return muons
+    def write(out: Path) -> list[Path]:
+        written = write_isolation(out, n_events, seed=seed)
+        return [path for path in written if path.name.startswith("isolation_muons_")]
+
+    return cached_sample(
+        data_dir / f"{kind}_n{n_events}_s{seed}", {"events": n_events, "seed": seed}, write
+    )
 
 
 def run_study(
@@ -370,14 +344,14 @@ def paired_differences(
 
     every = np.arange(truth.size, dtype=np.int64)
     central = figures(every, fit_mass(mass, low=low, high=high))
-    rng = np.random.default_rng([settings.seed, 8])
-    samples: dict[str, list[float]] = {name: [] for name in central}
-    for _ in range(settings.bootstraps):
-        rows = rng.integers(0, truth.size, truth.size).astype(np.int64)
-        for name, value in figures(rows, fit_mass(mass[rows], low=low, high=high)).items():
-            samples[name].append(value)
+    samples = bootstrap(
+        truth.size,
+        lambda rows: figures(rows, fit_mass(mass[rows], low=low, high=high)),
+        n_bootstrap=settings.bootstraps,
+        rng=np.random.default_rng([settings.seed, 8]),
+    )
     return [
-        Difference(name, value, float(np.std(samples[name], ddof=1)))
+        Difference(name, value, float(np.std([s[name] for s in samples], ddof=1)))
         for name, value in central.items()
     ]
 
@@ -401,18 +375,10 @@ def _trained(
     return load_checkpoint(result.checkpoint), result.best_epoch, result.epochs
 
 
-def signal_efficiency_at(
-    labels: npt.ArrayLike, scores: npt.ArrayLike, background_efficiency: float
-) -> float:
-    """ε_S of the cut where the ROC curve reaches ``background_efficiency`` (interpolated)."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return float(np.interp(background_efficiency, fpr, tpr))
-
-
 def _figures(truth: npt.NDArray[np.int64], scores: FloatArray) -> list[float]:
     """AUC and ε_S at each working point."""
     fpr, tpr, _ = roc_curve(truth, scores)
-    efficiencies = [float(np.interp(point, fpr, tpr)) for point in WORKING_POINTS]
+    efficiencies = [signal_efficiency(fpr, tpr, point) for point in WORKING_POINTS]
     return [roc_auc(truth, scores), *efficiencies]
 
 
@@ -420,11 +386,12 @@ def _bootstrapped(
     truth: npt.NDArray[np.int64], scores: FloatArray, settings: StudySettings
 ) -> tuple[Figure, Figure, Figure]:
     central = _figures(truth, scores)
-    rng = np.random.default_rng([settings.seed, 7])
-    samples = []
-    for _ in range(settings.bootstraps):
-        rows = rng.integers(0, truth.size, truth.size)
-        samples.append(_figures(truth[rows], scores[rows]))
+    samples = bootstrap(
+        truth.size,
+        lambda rows: _figures(truth[rows], scores[rows]),
+        n_bootstrap=settings.bootstraps,
+        rng=np.random.default_rng([settings.seed, 7]),
+    )
     spread = np.std(np.asarray(samples), axis=0, ddof=1)
     auc, eff50, eff5 = (Figure(c, float(e)) for c, e in zip(central, spread, strict=True))
     return auc, eff50, eff5
@@ -453,102 +420,6 @@ def _train_prompt_fractions(train_files: Sequence[Path]) -> dict[str, float]:
     )
 
 
-def plot_rocs(result: StudyResult, path: Path) -> None:
-    """True ROC curves (ε_B against ε_S), supervised and CWoLa side by side."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure as MplFigure
-
-    figure = MplFigure(figsize=(11.0, 4.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    panels = figure.subplots(1, 2, sharey=True)
-    for axes, supervision in zip(panels, SUPERVISIONS, strict=True):
-        for title, curves in result.curves.items():
-            run = result.run(title, supervision)
-            if supervision not in curves or run is None:
-                continue
-            fpr, tpr = curves[supervision]
-            axes.plot(tpr, fpr, label=f"{title} (AUC {run.auc.value:.3f})")
-        axes.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-        axes.set_yscale("log")
-        axes.set_ylim(1e-3, 1.0)
-        axes.set_xlim(0.0, 1.0)
-        axes.set_xlabel("prompt efficiency $\\varepsilon_S$")
-        axes.set_title("supervised (truth labels)" if supervision == "truth" else "CWoLa")
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize="small")
-    panels[0].set_ylabel("non-prompt efficiency $\\varepsilon_B$")
-    figure.savefig(path, format="png", dpi=120)
-
-
 def write_outputs(result: StudyResult, out_dir: Path) -> list[Path]:
-    """``isolation_study.json`` and ``roc_isolation.png`` in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "isolation_study.json"
-    json_path.write_text(result.to_json(), encoding="utf-8")
-    roc_path = out_dir / "roc_isolation.png"
-    plot_rocs(result, roc_path)
-    return [json_path, roc_path]
-
-
-def isolation_table(result: StudyResult) -> Table:
-    """Paper 4's layout: one row per model, supervised and CWoLa figures side by side."""
-    from rich.table import Table
-
-    settings = result.settings
-    table = Table(
-        title=f"Muon isolation on {result.n_test} test muons "
-        f"(± std over {settings.bootstraps} bootstraps)",
-        caption="ε_S@x%: prompt efficiency where x% of non-prompt muons pass; "
-        "sW AUC: sWeighted AUC from the dimuon mass fit (no truth)",
-    )
-    table.add_column("model", justify="left", no_wrap=True)
-    for header in ("AUC", "ε_S@50%", "ε_S@5%"):
-        table.add_column(f"supervised\n{header}", justify="center", no_wrap=True)
-    for header in ("true AUC", "sW AUC", "ε_S@50%", "ε_S@5%"):
-        table.add_column(f"CWoLa\n{header}", justify="center", no_wrap=True)
-    for title in result.curves:
-        truth, cwola = result.run(title, "truth"), result.run(title, "cwola")
-        table.add_row(
-            title,
-            *(_cell(getattr(truth, name, None)) for name in ("auc", "eff50", "eff5")),
-            *(
-                _cell(getattr(cwola, name, None))
-                for name in ("auc", "auc_sweighted", "eff50", "eff5")
-            ),
-        )
-    return table
-
-
-def differences_table(result: StudyResult) -> Table:
-    """The paired differences, each ± its bootstrap error and the ratio of the two."""
-    from rich.table import Table
-
-    table = Table(title="Differences on the same test rows (paired bootstrap)")
-    table.add_column("difference", justify="left", no_wrap=True)
-    table.add_column("value", justify="right", no_wrap=True)
-    table.add_column("/ error", justify="right", no_wrap=True)
-    for difference in result.differences:
-        pull = difference.value / difference.error if difference.error > 0 else math.nan
-        table.add_row(
-            difference.name, f"{difference.value:+.4f} ± {difference.error:.4f}", f"{pull:+.1f}"
-        )
-    return table
-
-
-TABLE_WIDTH = 150
-
-
-def _cell(figure: Figure | None) -> str:
-    return "–" if figure is None else f"{figure.value:.4f} ± {figure.error:.4f}"
-
-
-def report_run(run: RunResult) -> None:
-    """One line per finished training on the terminal."""
-    from tqdm import tqdm
-
-    sweighted = "" if run.auc_sweighted is None else f", sW AUC {_cell(run.auc_sweighted)}"
-    tqdm.write(
-        f"{run.title:>15} {run.supervision:>5}: AUC {_cell(run.auc)}{sweighted}, "
-        f"ε_S@50% {_cell(run.eff50)}, ε_S@5% {_cell(run.eff5)} "
-        f"(best epoch {run.best_epoch}/{run.epochs}, {run.seconds:.0f} s)"
-    )
+    """``isolation_study.json`` in ``out_dir`` (the plot is :mod:`.plots`'); its path."""
+    return [write_json(out_dir / "isolation_study.json", result.document())]

@@ -44,19 +44,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from bsym.errors import ConfigError, SpecMismatchError
+from bsym.errors import SpecMismatchError
 from bsym.features import FeatureBatch
 from bsym.training.fit import (
     FitState,
@@ -74,7 +75,16 @@ from bsym.training.models.lorentz import (
     UnconstrainedNet,
     lorentz_feature_spec,
 )
+from bsym.training.studies.harness import (
+    Settings,
+    cached_sample,
+    jsonable_summary,
+    spread,
+    summarise,
+    write_json,
+)
 
+ModelName = Literal["unconstrained", "invariant", "dual"]
 MODELS: dict[str, Callable[[], LorentzNetwork]] = {
     "unconstrained": UnconstrainedNet,
     "invariant": InvariantNet,
@@ -82,42 +92,37 @@ MODELS: dict[str, Callable[[], LorentzNetwork]] = {
 }
 MODEL_TITLES = {"unconstrained": "unconstrained", "invariant": "invariant", "dual": "dual subnet"}
 PT_EDGES = (0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, math.inf)
-MANIFEST = "manifest.json"
 EVAL_BATCH = 8192
 # a stretch beyond this would spend more time validating than training
 MAX_STRETCH = 4.0
 
 
-@dataclass(frozen=True)
-class StudySettings:
+class StudySettings(Settings):
     """Everything that defines one learning-curve study."""
 
-    sizes: tuple[int, ...] = (8_000, 16_000, 32_000, 64_000, 80_000)
-    repeats: int = 3
-    breaking: float = 0.10
+    sizes: tuple[int, ...] = Field(default=(8_000, 16_000, 32_000, 64_000, 80_000), min_length=1)
+    repeats: int = Field(default=3, ge=1)
+    breaking: float = Field(default=0.10, ge=0)
     seed: int = 1
-    test_events: int = 200_000
-    val_events: int = 20_000
-    max_epochs: int = 40
-    patience: int = 8
-    lr_patience: int = 3
-    min_steps: int = 2_400
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    models: tuple[str, ...] = ("unconstrained", "invariant", "dual")
+    test_events: int = Field(default=200_000, ge=2)
+    val_events: int = Field(default=20_000, ge=2)
+    max_epochs: int = Field(default=40, ge=1)
+    patience: int = Field(default=8, ge=1)
+    lr_patience: int = Field(default=3, ge=0)
+    min_steps: int = Field(default=2_400, ge=0)
+    batch_size: int = Field(default=256, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    models: tuple[ModelName, ...] = ("unconstrained", "invariant", "dual")
     reweight: bool = True
 
-    def __post_init__(self) -> None:
-        if not self.sizes or min(self.sizes) < 2 * self.batch_size:
-            raise ConfigError(
+    @model_validator(mode="after")
+    def _sizes_hold_two_batches(self) -> StudySettings:
+        if min(self.sizes) < 2 * self.batch_size:
+            raise ValueError(
                 f"training sizes must be at least {2 * self.batch_size} events, got {self.sizes}"
             )
-        if self.repeats < 1:
-            raise ConfigError(f"repeats must be at least 1, got {self.repeats}")
-        unknown = set(self.models) - set(MODELS)
-        if unknown:
-            raise ConfigError(f"unknown model(s) {sorted(unknown)}; choose from {list(MODELS)}")
+        return self
 
     @property
     def total_events(self) -> int:
@@ -174,14 +179,8 @@ class StudyResult:
 
     def summary(self) -> dict[str, dict[int, tuple[float, float]]]:
         """Mean and standard deviation of the test AUC, per model and training size."""
-        table: dict[str, dict[int, tuple[float, float]]] = {}
-        for model in self.settings.models:
-            table[model] = {}
-            for size in self.settings.sizes:
-                aucs = [r.test_auc for r in self.runs if r.model == model and r.size == size]
-                if aucs:
-                    table[model][size] = (float(np.mean(aucs)), _std(aucs))
-        return table
+        levels = (self.settings.models, self.settings.sizes)
+        return summarise(self.runs, "test_auc", ("model", "size"), levels)
 
     def weight_summary(self) -> dict[int, list[tuple[float, float]]]:
         """Mean and std over repeats of the dual subnet's w_unconstrained per pT bin, by size."""
@@ -191,33 +190,24 @@ class StudyResult:
             if curves:
                 values = np.array(curves, dtype=np.float64)
                 summary[size] = [
-                    (float(np.nanmean(column)), _std(column[~np.isnan(column)].tolist()))
+                    (float(np.nanmean(column)), spread(column[~np.isnan(column)].tolist()))
                     for column in values.T
                 ]
         return summary
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "settings": asdict(self.settings),
-                "seconds": self.seconds,
-                "pt_bins": pt_bin_labels(),
-                "auc": {
-                    model: {str(size): {"mean": m, "std": s} for size, (m, s) in rows.items()}
-                    for model, rows in self.summary().items()
-                },
-                "weight_unconstrained_vs_pt": {
-                    str(size): [{"mean": m, "std": s} for m, s in bins]
-                    for size, bins in self.weight_summary().items()
-                },
-                "runs": [asdict(run) for run in self.runs],
+    def document(self) -> dict[str, object]:
+        """The numbers of the study, as written to ``learning_curve.json``."""
+        return {
+            "settings": self.settings.model_dump(mode="json"),
+            "seconds": self.seconds,
+            "pt_bins": pt_bin_labels(),
+            "auc": jsonable_summary(self.summary()),
+            "weight_unconstrained_vs_pt": {
+                str(size): [{"mean": m, "std": s} for m, s in bins]
+                for size, bins in self.weight_summary().items()
             },
-            indent=2,
-        )
-
-
-def _std(values: Sequence[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            "runs": [asdict(run) for run in self.runs],
+        }
 
 
 def pt_bin_labels() -> list[str]:
@@ -243,15 +233,13 @@ def load_data(settings: StudySettings, data_dir: Path) -> FeatureBatch:
     sample_dir = data_dir / (
         f"breaking{settings.breaking:g}_seed{settings.seed}_n{settings.total_events}"
     )
-    wanted = {"breaking": settings.breaking, "seed": settings.seed, "n": settings.total_events}
-    manifest = sample_dir / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("sample") == wanted:
-        paths = [sample_dir / name for name in json.loads(manifest.read_text())["files"]]
-    else:
-        paths = write_lorentz(
-            sample_dir, settings.total_events, seed=settings.seed, breaking=settings.breaking
-        )
-        manifest.write_text(json.dumps({"sample": wanted, "files": [p.name for p in paths]}))
+    paths = cached_sample(
+        sample_dir,
+        {"breaking": settings.breaking, "seed": settings.seed, "n": settings.total_events},
+        lambda out: write_lorentz(
+            out, settings.total_events, seed=settings.seed, breaking=settings.breaking
+        ),
+    )
     spec = lorentz_feature_spec()
     batches = []
     for path in paths:
@@ -372,76 +360,6 @@ def run_study(
     return result
 
 
-def with_overrides(settings: StudySettings, **overrides: object) -> StudySettings:
-    """``settings`` with the given fields replaced (``None`` values are ignored)."""
-    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
-
-
-def plot_auc_vs_size(result: StudyResult, path: Path) -> None:
-    """Mean test AUC ± std against training size, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for model, rows in result.summary().items():
-        sizes = sorted(rows)
-        axes.errorbar(
-            sizes,
-            [rows[s][0] for s in sizes],
-            yerr=[rows[s][1] for s in sizes],
-            marker="o",
-            capsize=3,
-            label=MODEL_TITLES[model],
-        )
-    axes.set_xscale("log")
-    axes.set_xlabel("training events")
-    axes.set_ylabel("test AUC (weighted)")
-    axes.set_title(f"dimuon task, breaking {result.settings.breaking:g}")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_weight_vs_pt(result: StudyResult, path: Path) -> None:
-    """Mean learned weight on the unconstrained subnet per leading-pT bin, per training size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = pt_bin_labels()
-    positions = np.arange(len(labels))
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for size, bins in result.weight_summary().items():
-        axes.errorbar(
-            positions,
-            [m for m, _ in bins],
-            yerr=[s for _, s in bins],
-            marker="o",
-            capsize=3,
-            label=f"{size // 1000}k",
-        )
-    axes.set_xticks(positions, labels)
-    axes.set_xlabel("leading-muon pT [GeV]")
-    axes.set_ylabel("mean w_unconstrained")
-    axes.set_ylim(0, 1)
-    axes.set_title("dual subnet: learned symmetry factor")
-    axes.legend(title="training events")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def write_outputs(result: StudyResult, out_dir: Path) -> list[Path]:
-    """The JSON of the numbers and both plots; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "learning_curve.json", out_dir / "auc_vs_size.png"]
-    paths[0].write_text(result.to_json())
-    plot_auc_vs_size(result, paths[1])
-    if result.weight_summary():
-        paths.append(out_dir / "symmetry_weight_vs_pt.png")
-        plot_weight_vs_pt(result, paths[2])
-    return paths
+    """``learning_curve.json`` in ``out_dir`` (the plots are :mod:`.plots`'); its path."""
+    return [write_json(out_dir / "learning_curve.json", result.document())]

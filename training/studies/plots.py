@@ -1,0 +1,146 @@
+"""The studies' plots, made by the CLI from the results the studies return.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing here chooses
+or changes the process-wide backend; each file is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bsym.rootio import atomic_output
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from bsym.training.studies.augmentation import StudyResult as AugmentationResult
+    from bsym.training.studies.isolation import StudyResult as IsolationResult
+    from bsym.training.studies.learning_curve import StudyResult as LearningCurveResult
+
+
+def _figure(width: float, height: float, **layout: Any) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), **layout)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path, *, tight: bool = True) -> Path:
+    if tight:
+        figure.tight_layout()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    return path
+
+
+def _errorbars(axes: Any, rows: dict[int, tuple[float, float]], label: str) -> None:
+    sizes = sorted(rows)
+    axes.errorbar(
+        sizes,
+        [rows[s][0] for s in sizes],
+        yerr=[rows[s][1] for s in sizes],
+        marker="o",
+        capsize=3,
+        label=label,
+    )
+
+
+def learning_curve_plots(result: LearningCurveResult, out_dir: Path) -> list[Path]:
+    """``auc_vs_size.png`` and, with a dual subnet, ``symmetry_weight_vs_pt.png``."""
+    from bsym.training.studies.learning_curve import MODEL_TITLES, pt_bin_labels
+
+    figure = _figure(6, 4)
+    axes = figure.add_subplot()
+    for model, rows in result.summary().items():
+        _errorbars(axes, rows, MODEL_TITLES[model])
+    axes.set_xscale("log")
+    axes.set_xlabel("training events")
+    axes.set_ylabel("test AUC (weighted)")
+    axes.set_title(f"dimuon task, breaking {result.settings.breaking:g}")
+    axes.legend()
+    paths = [_save(figure, out_dir / "auc_vs_size.png")]
+    weights = result.weight_summary()
+    if not weights:
+        return paths
+    labels = pt_bin_labels()
+    positions = np.arange(len(labels))
+    figure = _figure(6, 4)
+    axes = figure.add_subplot()
+    for size, bins in weights.items():
+        axes.errorbar(
+            positions,
+            [m for m, _ in bins],
+            yerr=[s for _, s in bins],
+            marker="o",
+            capsize=3,
+            label=f"{size // 1000}k",
+        )
+    axes.set_xticks(positions, labels)
+    axes.set_xlabel("leading-muon pT [GeV]")
+    axes.set_ylabel("mean w_unconstrained")
+    axes.set_ylim(0, 1)
+    axes.set_title("dual subnet: learned symmetry factor")
+    axes.legend(title="training events")
+    return [*paths, _save(figure, out_dir / "symmetry_weight_vs_pt.png")]
+
+
+def augmentation_plots(result: AugmentationResult, out_dir: Path) -> list[Path]:
+    """``auc_vs_size.png`` and ``signal_efficiency_vs_size.png``."""
+    return [
+        _augmentation_metric(result, "test_auc", "test AUC", out_dir / "auc_vs_size.png"),
+        _augmentation_metric(
+            result,
+            "signal_efficiency",
+            "signal efficiency at 50% background",
+            out_dir / "signal_efficiency_vs_size.png",
+        ),
+    ]
+
+
+def _augmentation_metric(result: AugmentationResult, metric: str, label: str, path: Path) -> Path:
+    """Mean ± std against training size: one panel per network, one line per column."""
+    from bsym.training.studies.augmentation import COLUMN_TITLES, NETWORK_TITLES
+
+    summary = result.summary(metric)
+    networks = list(summary)
+    panels = max(len(networks), 1)
+    figure = _figure(5.5 * panels, 4)
+    axes_list = figure.subplots(1, panels, squeeze=False)
+    for axes, network in zip(axes_list[0], networks, strict=False):
+        for column, rows in summary[network].items():
+            _errorbars(axes, rows, COLUMN_TITLES[column])
+        axes.set_xlabel("training events")
+        axes.set_ylabel(label)
+        axes.set_title(f"{NETWORK_TITLES[network]}, {result.settings.geometry} cells")
+        axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def isolation_plots(result: IsolationResult, out_dir: Path) -> list[Path]:
+    """``roc_isolation.png``: true ROC curves (ε_B against ε_S), supervised and CWoLa."""
+    from bsym.training.studies.isolation import SUPERVISIONS
+
+    figure = _figure(11.0, 4.8, layout="constrained")
+    panels = figure.subplots(1, 2, sharey=True)
+    for axes, supervision in zip(panels, SUPERVISIONS, strict=True):
+        for title, curves in result.curves.items():
+            run = result.run(title, supervision)
+            if supervision not in curves or run is None:
+                continue
+            fpr, tpr = curves[supervision]
+            axes.plot(tpr, fpr, label=f"{title} (AUC {run.auc.value:.3f})")
+        axes.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        axes.set_yscale("log")
+        axes.set_ylim(1e-3, 1.0)
+        axes.set_xlim(0.0, 1.0)
+        axes.set_xlabel("prompt efficiency $\\varepsilon_S$")
+        axes.set_title("supervised (truth labels)" if supervision == "truth" else "CWoLa")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize="small")
+    panels[0].set_ylabel("non-prompt efficiency $\\varepsilon_B$")
+    return [_save(figure, out_dir / "roc_isolation.png", tight=False)]
