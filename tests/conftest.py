@@ -7,10 +7,15 @@ write their own outputs elsewhere (``tmp_path``).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -140,3 +145,45 @@ def served_repository(model_repository: Path) -> Iterator[ServedRepository]:
         pytest.skip(f"tritonserver unavailable: {error}")
     with ServedRepository(model_repository, grpc_port=0, http_port=0) as running:
         yield running
+
+
+@dataclass
+class BsymServe:
+    """A ``bsym serve`` process that printed its gRPC URL, and the Triton servers it started;
+    once stopped, the rest of its output and the servers it left running."""
+
+    process: subprocess.Popen[str]
+    url: str
+    servers: list[psutil.Process]
+    output: str = ""
+    left_running: list[psutil.Process] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def bsym_serve(command: list[str]) -> Iterator[BsymServe]:
+    """Run the ``bsym serve`` command line until it is ready; on leaving, stop it with SIGTERM
+    as a user would, and kill whatever is left of it, whatever happened."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        servers: list[psutil.Process] = []
+        try:
+            assert process.stdout is not None
+            lines = []
+            for line in process.stdout:  # ends if the command exits before it is ready
+                lines.append(line)
+                if line.startswith("gRPC URL:"):
+                    break
+            assert lines and lines[-1].startswith("gRPC URL:"), "".join(lines)
+            servers = psutil.Process(process.pid).children(recursive=True)
+            running = BsymServe(process, lines[-1].split()[-1], servers)
+            yield running
+            process.send_signal(signal.SIGTERM)
+            running.output, _ = process.communicate(timeout=60)
+            _, left = psutil.wait_procs(servers, timeout=10)
+            running.left_running = [p for p in left if p.status() != psutil.STATUS_ZOMBIE]
+        finally:
+            process.kill()
+            for server in servers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    server.kill()

@@ -4,18 +4,15 @@ server) → score --server; the two backends must write the same scores."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import uproot
+from conftest import bsym_serve
 from typer.testing import CliRunner
 
 from bsym.cli import app
@@ -95,40 +92,14 @@ def test_simulate_train_evaluate_export_score_serve_score(tmp_path: Path) -> Non
         "--startup-timeout",
         "90",
     ]
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as serve:
-        tritons: list[psutil.Process] = []
-        try:
-            assert serve.stdout is not None
-            lines = []
-            for line in serve.stdout:  # ends if the server exits before it is ready
-                lines.append(line)
-                if line.startswith("gRPC URL:"):
-                    break
-            assert lines and lines[-1].startswith("gRPC URL:"), "".join(lines)
-            tritons = psutil.Process(serve.pid).children(recursive=True)
-            url = lines[-1].split()[-1]
-            assert url == f"127.0.0.1:{grpc_port}"
-            bsym("score", *common, "--server", url, "-o", str(tmp_path / "triton"))
-        finally:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                rest, _ = serve.communicate(timeout=60)
-                _, left = psutil.wait_procs(tritons, timeout=10)
-                alive = [p for p in left if p.status() != psutil.STATUS_ZOMBIE]
-            finally:  # never leave a server behind, whatever failed
-                serve.kill()
-                for process in tritons:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        process.kill()
-    assert serve.returncode == 0, rest
-    assert "server stopped" in rest
-    assert not alive, "bsym serve left its Triton server running"
+    with bsym_serve(command) as serve:
+        assert serve.url == f"127.0.0.1:{grpc_port}" and serve.servers
+        bsym("score", *common, "--server", serve.url, "-o", str(tmp_path / "triton"))
+    assert serve.process.returncode == 0, serve.output
+    assert "server stopped" in serve.output
+    assert not serve.left_running, "bsym serve left its Triton server running"
 
     served = scores(tmp_path / "triton", source)
     assert served.shape == embedded.shape
     assert np.max(np.abs(served - embedded)) <= TOLERANCE
-    remote = read_provenance(tmp_path / "triton" / f"{source.stem}.{MODEL}.root")
-    assert {f.name for f in fields(Provenance)} <= set(remote)
-    assert remote["model_name"] == MODEL
+    assert read_provenance(tmp_path / "triton" / f"{source.stem}.{MODEL}.root") == provenance

@@ -23,10 +23,9 @@ from typing import Any
 
 import awkward as ak
 import numpy as np
-import psutil
 import pytest
 import uproot
-from conftest import BAD_SPEC, DUAL, MODEL_TYPES, PFN
+from conftest import BAD_SPEC, DUAL, MODEL_TYPES, PFN, bsym_serve
 from typer.testing import CliRunner, Result
 
 from bsym.errors import BsymError, ConfigError, ServerError, SpecMismatchError
@@ -527,32 +526,18 @@ def test_bsym_serve_runs_until_sigterm(model_repository: Path, isolation_sample:
         "--instances",
         "1",
     )
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as process:
-        assert process.stdout is not None
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("gRPC URL:"):
-                break
-        assert lines and lines[-1].startswith("gRPC URL:"), "".join(lines)
-        url = lines[-1].split()[-1]
-        servers = psutil.Process(process.pid).children(recursive=True)
-        assert servers
-        with TritonModel(url, PFN) as model:
+    with bsym_serve(command) as serve:
+        assert serve.servers
+        with TritonModel(serve.url, PFN) as model:
             with uproot.open(isolation_sample / "isolation_muons_000.root") as file:
                 arrays = file["Muons"].arrays(model.branches("object"))
             assert model(arrays).shape == (len(arrays),)
-        with grpcclient.InferenceServerClient(url) as client:
+        with grpcclient.InferenceServerClient(serve.url) as client:
             for name in (*MODELS, BAD_SPEC):
                 assert client.is_model_ready(name)
-        process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, rest
-    assert "server stopped" in rest
-    psutil.wait_procs(servers, timeout=10)
-    assert not [p for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert serve.process.returncode == 0, serve.output
+    assert "server stopped" in serve.output
+    assert not serve.left_running
 
 
 def test_triton_model_scores_either_layout_aligned(served: Served) -> None:
