@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 import uproot
+from conftest import CALO_EVENTS
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
+from bsym.configs import shipped_config
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.export.onnx_export import DEFAULT_TOLERANCE, export_onnx
 from bsym.rootio import TreeSource
@@ -53,19 +55,10 @@ from bsym.training.studies.cli import study_app
 from bsym.training.studies.plots import augmentation_plots
 from bsym.training.studies.reports import augmentation_table
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
-
 
 @pytest.fixture(scope="module")
-def rect_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("rect")
-    (path,) = write_calo_rotation(out, 500, seed=11, detector=preset_detector("rect"))
-    return path
-
-
-@pytest.fixture(scope="module")
-def rect_events(rect_file: Path) -> CaloEvents:
-    return read_calo_events([rect_file])
+def rect_events(calo_rotation_sample: Path) -> CaloEvents:
+    return read_calo_events([calo_rotation_sample])
 
 
 @pytest.mark.parametrize("mode", ["resimulation", "post_detector"])
@@ -107,7 +100,9 @@ def test_training_batches_take_whole_events() -> None:
 
 
 def test_augmentation_refuses_a_spec_reading_more_than_the_cells() -> None:
-    config = load_config(CONFIGS / "calo_rotation_pfn.yaml", ["features.globals=[{branch: event}]"])
+    config = load_config(
+        shipped_config("calo_rotation_pfn"), ["features.globals=[{branch: event}]"]
+    )
     empty = np.zeros(0, dtype=np.int64)
     split = Split(empty, empty, empty, seed=0, n_rows=0)
     with pytest.raises(ConfigError, match="also reads event"):
@@ -173,8 +168,8 @@ def test_invariance_term_zero_for_an_orientation_blind_network_positive_otherwis
     assert float(seeing_penalty) > 1e-6
 
 
-def test_resimulation_refuses_another_detector(rect_file: Path, tmp_path: Path) -> None:
-    events = read_calo_events([rect_file]).take(np.arange(50))
+def test_resimulation_refuses_another_detector(calo_rotation_sample: Path, tmp_path: Path) -> None:
+    events = read_calo_events([calo_rotation_sample]).take(np.arange(50))
     check_reproduces_cells(events)
     other = replace(events, detector=preset_detector("rect", seed=1))
     with pytest.raises(SpecMismatchError, match="recorded detector"):
@@ -183,7 +178,7 @@ def test_resimulation_refuses_another_detector(rect_file: Path, tmp_path: Path) 
         tmp_path, 20, seed=3, detector=preset_detector("rect", threshold=0.7), name="other"
     )
     with pytest.raises(SpecMismatchError, match="another detector"):
-        read_calo_events([rect_file, second])
+        read_calo_events([calo_rotation_sample, second])
 
 
 def test_post_detector_rotation_by_zero_is_identity(rect_events: CaloEvents) -> None:
@@ -194,12 +189,12 @@ def test_post_detector_rotation_by_zero_is_identity(rect_events: CaloEvents) -> 
 
 @pytest.mark.parametrize("name", ["calo_rotation_pfn", "calo_rotation_fcn"])
 def test_augmented_training_exports_with_parity_and_scores(
-    rect_file: Path, tmp_path: Path, name: str
+    calo_rotation_sample: Path, tmp_path: Path, name: str
 ) -> None:
     config = load_config(
-        CONFIGS / f"{name}.yaml",
+        shipped_config(name),
         [
-            f"data.train=[{rect_file}]",
+            f"data.train=[{calo_rotation_sample}]",
             f"output_dir={tmp_path / 'run'}",
             "optimizer.epochs=2",
         ],
@@ -214,7 +209,7 @@ def test_augmented_training_exports_with_parity_and_scores(
     assert report.parity.worst <= DEFAULT_TOLERANCE
 
     summary = score_files(
-        [str(rect_file)],
+        [str(calo_rotation_sample)],
         OnnxRuntimeBackend(tmp_path / "model.onnx", threads=1),
         tmp_path / "scores",
         progress=False,
@@ -225,8 +220,8 @@ def test_augmented_training_exports_with_parity_and_scores(
         tree = file[config.features.tree]
         (branch,) = [b for b in tree.keys() if b.startswith(config.name)]  # noqa: SIM118
         scored = tree[branch].array(library="np")
-    rows, _ = read_rows([TreeSource(rect_file, "Events")], config.features)
-    assert len(scored) == 500
+    rows, _ = read_rows([TreeSource(calo_rotation_sample, "Events")], config.features)
+    assert len(scored) == CALO_EVENTS
     assert np.allclose(scored, predict(loaded, rows), atol=DEFAULT_TOLERANCE)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import typer
 import uproot
+from conftest import CALO_EVENTS
 from typer.testing import CliRunner
 
 from bsym.errors import ConfigError, InputFileError
@@ -24,17 +25,9 @@ from bsym.simulate.calo_rotation import (
     read_detector,
     rotate,
     rotate_image,
-    write_calo_rotation,
 )
 from bsym.simulate.calo_rotation_cli import calo_rotation_command
 from bsym.training.augmentation import read_calo_events
-
-
-@pytest.fixture(scope="module")
-def showers_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("calo")
-    (path,) = write_calo_rotation(out, 600, seed=5, detector=preset_detector("rect"), name="rect")
-    return path
 
 
 def same_cells(a: Hits, b: Hits) -> bool:
@@ -61,8 +54,8 @@ def test_four_quarter_turns_are_exact() -> None:
     assert np.array_equal(turned.x, particles.x) and np.array_equal(turned.y, particles.y)
 
 
-def test_resimulating_a_file_at_0_degrees_gives_its_cells(showers_file: Path) -> None:
-    events = read_calo_events([showers_file])
+def test_resimulating_a_file_at_0_degrees_gives_its_cells(calo_rotation_sample: Path) -> None:
+    events = read_calo_events([calo_rotation_sample])
     again = detect(rotate(events.particles, 0.0), events.event, events.detector)
     assert np.array_equal(again.counts, events.cells.counts)
     for field in ("x", "y", "energy"):
@@ -71,15 +64,15 @@ def test_resimulating_a_file_at_0_degrees_gives_its_cells(showers_file: Path) ->
         )
 
 
-def test_file_layout_and_detector_record(showers_file: Path) -> None:
-    with uproot.open(showers_file) as file:
+def test_file_layout_and_detector_record(calo_rotation_sample: Path) -> None:
+    with uproot.open(calo_rotation_sample) as file:
         tree = file["Events"]
-        assert tree.num_entries == 600
+        assert tree.num_entries == CALO_EVENTS
         for branch in ("event", "label", "Particle_x", "Particle_E", "Cell_x", "Cell_y", "Cell_E"):
             assert branch in tree
         labels = tree["label"].array(library="np")
     assert set(np.unique(labels)) == {0, 1}
-    assert read_detector(showers_file) == preset_detector("rect")
+    assert read_detector(calo_rotation_sample) == preset_detector("rect")
 
 
 def test_file_without_detector_record_is_refused(tmp_path: Path) -> None:

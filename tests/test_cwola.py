@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import uproot
 
+from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.rootio import TreeSource, parse_inputs
 from bsym.simulate.isolation import write_isolation
@@ -23,8 +24,6 @@ from bsym.training.dataset import read_rows, read_training_rows
 from bsym.training.evaluate import evaluate
 from bsym.training.loop import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -35,7 +34,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(data_dir: Path, out: Path, *extra: str) -> TrainConfig:
     return load_config(
-        CONFIGS / "isolation_cone1_sumpt.yaml",
+        shipped_config("isolation_cone1_sumpt"),
         [
             f"data.train=['{data_dir}/isolation_muons_*.root']",
             f"output_dir={out}",
@@ -83,7 +82,7 @@ def test_reweighting_matches_the_positive_histogram() -> None:
 
 
 def test_set_supervision_switches_a_shipped_config(tmp_path: Path) -> None:
-    config = load_config(CONFIGS / "isolation_cones_sumpt.yaml", ["supervision.type=cwola"])
+    config = load_config(shipped_config("isolation_cones_sumpt"), ["supervision.type=cwola"])
     assert config.supervision.type == "cwola"
     assert config.supervision.signal_region == (84.0, 96.0)
     assert config.supervision.sidebands == [(70.0, 84.0), (96.0, 110.0)]
@@ -91,9 +90,9 @@ def test_set_supervision_switches_a_shipped_config(tmp_path: Path) -> None:
         "dimuon_leadEta",
         "dimuon_leadPt",
     ]
-    assert load_config(CONFIGS / "isolation_pfn.yaml").supervision.type == "truth"
+    assert load_config(shipped_config("isolation_pfn")).supervision.type == "truth"
     with pytest.raises(ConfigError, match=r"supervision\.type"):
-        load_config(CONFIGS / "isolation_pfn.yaml", ["supervision.type=cwolla"])
+        load_config(shipped_config("isolation_pfn"), ["supervision.type=cwolla"])
 
 
 def test_rows_and_labels_from_the_files(data_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import uproot
 import yaml
 from pydantic import ValidationError
 
+from bsym.configs import shipped_config
 from bsym.efp import Cells, Multigraph, Polynomial, efp_values
 from bsym.errors import BadValueError
 from bsym.export.onnx_export import DEFAULT_TOLERANCE, export_onnx
@@ -25,7 +26,6 @@ from bsym.training.checkpoint import load_checkpoint, predict
 from bsym.training.config import load_config
 from bsym.training.loop import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 EDGE = [(0, 1)]
 CHAIN = [(0, 1), (1, 2)]
 TRIANGLE = [(0, 1), (1, 2), (0, 2)]
@@ -274,7 +274,7 @@ def test_bad_values_are_named(sample: Path) -> None:
 
 def test_efp_dnn_exports_with_parity_and_scores_both_layouts(sample: Path, tmp_path: Path) -> None:
     config = load_config(
-        CONFIGS / "isolation_efp.yaml",
+        shipped_config("isolation_efp"),
         [
             f"data.train=['{sample}/isolation_muons_*.root']",
             f"output_dir={tmp_path / 'run'}",
@@ -341,7 +341,7 @@ def test_search_runs_end_to_end(sample: Path, tmp_path: Path) -> None:
     from bsym.training.studies.efp_search import SearchSettings, run_search, write_outputs
 
     pfn = load_config(
-        CONFIGS / "isolation_pfn.yaml",
+        shipped_config("isolation_pfn"),
         [
             f"data.train=['{sample}/isolation_muons_*.root']",
             f"output_dir={tmp_path / 'pfn'}",

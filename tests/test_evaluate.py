@@ -11,14 +11,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bsym.simulate.isolation import write_isolation
 from bsym.training.cli import evaluate_command
-from bsym.training.config import load_config
 from bsym.training.evaluate import evaluate
-from bsym.training.loop import train
 from bsym.training.metrics import rejection_at
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 FIELDS = {
     "name",
     "type",
@@ -33,32 +29,9 @@ FIELDS = {
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("isolation")
-    write_isolation(out, 1200, seed=7)
-    return out
-
-
-@pytest.fixture(scope="module")
-def checkpoints(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def checkpoints(trained_models: dict[str, Path]) -> list[Path]:
     """A one-epoch network on the cones and the single-cone cut."""
-    runs = tmp_path_factory.mktemp("runs")
-    paths = []
-    for name, extra in (
-        ("isolation_cones", ["model.hidden_sizes=[16]"]),
-        ("isolation_cone_cut", []),
-    ):
-        config = load_config(
-            CONFIGS / f"{name}.yaml",
-            [
-                f"data.train=['{data_dir}/isolation_muons_*.root']",
-                f"output_dir={runs / name}",
-                "optimizer.epochs=1",
-                *extra,
-            ],
-        )
-        paths.append(train(config, progress=False).checkpoint)
-    return paths
+    return [trained_models["dnn"], trained_models["cone_cut"]]
 
 
 def test_rejection_at_known_points() -> None:
@@ -103,8 +76,10 @@ def test_evaluate_writes_metrics_and_plot(
     assert again.models == result.models
 
 
-def test_evaluate_on_given_files(checkpoints: list[Path], data_dir: Path, tmp_path: Path) -> None:
-    events = f"{data_dir}/isolation_events_000.root:Events"
+def test_evaluate_on_given_files(
+    checkpoints: list[Path], isolation_sample: Path, tmp_path: Path
+) -> None:
+    events = f"{isolation_sample}/isolation_events_000.root:Events"
     result = evaluate(checkpoints[1:], tmp_path, data=[events], n_bootstrap=5)
     (model,) = result.models
     assert "isolation_events_000.root:Events" in model.data

@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import onnxruntime
 import pytest
 import torch
 import typer
+from conftest import MODEL_TYPES
 from typer.testing import CliRunner
 
 import bsym
@@ -32,64 +32,17 @@ from bsym.export.onnx_export import (
 )
 from bsym.export.triton.parse import parse_config
 from bsym.features import FeatureSpec
-from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint, predict
-from bsym.training.config import TrainConfig, load_config
-from bsym.training.loop import train
+from bsym.training.config import TrainConfig
 from bsym.training.models.lorentz import DualSubnet
-
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
-# One shipped config per model type, shrunk to train in well under a second.
-MODEL_TYPES = {
-    "pfn": ("isolation_pfn", ["model.phi_sizes=[16, 16]", "model.f_sizes=[16]"]),
-    "dnn": ("isolation_cones", ["model.hidden_sizes=[16]"]),
-    "cone_cut": ("isolation_cone_cut", []),
-}
-
-
-@dataclass(frozen=True)
-class Trained:
-    checkpoint: Path
-    config: TrainConfig
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 5000 simulated muons: the 40% test split gives the parity check 2000 rows."""
-    out = tmp_path_factory.mktemp("isolation")
-    write_isolation(out, 2400, seed=11)
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Trained]:
-    """One model of every type, trained for one epoch."""
-    runs = tmp_path_factory.mktemp("runs")
-    models: dict[str, Trained] = {}
-    for kind, (config_name, overrides) in MODEL_TYPES.items():
-        config = load_config(
-            CONFIGS / f"{config_name}.yaml",
-            [
-                f"data.train=['{data_dir}/isolation_muons_*.root']",
-                f"output_dir={runs / kind}",
-                "data.test_fraction=0.4",
-                "optimizer.epochs=1",
-                "optimizer.batch_size=256",
-                *overrides,
-            ],
-        )
-        assert config.model.type == kind
-        result = train(config, progress=False)
-        models[kind] = Trained(result.checkpoint, config)
-    return models
 
 
 @pytest.mark.parametrize("kind", list(MODEL_TYPES))
 def test_onnx_matches_torch_within_tolerance(
-    trained: dict[str, Trained], tmp_path: Path, kind: str
+    trained_models: dict[str, Path], tmp_path: Path, kind: str
 ) -> None:
     out = tmp_path / f"{kind}.onnx"
-    report = export_onnx(trained[kind].checkpoint, out)
+    report = export_onnx(trained_models[kind], out)
 
     parity = report.parity
     assert parity.tolerance == DEFAULT_TOLERANCE == 1e-4
@@ -99,7 +52,7 @@ def test_onnx_matches_torch_within_tolerance(
     onnx.checker.check_model(str(out), full_check=True)
 
     # Independently of the exporter's own check: the file as written, on the test rows.
-    loaded = load_checkpoint(trained[kind].checkpoint)
+    loaded = load_checkpoint(trained_models[kind])
     batch = loaded.held_out_test()
     session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(loaded.model.input_names)
@@ -112,13 +65,13 @@ def test_onnx_matches_torch_within_tolerance(
 
 
 def test_metadata_records_spec_config_and_provenance(
-    trained: dict[str, Trained], tmp_path: Path
+    trained_models: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "model.onnx"
-    export_onnx(trained["pfn"].checkpoint, out)
+    export_onnx(trained_models["pfn"], out)
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
 
-    loaded = load_checkpoint(trained["pfn"].checkpoint)
+    loaded = load_checkpoint(trained_models["pfn"])
     assert FeatureSpec.from_json(metadata["bsym_feature_spec"]) == loaded.spec
     assert TrainConfig.model_validate_json(metadata["bsym_config"]) == loaded.config
     assert metadata["bsym_version"] == bsym.__version__
@@ -130,19 +83,21 @@ def test_metadata_records_spec_config_and_provenance(
     assert int(metadata["bsym_parity_rows"]) >= onnx_export.PARITY_MIN_ROWS
 
 
-def test_refuses_to_overwrite_without_force(trained: dict[str, Trained], tmp_path: Path) -> None:
+def test_refuses_to_overwrite_without_force(
+    trained_models: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "model.onnx"
     out.write_bytes(b"precious")
     with pytest.raises(ConfigError, match=r"already exists.*--force"):
-        export_onnx(trained["dnn"].checkpoint, out)
+        export_onnx(trained_models["dnn"], out)
     assert out.read_bytes() == b"precious"
 
-    export_onnx(trained["dnn"].checkpoint, out, force=True)
+    export_onnx(trained_models["dnn"], out, force=True)
     onnx.checker.check_model(str(out))
 
 
 def test_failed_parity_writes_nothing(
-    trained: dict[str, Trained], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def wrong_graph(
         model: torch.nn.Module,
@@ -151,7 +106,7 @@ def test_failed_parity_writes_nothing(
         output_names: tuple[str, ...],
         opset: int = 17,
     ) -> onnx.ModelProto:
-        with_other_weights = load_checkpoint(trained["dnn"].checkpoint).model
+        with_other_weights = load_checkpoint(trained_models["dnn"]).model
         for parameter in with_other_weights.parameters():
             parameter.data += 0.1
         return to_onnx(with_other_weights, inputs, input_names, output_names, opset)
@@ -159,13 +114,15 @@ def test_failed_parity_writes_nothing(
     monkeypatch.setattr(onnx_export, "to_onnx", wrong_graph)
     out = tmp_path / "model.onnx"
     with pytest.raises(SpecMismatchError, match=r"output 'score'.*differs from torch by up to"):
-        export_onnx(trained["dnn"].checkpoint, out)
+        export_onnx(trained_models["dnn"], out)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_parity_data_files(trained: dict[str, Trained], data_dir: Path, tmp_path: Path) -> None:
-    events = f"{data_dir}/isolation_events_000.root:Events"
-    report = export_onnx(trained["cone_cut"].checkpoint, tmp_path / "m.onnx", parity_data=[events])
+def test_parity_data_files(
+    trained_models: dict[str, Path], isolation_sample: Path, tmp_path: Path
+) -> None:
+    events = f"{isolation_sample}/isolation_events_000.root:Events"
+    report = export_onnx(trained_models["cone_cut"], tmp_path / "m.onnx", parity_data=[events])
     assert "isolation_events_000.root:Events" in report.parity.source
     assert report.parity.worst <= DEFAULT_TOLERANCE
 
@@ -187,9 +144,9 @@ def test_model_with_two_outputs() -> None:
     assert report.worst <= DEFAULT_TOLERANCE
 
 
-def test_repository_versions_and_layout(trained: dict[str, Trained], tmp_path: Path) -> None:
+def test_repository_versions_and_layout(trained_models: dict[str, Path], tmp_path: Path) -> None:
     repository = tmp_path / "model_repository"
-    first = export_to_repository(trained["cone_cut"].checkpoint, repository)
+    first = export_to_repository(trained_models["cone_cut"], repository)
     model_dir = repository / "isolation_cone_cut"
     assert first.model_dir == model_dir and first.version == 1
     assert first.export.onnx_path == model_dir / "1" / "model.onnx"
@@ -198,28 +155,28 @@ def test_repository_versions_and_layout(trained: dict[str, Trained], tmp_path: P
     assert config.platform == "onnxruntime_onnx"
     assert [i.name for i in config.input] == ["globals"]
 
-    second = export_to_repository(trained["cone_cut"].checkpoint, repository)
+    second = export_to_repository(trained_models["cone_cut"], repository)
     assert second.version == 2 and (model_dir / "2" / "model.onnx").is_file()
 
     before = (model_dir / "1" / "model.onnx").read_bytes()
     with pytest.raises(ConfigError, match="version 1 already exists"):
-        export_to_repository(trained["cone_cut"].checkpoint, repository, version=1)
+        export_to_repository(trained_models["cone_cut"], repository, version=1)
     assert (model_dir / "1" / "model.onnx").read_bytes() == before
-    export_to_repository(trained["cone_cut"].checkpoint, repository, version=1, force=True)
+    export_to_repository(trained_models["cone_cut"], repository, version=1, force=True)
 
     cpu = export_to_repository(
-        trained["dnn"].checkpoint, tmp_path / "cpu", name="iso_cpu", flavour="cpu"
+        trained_models["dnn"], tmp_path / "cpu", name="iso_cpu", flavour="cpu"
     )
     assert (cpu.model_dir / "1" / "model.py").is_file()
     metadata = {p.key: p.value for p in onnx.load(str(cpu.export.onnx_path)).metadata_props}
     assert metadata["bsym_model_name"] == "iso_cpu"
 
 
-def test_cli(trained: dict[str, Trained], tmp_path: Path) -> None:
+def test_cli(trained_models: dict[str, Path], tmp_path: Path) -> None:
     app = typer.Typer()
     app.command()(export_cli.export_command)
     repository = tmp_path / "repo"
-    args = [str(trained["dnn"].checkpoint), "--repository", str(repository), "--name", "iso"]
+    args = [str(trained_models["dnn"]), "--repository", str(repository), "--name", "iso"]
 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -256,12 +213,12 @@ except MissingExtraError as error:
 """
 
 
-def test_export_needs_no_tritonclient(trained: dict[str, Trained], tmp_path: Path) -> None:
+def test_export_needs_no_tritonclient(trained_models: dict[str, Path], tmp_path: Path) -> None:
     """``bsym export`` works without the triton extra; where it is needed, the error says how
     to install it."""
     repository = tmp_path / "repo"
     result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TRITONCLIENT, str(trained["dnn"].checkpoint), repository],
+        [sys.executable, "-c", WITHOUT_TRITONCLIENT, str(trained_models["dnn"]), repository],
         capture_output=True,
         text=True,
         timeout=300,

@@ -12,6 +12,7 @@ import pytest
 import torch
 import uproot
 
+from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.export.onnx_export import DEFAULT_TOLERANCE, check_parity, export_onnx, to_onnx
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
@@ -29,7 +30,6 @@ from bsym.training.models.image import (
     edge_values,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 # max pooling here; the rectangular CNN test below covers average pooling
 SMALL_CNN = ["model.channels=[4, 8]", "model.dense_sizes=[16]", "model.pooling=max"]
 # image_fcn from the CNN config: same features, the model section replaced
@@ -131,7 +131,7 @@ def test_uniform_edges_expand_to_the_isolation_cells() -> None:
 )
 def test_config_rejects_images_that_cannot_be_built(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(CONFIGS / "isolation_cnn.yaml", [override])
+        load_config(shipped_config("isolation_cnn"), [override])
 
 
 def test_rectangular_average_pooled_cnn_exports_with_parity() -> None:
@@ -167,7 +167,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def image_config(data_dir: Path, out: Path, model: list[str], epochs: int) -> TrainConfig:
     return load_config(
-        CONFIGS / "isolation_cnn.yaml",
+        shipped_config("isolation_cnn"),
         [
             f"data.train=['{data_dir}/isolation_muons_*.root']",
             f"output_dir={out}",

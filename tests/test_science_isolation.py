@@ -20,20 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
+from bsym.configs import shipped_config
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint, predict
 from bsym.training.config import load_config
 from bsym.training.loop import train
 from bsym.training.metrics import roc_auc
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 N_EVENTS = 15_000
 SAMPLE_SEED = 1
 N_BOOTSTRAP = 200
 MODELS = ("isolation_pfn", "isolation_cones", "isolation_cone_cut")
 
 
+@pytest.mark.slow
 def test_cells_beat_18_cones_beat_one_cone(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_isolation(data, N_EVENTS, seed=SAMPLE_SEED)
@@ -42,7 +44,7 @@ def test_cells_beat_18_cones_beat_one_cone(tmp_path: Path) -> None:
     scores: dict[str, npt.NDArray[np.float64]] = {}
     for name in MODELS:
         config = load_config(
-            CONFIGS / f"{name}.yaml",
+            shipped_config(name),
             [f"data.train=['{data}/isolation_muons_*.root']", f"output_dir={tmp_path / name}"],
         )
         result = train(config, progress=False)

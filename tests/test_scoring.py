@@ -295,13 +295,13 @@ def test_both_layouts_give_the_same_scores(tmp_path: Path, backend: Backend) -> 
         )
 
 
-def test_simulated_files_score_alike_in_both_layouts(tmp_path: Path, backend: Backend) -> None:
-    isolation = pytest.importorskip("bsym.simulate.isolation")
-    isolation.write_isolation(tmp_path / "data", 150, seed=3)
+def test_simulated_files_score_alike_in_both_layouts(
+    isolation_sample: Path, tmp_path: Path, backend: Backend
+) -> None:
     # no ':Events' needed: a file without the spec's tree is scored through its event tree
-    summary = run([str(tmp_path / "data" / "*.root")], backend, tmp_path / "out")
-    assert not summary.failed and len(summary.scored) == 2
-    with uproot.open(tmp_path / "data" / "isolation_events_000.root") as file:
+    summary = run([str(isolation_sample / "*.root")], backend, tmp_path / "out")
+    assert not summary.failed and len(summary.scored) == len(list(isolation_sample.glob("*.root")))
+    with uproot.open(isolation_sample / "isolation_events_000.root") as file:
         n_muon = file["Events"]["nMuon"].array(library="np")
     with uproot.open(tmp_path / "out" / f"isolation_muons_000.{MODEL}.root") as file:
         per_muon = file["Muons"].arrays(library="np")

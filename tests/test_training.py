@@ -11,6 +11,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.rootio import TreeSource
 from bsym.simulate.isolation import write_isolation
@@ -22,7 +23,6 @@ from bsym.training.loop import train
 from bsym.training.metrics import roc_auc, roc_curve
 from bsym.training.models import BsymModel, ConeCut, build_model, model_inputs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bsym" / "configs"
 SMALL = {
     "isolation_pfn": ["model.phi_sizes=[16, 16]", "model.f_sizes=[16]"],
     "isolation_cones": ["model.hidden_sizes=[16]"],
@@ -50,7 +50,7 @@ def small_config(name: str, data_dir: Path, out: Path, *extra: str) -> TrainConf
         *SMALL[name],
         *extra,
     ]
-    return load_config(CONFIGS / f"{name}.yaml", overrides)
+    return load_config(shipped_config(name), overrides)
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
@@ -83,7 +83,7 @@ data: {train: [x.root]}
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_shipped_configs_load(name: str) -> None:
-    config = load_config(CONFIGS / f"{name}.yaml")
+    config = load_config(shipped_config(name))
     assert config.name == name
     assert config.output_dir == Path("runs") / name
     assert config.data.train == ["data/isolation/isolation_muons_*.root"]
@@ -157,7 +157,7 @@ def test_bad_values_give_readable_errors(tmp_path: Path, override: str, expected
 
 
 def test_saved_config_reads_back_equal(tmp_path: Path) -> None:
-    config = load_config(CONFIGS / "isolation_pfn.yaml", ["seed=7"])
+    config = load_config(shipped_config("isolation_pfn"), ["seed=7"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
 
@@ -286,7 +286,7 @@ def test_cone_cut_picks_a_cone(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_both_layouts_give_the_same_rows(data_dir: Path) -> None:
-    spec = load_config(CONFIGS / "isolation_pfn.yaml").features
+    spec = load_config(shipped_config("isolation_pfn")).features
     muons, _ = read_rows([TreeSource(data_dir / "isolation_muons_000.root", "Muons")], spec)
     events, _ = read_rows([TreeSource(data_dir / "isolation_events_000.root", "Events")], spec)
     for name, tensor in muons.inputs().items():
@@ -304,7 +304,7 @@ def test_train_command_through_typer(data_dir: Path, tmp_path: Path) -> None:
         "optimizer.epochs=1",
         "model.hidden_sizes=[8]",
     ]
-    args = [str(CONFIGS / "isolation_reliso.yaml")]
+    args = [str(shipped_config("isolation_reliso"))]
     for override in sets:
         args += ["--set", override]
     result = CliRunner().invoke(app, args)

@@ -17,21 +17,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import awkward as ak
 import numpy as np
-import psutil
 import pytest
 import uproot
+from conftest import BAD_SPEC, DUAL, MODEL_TYPES, PFN, bsym_serve
 from typer.testing import CliRunner, Result
 
 from bsym.contract import CONFIG_FILENAME, LABELS_FILENAME
 from bsym.errors import BsymError, ConfigError, ServerError, SpecMismatchError
-from bsym.export.onnx_export import export_to_repository
 from bsym.export.triton.common import Flavour
 from bsym.export.triton.parse import model_from_config, parse_config
 from bsym.export.triton.render import render_config
@@ -45,9 +43,6 @@ from bsym.serving.serve import ServedRepository
 from bsym.serving.triton_client import TritonBackend
 from bsym.serving.triton_server import find_tritonserver, free_ports
 from bsym.simulate.isolation import write_isolation
-from bsym.simulate.lorentz import write_lorentz
-from bsym.training.config import load_config
-from bsym.training.loop import train
 
 pytestmark = pytest.mark.triton
 
@@ -58,20 +53,10 @@ except BsymError as error:  # only where nvidia-pytriton (Linux wheels only) is 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "bsym" / "configs"
 TOLERANCE = 1e-5
 """Largest allowed |Triton − embedded ONNX Runtime| on any output value: the same model.onnx
 runs in both, but the dynamic batcher may run a row in a batch of another size."""
-# One shipped config per model type, shrunk to train in well under a second.
-MODEL_TYPES = {
-    "pfn": ("isolation_pfn", ["model.phi_sizes=[16, 16]", "model.f_sizes=[16]"]),
-    "dnn": ("isolation_cones", ["model.hidden_sizes=[16]"]),
-    "cone_cut": ("isolation_cone_cut", []),
-}
 MODELS = [name for name, _ in MODEL_TYPES.values()]
-PFN = "isolation_pfn"
-DUAL = "lorentz_dual"
-BAD_SPEC = "isolation_pfn_badspec"
 
 
 @dataclass(frozen=True)
@@ -97,54 +82,8 @@ def embedded(repository: Path, model: str) -> OnnxRuntimeBackend:
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Simulated muons in both layouts, isolation_{muons,events}_000.root, and dimuon events
-    for the dual-subnet tagger, lorentz_000.root."""
-    out = tmp_path_factory.mktemp("isolation")
-    write_isolation(out, 1200, seed=11)
-    write_lorentz(out, 3000, seed=12)
-    return out
-
-
-@pytest.fixture(scope="session")
-def repository(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The production repository ``bsym export`` writes: one model of every type, plus a copy
-    of the PFN whose served feature spec was edited to disagree with its tensors."""
-    runs = tmp_path_factory.mktemp("runs")
-    repository = tmp_path_factory.mktemp("model_repository")
-    for kind, (config_name, overrides) in MODEL_TYPES.items():
-        config = load_config(
-            CONFIGS / f"{config_name}.yaml",
-            [
-                f"data.train=['{data_dir}/isolation_muons_*.root']",
-                f"output_dir={runs / kind}",
-                "data.test_fraction=0.4",
-                "optimizer.epochs=1",
-                *overrides,
-            ],
-        )
-        export_to_repository(train(config, progress=False).checkpoint, repository)
-    dual = load_config(
-        CONFIGS / f"{DUAL}.yaml",
-        [
-            f"data.train=['{data_dir}/lorentz_*.root']",
-            f"output_dir={runs / DUAL}",
-            "optimizer.epochs=1",
-        ],
-    )
-    export_to_repository(train(dual, progress=False).checkpoint, repository)
-    bad = repository / BAD_SPEC
-    shutil.copytree(repository / PFN, bad)
-    text = (bad / CONFIG_FILENAME).read_text(encoding="utf-8")
-    text = text.replace(f'name: "{PFN}"', f'name: "{BAD_SPEC}"', 1)
-    (bad / CONFIG_FILENAME).write_text(text.replace('max_count\\":32', 'max_count\\":16'))
-    return repository
-
-
-@pytest.fixture(scope="session")
-def served(repository: Path, data_dir: Path) -> Iterator[Served]:
-    with ServedRepository(repository, grpc_port=0, http_port=0) as running:
-        yield Served(running.grpc_url, repository, data_dir)
+def served(served_repository: ServedRepository, isolation_sample: Path) -> Served:
+    return Served(served_repository.grpc_url, served_repository.repository, isolation_sample)
 
 
 def muon_batch(data_dir: Path, model: str, repository: Path) -> dict[str, Any]:
@@ -162,10 +101,10 @@ def muon_batch(data_dir: Path, model: str, repository: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_both_flavours_parse_with_tritons_protobuf_and_agree(
-    repository: Path, tmp_path: Path, model: str
+    model_repository: Path, tmp_path: Path, model: str
 ) -> None:
-    text = (repository / model / CONFIG_FILENAME).read_text(encoding="utf-8")
-    derive_repository(repository, tmp_path, Flavour.cpu)
+    text = (model_repository / model / CONFIG_FILENAME).read_text(encoding="utf-8")
+    derive_repository(model_repository, tmp_path, Flavour.cpu)
     derived = (tmp_path / model / CONFIG_FILENAME).read_text(encoding="utf-8")
     production, cpu = parse_config(text), parse_config(derived)  # model_config_pb2.ModelConfig
     for field in ("name", "input", "output", "max_batch_size", "dynamic_batching", "parameters"):
@@ -176,19 +115,21 @@ def test_both_flavours_parse_with_tritons_protobuf_and_agree(
     assert cpu.instance_group[0].kind == cpu.instance_group[0].KIND_CPU
     assert production.max_batch_size > 0 and production.output[0].label_filename == "labels.txt"
     # generated, not written twice: the production config is the render of what it describes
-    labels = (repository / model / LABELS_FILENAME).read_text().splitlines()
+    labels = (model_repository / model / LABELS_FILENAME).read_text().splitlines()
     description = model_from_config(production, labels)
     assert render_config(description, Flavour.production) == text
     assert render_config(description, Flavour.cpu) == derived
     assert description.metadata[1]["bsym_model_name"] == model
     assert (tmp_path / model / "1" / "model.onnx").resolve() == (
-        repository / model / "1" / "model.onnx"
+        model_repository / model / "1" / "model.onnx"
     ).resolve()
 
 
-def test_a_changed_model_file_is_refused_before_serving(repository: Path, tmp_path: Path) -> None:
+def test_a_changed_model_file_is_refused_before_serving(
+    model_repository: Path, tmp_path: Path
+) -> None:
     copy = tmp_path / "repository"
-    shutil.copytree(repository / PFN, copy / PFN)
+    shutil.copytree(model_repository / PFN, copy / PFN)
     with (copy / PFN / "1" / "model.onnx").open("ab") as stream:
         stream.write(b"\0")
     with pytest.raises(ConfigError, match=r"sha256 .* refusing to serve it"):
@@ -216,10 +157,10 @@ def test_triton_scores_equal_the_embedded_backend(served: Served, model: str) ->
         assert np.max(np.abs(found[name] - values)) <= TOLERANCE
 
 
-def test_dual_subnet_serves_its_symmetry_weight(served: Served) -> None:
+def test_dual_subnet_serves_its_symmetry_weight(served: Served, lorentz_sample: Path) -> None:
     reference = embedded(served.repository, DUAL)
     spec = reference.feature_spec
-    with uproot.open(served.data / "lorentz_000.root") as file:
+    with uproot.open(lorentz_sample / "lorentz_000.root") as file:
         tree = file[spec.tree]
         layout = detect_layout(tree.keys(), spec)
         arrays = tree.arrays(required_branches(spec, layout, with_label=False))
@@ -452,13 +393,13 @@ def test_served_spec_that_disagrees_with_the_model_is_refused(
     assert result.exit_code == 1 and "feature spec makes [N, 16, 3]" in result.output
 
 
-def test_server_down_at_start_fails_clearly(data_dir: Path, tmp_path: Path) -> None:
+def test_server_down_at_start_fails_clearly(isolation_sample: Path, tmp_path: Path) -> None:
     (port,) = free_ports(1)
     url = f"127.0.0.1:{port}"
     started = time.monotonic()
     result = run_cli(
         "score",
-        str(data_dir / "isolation_muons_000.root"),
+        str(isolation_sample / "isolation_muons_000.root"),
         "-m",
         PFN,
         "--server",
@@ -494,7 +435,7 @@ def _kill(served: ServedRepository) -> None:
 
 
 def test_server_killed_and_restarted_mid_run(
-    repository: Path, tmp_path_factory: pytest.TempPathFactory
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Run 1 loses its server and fails cleanly; the rerun survives a restart in its retry
     window and completes; every row is then scored exactly once."""
@@ -508,7 +449,7 @@ def test_server_killed_and_restarted_mid_run(
 
     def serve() -> ServedRepository:
         served = ServedRepository(
-            repository, grpc_port=port, http_port=0, instances=1, models=[PFN]
+            model_repository, grpc_port=port, http_port=0, instances=1, models=[PFN]
         )
         served.start()
         return served
@@ -552,7 +493,7 @@ def test_server_killed_and_restarted_mid_run(
     assert not [p for p in out.iterdir() if p.suffix != ".root"]
     reference = tmp_path_factory.mktemp("reference")
     summary = score_files(
-        [str(p) for p in inputs], embedded(repository, PFN), reference, progress=False
+        [str(p) for p in inputs], embedded(model_repository, PFN), reference, progress=False
     )
     assert not summary.failed
     for source in inputs:
@@ -570,11 +511,11 @@ def test_server_killed_and_restarted_mid_run(
 # -- bsym serve, the analysis API, the examples ----------------------------------------------
 
 
-def test_bsym_serve_runs_until_sigterm(repository: Path, data_dir: Path) -> None:
+def test_bsym_serve_runs_until_sigterm(model_repository: Path, isolation_sample: Path) -> None:
     command = cli_process(
         "serve",
         "--repository",
-        str(repository),
+        str(model_repository),
         "--grpc-port",
         "0",
         "--http-port",
@@ -582,32 +523,18 @@ def test_bsym_serve_runs_until_sigterm(repository: Path, data_dir: Path) -> None
         "--instances",
         "1",
     )
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as process:
-        assert process.stdout is not None
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("gRPC URL:"):
-                break
-        assert lines and lines[-1].startswith("gRPC URL:"), "".join(lines)
-        url = lines[-1].split()[-1]
-        servers = psutil.Process(process.pid).children(recursive=True)
-        assert servers
-        with TritonModel(url, PFN) as model:
-            with uproot.open(data_dir / "isolation_muons_000.root") as file:
+    with bsym_serve(command) as serve:
+        assert serve.servers
+        with TritonModel(serve.url, PFN) as model:
+            with uproot.open(isolation_sample / "isolation_muons_000.root") as file:
                 arrays = file["Muons"].arrays(model.branches("object"))
             assert model(arrays).shape == (len(arrays),)
-        with grpcclient.InferenceServerClient(url) as client:
+        with grpcclient.InferenceServerClient(serve.url) as client:
             for name in (*MODELS, BAD_SPEC):
                 assert client.is_model_ready(name)
-        process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, rest
-    assert "server stopped" in rest
-    psutil.wait_procs(servers, timeout=10)
-    assert not [p for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert serve.process.returncode == 0, serve.output
+    assert "server stopped" in serve.output
+    assert not serve.left_running
 
 
 def test_triton_model_scores_either_layout_aligned(served: Served) -> None:
@@ -670,8 +597,8 @@ def test_uproot_example_runs(served: Served) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("chunk of") == 3
-    assert "in 1,200 events" in result.stdout
+    assert result.stdout.count("chunk of") == 6  # two files of 1200 events, 500 at a time
+    assert "in 2,400 events" in result.stdout
 
 
 def test_coffea_example_processor(served: Served) -> None:
