@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pytest
 
 from bsym.configs import shipped_config
 from bsym.simulate.isolation import write_isolation
@@ -35,7 +34,6 @@ N_BOOTSTRAP = 200
 MODELS = ("isolation_pfn", "isolation_cones", "isolation_cone_cut")
 
 
-@pytest.mark.slow
 def test_cells_beat_18_cones_beat_one_cone(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_isolation(data, N_EVENTS, seed=SAMPLE_SEED)
