@@ -29,7 +29,7 @@ from bsym.simulate.calo_rotation import preset_detector, write_calo_rotation
 from bsym.simulate.isolation import write_isolation
 from bsym.simulate.lorentz import write_lorentz
 from bsym.training.config import load_config
-from bsym.training.loop import train
+from bsym.training.train import train
 
 ISOLATION_EVENTS = 2400
 """Dimuon events in :func:`isolation_sample`, in two files of each layout: about 5000 muons, so

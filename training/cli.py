@@ -45,7 +45,7 @@ def train_command(
     _log_to_stderr()
     with user_errors():
         from bsym.training.config import load_config
-        from bsym.training.loop import train
+        from bsym.training.train import train
 
         settings = load_config(config, overrides or [])
         result = train(settings, resume=resume, overwrite=force)

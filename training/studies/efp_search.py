@@ -346,7 +346,7 @@ def _step_config(
 
 
 def _train(config: TrainConfig) -> LoadedModel:
-    from bsym.training.loop import train
+    from bsym.training.train import train
 
     result = train(config, overwrite=True, progress=False)
     return load_checkpoint(result.checkpoint)

@@ -46,8 +46,8 @@ from bsym.training.studies.harness import Settings, bootstrap, cached_sample, wr
 if TYPE_CHECKING:
     from bsym.training.checkpoint import LoadedModel
     from bsym.training.config import TrainConfig
-    from bsym.training.loop import TrainResult
     from bsym.training.sweights import MassFit
+    from bsym.training.train import TrainResult
 
 FloatArray = npt.NDArray[np.float64]
 Indices = npt.NDArray[np.int64]
@@ -258,8 +258,8 @@ def _train_and_score(
     from bsym.training.config import load_config
     from bsym.training.cwola import apply_cwola
     from bsym.training.dataset import read_rows
-    from bsym.training.loop import train
     from bsym.training.sweights import sweighted_auc
+    from bsym.training.train import train
 
     began = time.perf_counter()
     name = row.config

@@ -19,9 +19,9 @@ from bsym.training.checkpoint import load_checkpoint, predict
 from bsym.training.cli import train_command
 from bsym.training.config import TrainConfig, load_config, parse_override, save_config
 from bsym.training.dataset import read_rows, take
-from bsym.training.loop import train
 from bsym.training.metrics import roc_auc, roc_curve
 from bsym.training.models import BsymModel, ConeCut, build_model, model_inputs
+from bsym.training.train import train
 
 SMALL = {
     "isolation_pfn": ["model.phi_sizes=[16, 16]", "model.f_sizes=[16]"],

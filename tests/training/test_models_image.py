@@ -20,7 +20,6 @@ from bsym.serving.scorer import score_files
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint
 from bsym.training.config import TrainConfig, load_config
-from bsym.training.loop import TrainResult, train
 from bsym.training.models.image import (
     CNN,
     ISOLATION_Y_EDGES,
@@ -29,6 +28,7 @@ from bsym.training.models.image import (
     UniformEdges,
     edge_values,
 )
+from bsym.training.train import TrainResult, train
 
 # max pooling here; the rectangular CNN test below covers average pooling
 SMALL_CNN = ["model.channels=[4, 8]", "model.dense_sizes=[16]", "model.pooling=max"]

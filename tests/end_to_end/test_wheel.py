@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # where each source folder lands in the wheel (pyproject's package-dir)
 PACKAGE_DIRS = {
     "bsym": "bsym",

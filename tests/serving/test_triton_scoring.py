@@ -52,7 +52,7 @@ except BsymError as error:  # only where nvidia-pytriton (Linux wheels only) is 
     pytest.skip(f"tritonserver unavailable: {error}", allow_module_level=True)
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5
 """Largest allowed |Triton − embedded ONNX Runtime| on any output value: the same model.onnx
 runs in both, but the dynamic batcher may run a row in a batch of another size."""

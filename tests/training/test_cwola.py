@@ -22,7 +22,7 @@ from bsym.training.cwola import (
 )
 from bsym.training.dataset import read_rows, read_training_rows
 from bsym.training.evaluate import evaluate
-from bsym.training.loop import train
+from bsym.training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,6 @@ from bsym.training.checkpoint import load_checkpoint, predict
 from bsym.training.config import load_config
 from bsym.training.dataset import Split, read_rows
 from bsym.training.fit import batch_rows, shuffled_rows
-from bsym.training.loop import train
 from bsym.training.losses import InvarianceTerm, LossBatch, classification_loss, invariance_penalty
 from bsym.training.models import PFN
 from bsym.training.studies.augmentation import (
@@ -54,6 +53,7 @@ from bsym.training.studies.augmentation import (
 from bsym.training.studies.cli import study_app
 from bsym.training.studies.plots import augmentation_plots
 from bsym.training.studies.reports import augmentation_table
+from bsym.training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from bsym.serving.scorer import score_files
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint, predict
 from bsym.training.config import load_config
-from bsym.training.loop import train
+from bsym.training.train import train
 
 EDGE = [(0, 1)]
 CHAIN = [(0, 1), (1, 2)]

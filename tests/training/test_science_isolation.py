@@ -25,8 +25,8 @@ from bsym.configs import shipped_config
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint, predict
 from bsym.training.config import load_config
-from bsym.training.loop import train
 from bsym.training.metrics import roc_auc
+from bsym.training.train import train
 
 N_EVENTS = 15_000
 SAMPLE_SEED = 1

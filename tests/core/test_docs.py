@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("bsym", "training", "export", "serving", "docs", "examples", "benchmarks", "scripts")
 # a pointer to a section of the papers page: docs/papers.md, "Rotation symmetry"
 SECTION = re.compile(r'papers\.md\)?,\s+"([^"]+)"')
