@@ -9,6 +9,9 @@ inputs in both. The spec speaks in branch names; the same branch names serve two
 
 The layout is read off the tree (is there an ``n<objects>`` branch?), so a model trained on
 one layout scores the other.
+
+One module, near 500 lines, on purpose: the spec and the builder change together, and
+keeping every branch-to-tensor step here is what makes training and scoring agree.
 """
 
 from __future__ import annotations

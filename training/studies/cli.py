@@ -26,6 +26,14 @@ Threads = Annotated[
 DataCache = Annotated[
     Path, typer.Option(file_okay=False, help="Cache of simulated samples (reused).")
 ]
+MaxEpochs = Annotated[int | None, typer.Option(min=1, help="Maximum epochs per training.")]
+Seed = Annotated[int | None, typer.Option(help="Seed of the data and the trainings.")]
+StudyOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", file_okay=False, help="Output folder (default: a folder in studies/)."
+    ),
+]
 
 study_app = typer.Typer(help="Studies: train many models and compare them.", no_args_is_help=True)
 
@@ -79,8 +87,8 @@ def learning_curve_command(
     breaking: Annotated[
         float | None, typer.Option(min=0.0, help="Detector symmetry breaking (0 = exact).")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs per training.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the data and the trainings.")] = None,
+    epochs: MaxEpochs = None,
+    seed: Seed = None,
     reweight: Annotated[
         bool | None,
         typer.Option(
@@ -90,15 +98,7 @@ def learning_curve_command(
             show_default=False,
         ),
     ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            file_okay=False,
-            help="Output folder (default: studies/lorentz_b<breaking>).",
-        ),
-    ] = None,
+    out: StudyOut = None,
     data: DataCache = Path("data/lorentz_study"),
     threads: Threads = 1,
 ) -> None:
@@ -108,7 +108,7 @@ def learning_curve_command(
     repeats on the dimuon task, and reports the best-validation-epoch test AUC (weighted with
     the background weights) as mean ± std, and the dual subnet's learned weight on its
     unconstrained subnet in bins of leading-muon pT. Writes learning_curve.json,
-    auc_vs_size.png and symmetry_weight_vs_pt.png.
+    auc_vs_size.png and symmetry_weight_vs_pt.png (default folder studies/lorentz_b<breaking>).
 
     Training: AdamW lr 1e-3, weight decay 0.01, batch 256, at most 40 epochs, lr / 3 after 3
     epochs without a better validation AUC, stop after 8 (all three stretched so that
@@ -159,20 +159,12 @@ def augmentation_command(
     bootstraps: Annotated[
         int | None, typer.Option(min=1, help="Training sets drawn per size.")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs per training.")] = None,
+    epochs: MaxEpochs = None,
     invariance_weight: Annotated[
         float | None, typer.Option(min=0.0, help="c2 of the invariance term (c1 = 1).")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the data and the trainings.")] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            file_okay=False,
-            help="Output folder (default: studies/augmentation_<geometry>).",
-        ),
-    ] = None,
+    seed: Seed = None,
+    out: StudyOut = None,
     data: DataCache = Path("data/augmentation_study"),
     threads: Threads = 1,
 ) -> None:
@@ -183,7 +175,8 @@ def augmentation_command(
     invariance term, and without augmentation, at training sizes 480 to 2,400 with 5
     bootstraps; prints the test AUC and the signal efficiency at 50% background efficiency
     (mean ± std over bootstraps) in the paper's layout. Writes augmentation.json,
-    auc_vs_size.png and signal_efficiency_vs_size.png. The full study takes about 22 min on
+    auc_vs_size.png and signal_efficiency_vs_size.png (default folder
+    studies/augmentation_<geometry>). The full study takes about 22 min on
     one core; --quick a few minutes.
     """
     from bsym.training.studies.augmentation import QUICK, StudySettings, run_study, write_outputs
@@ -249,8 +242,8 @@ def isolation_command(
     bootstraps: Annotated[
         int | None, typer.Option(min=2, help="Bootstrap resamplings of the test rows.")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs per training.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the data and the trainings.")] = None,
+    epochs: MaxEpochs = None,
+    seed: Seed = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", file_okay=False, help="Output folder.")
     ] = Path("studies/isolation"),
