@@ -75,10 +75,11 @@ from bsym.training.augmentation import (
     cell_features,
     read_calo_events,
 )
-from bsym.training.fit import FitState, OptimizerConfig, Rows, fit, predict_logits
+from bsym.training.checkpoint import predict
+from bsym.training.fit import FitState, OptimizerConfig, Rows, fit
 from bsym.training.losses import InvarianceTerm
 from bsym.training.metrics import roc_auc, signal_efficiency_at
-from bsym.training.models import PFN, NetworkModel, model_inputs
+from bsym.training.models import PFN, NetworkModel
 from bsym.training.models.base import need
 from bsym.training.studies.harness import (
     Settings,
@@ -279,12 +280,6 @@ def image_fcn_available() -> bool:
     return True
 
 
-def scores(model: NetworkModel, rows: FeatureBatch) -> npt.NDArray[np.float64]:
-    """The model's probabilities on ``rows``, in eval mode."""
-    logits = predict_logits(model, model_inputs(model, rows))
-    return torch.sigmoid(logits[:, 0]).numpy().astype(np.float64)
-
-
 def train_network(
     name: str,
     train: FeatureBatch,
@@ -389,7 +384,7 @@ def run_study(
             invariance=invariance,
             seed=seed,
         )
-        test_scores = scores(model, tests[network])
+        test_scores = predict(model, tests[network])
         labels = need(tests[network].label, "label")
         run = RunResult(
             network=network,
