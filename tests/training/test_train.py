@@ -12,10 +12,10 @@ import typer
 from typer.testing import CliRunner
 
 from bsym.configs import shipped_config
-from bsym.errors import ConfigError
+from bsym.errors import ConfigError, InputFileError
 from bsym.rootio import TreeSource
 from bsym.simulate.isolation import write_isolation
-from bsym.training.checkpoint import load_checkpoint, predict
+from bsym.training.checkpoint import load_checkpoint, predict, read_checkpoint
 from bsym.training.cli import train_command
 from bsym.training.config import TrainConfig, load_config, parse_override, save_config
 from bsym.training.dataset import read_rows, take
@@ -347,3 +347,31 @@ def test_every_model_exports_to_onnx(data_dir: Path, tmp_path: Path, name: str) 
     assert score.shape == (17, 1)
     assert [i.name for i in session.get_inputs()] == list(model.input_names)
     assert isinstance(model, BsymModel)
+
+
+def test_version_1_checkpoints_load_and_unknown_versions_are_refused(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    result = train(small_config("isolation_reliso", data_dir, tmp_path / "run"), progress=False)
+    payload = torch.load(result.last, weights_only=True)
+    version_1 = {
+        key: value
+        for key, value in payload.items()
+        if key not in ("scheduler_state", "steps", "finished")
+    }
+    old = tmp_path / "v1.pt"
+    torch.save({**version_1, "format_version": 1}, old)
+    checkpoint = read_checkpoint(old)
+    assert checkpoint.finished and checkpoint.steps == 0 and checkpoint.scheduler_state is None
+    assert checkpoint.history == load_checkpoint(result.last).checkpoint.history
+    loaded = load_checkpoint(old)
+    rows = loaded.held_out_test()
+    np.testing.assert_array_equal(
+        predict(loaded, rows), predict(load_checkpoint(result.last), rows)
+    )
+    torch.save({**payload, "format_version": 9}, tmp_path / "v9.pt")
+    with pytest.raises(InputFileError, match="checkpoint format 9, this bsym reads 1, 2"):
+        read_checkpoint(tmp_path / "v9.pt")
+    torch.save({k: v for k, v in payload.items() if k != "best_epoch"}, tmp_path / "cut.pt")
+    with pytest.raises(InputFileError, match="the checkpoint has no 'best_epoch'"):
+        read_checkpoint(tmp_path / "cut.pt")
