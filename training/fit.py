@@ -167,6 +167,16 @@ def fit(
     check_classes(validation.label, "validation", model.n_classes)
     state = state if state is not None else FitState()
     state.budget = budget(schedule, train.n_events, train.copies)
+    if state.budget.stretch > 1 and state.epoch == 0:
+        log.info(
+            "%d training events: epochs %d → %d and patience %d → %d for %d optimiser steps",
+            train.n_events,
+            schedule.epochs,
+            state.budget.epochs,
+            schedule.patience,
+            state.budget.patience,
+            schedule.min_steps,
+        )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay
     )
