@@ -222,16 +222,16 @@ def fit(
                 state.best_state = _copy_state(model)
             reason = _stop_reason(state, schedule)
             state.finished, state.stopped_early = reason is not None, reason == "patience"
+            state.optimizer_state = optimizer.state_dict()
+            state.scheduler_state = None if scheduler is None else scheduler.state_dict()
+            bar.update()
+            _report(bar, state, record, progress=progress)
             if state.stopped_early:
                 log.info(
                     "early stop after epoch %d: the best validation AUC is from epoch %d",
                     state.epoch,
                     state.best_epoch,
                 )
-            state.optimizer_state = optimizer.state_dict()
-            state.scheduler_state = None if scheduler is None else scheduler.state_dict()
-            bar.update()
-            _report(bar, state, record, progress=progress)
             if on_epoch is not None:
                 on_epoch(state)
     model.load_state_dict(state.best_state)
