@@ -201,12 +201,10 @@ def augmented_rows(
 
 @dataclass(frozen=True)
 class AugmentedTraining:
-    """Training rows with their rotated copies, event-major, and the loss weights."""
+    """Training rows with their rotated copies, event-major."""
 
     rows: FeatureBatch
     n_copies: int
-    c1: float
-    c2: float
 
 
 def augment_training_rows(config: TrainConfig, split: Split) -> AugmentedTraining:
@@ -242,7 +240,7 @@ def augment_training_rows(config: TrainConfig, split: Split) -> AugmentedTrainin
     if mode is AugmentationMode.resimulation:
         check_reproduces_cells(train)
     rows, n_copies = augmented_rows(train, mode, settings.angles, spec)
-    return AugmentedTraining(rows, n_copies, settings.invariance.c1, settings.invariance.c2)
+    return AugmentedTraining(rows, n_copies)
 
 
 def check_reproduces_cells(events: CaloEvents) -> None:

@@ -12,7 +12,8 @@ is a :class:`Checkpoint`. The dict's keys:
 ``state_dict``          weights and buffers (normalisation, chosen cone)
 ``optimizer_state``     AdamW state, ``None`` for models not trained by gradient
 ``scheduler_state``     the plateau schedule's state, ``None`` without one (version 2)
-``epoch``               completed epochs; ``steps`` optimiser steps (version 2)
+``epoch``               completed epochs; ``steps`` optimiser steps, ``stretch`` the
+                        small-sample factor on epochs and patiences (version 2)
 ``history``             one dict per epoch
 ``best_epoch``          and ``best_val_auc``; ``stopped_early``; ``finished`` (version 2:
                         the run ended by early stopping or its epoch or step budget)
@@ -42,6 +43,7 @@ from bsym.features import FeatureBatch, FeatureSpec
 from bsym.rootio import atomic_output
 from bsym.training.config import TrainConfig
 from bsym.training.dataset import SourceRecord, Split, held_out_test
+from bsym.training.fit import FitState
 from bsym.training.models import BsymModel, model_from_kwargs, model_inputs
 
 CHECKPOINT_FORMAT = "bsym-checkpoint"
@@ -125,23 +127,55 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
     scheduler_state: dict[str, Any] | None = None
     steps: int = 0
+    stretch: float | None = None
     best_state_dict: dict[str, torch.Tensor] | None = None
     torch_rng_state: torch.Tensor | None = None
     versions: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: BsymModel, config: TrainConfig, split: Split, **rest: Any) -> Checkpoint:
-        """A checkpoint of ``model`` as it is now; ``rest`` gives the training state."""
+    def of(
+        cls, model: BsymModel, config: TrainConfig, split: Split, state: FitState, *, best: bool
+    ) -> Checkpoint:
+        """The checkpoint of ``model`` now: its best epoch (``best``) or its last one, for
+        which the training state to resume from is kept too."""
+        epoch = state.best_epoch if best else state.epoch
         return cls(
             config=config,
             model_type=model.kind,
             model_kwargs=model.init_kwargs,
             input_names=list(model.input_names),
-            state_dict=model.state_dict(),
+            state_dict=state.best_state if best else model.state_dict(),
             split=split,
+            epoch=epoch,
+            history=state.history[:epoch],
+            best_epoch=state.best_epoch,
+            best_val_auc=state.best_auc,
+            stopped_early=state.stopped_early,
+            finished=state.finished,
+            optimizer_state=None if best else state.optimizer_state,
+            scheduler_state=None if best else state.scheduler_state,
+            steps=state.steps,
+            stretch=state.stretch,
+            best_state_dict=None if best else state.best_state,
             torch_rng_state=torch.get_rng_state(),
             versions={"bsym": bsym.__version__, "torch": str(torch.__version__)},
-            **rest,
+        )
+
+    def fit_state(self) -> FitState:
+        """The training state to resume from (a ``last.pt``; a ``checkpoint.pt`` restarts the
+        optimizer and the schedule)."""
+        return FitState(
+            epoch=self.epoch,
+            steps=self.steps,
+            history=list(self.history),
+            best_epoch=self.best_epoch,
+            best_auc=self.best_val_auc,
+            best_state=self.best_state_dict or self.state_dict,
+            optimizer_state=self.optimizer_state,
+            scheduler_state=self.scheduler_state,
+            stopped_early=self.stopped_early,
+            finished=self.finished,
+            stretch=self.stretch,
         )
 
     def to_payload(self) -> dict[str, Any]:
@@ -158,6 +192,7 @@ class Checkpoint:
             "scheduler_state": self.scheduler_state,
             "epoch": self.epoch,
             "steps": self.steps,
+            "stretch": self.stretch,
             "history": self.history,
             "best_epoch": self.best_epoch,
             "best_val_auc": self.best_val_auc,
@@ -197,6 +232,7 @@ class Checkpoint:
                 optimizer_state=payload.get("optimizer_state"),
                 scheduler_state=payload.get("scheduler_state"),
                 steps=int(payload.get("steps", 0)),
+                stretch=payload.get("stretch"),
                 best_state_dict=payload.get("best_state_dict"),
                 torch_rng_state=payload.get("torch_rng_state"),
                 versions=dict(payload.get("versions", {})),

@@ -15,13 +15,13 @@ event's copies together and a batch holds whole events, ``batch_size // copies``
 A batch of a single row is skipped (BatchNorm cannot train on one row).
 
 Small training sets: ``min_steps`` stretches the epoch limit and both patiences by the factor
-that gives the run that many optimiser steps, between 1 and ``max_stretch``; ``max_steps``
-caps the optimiser steps of the whole run.
+that gives the run that many optimiser steps in full batches (a last, shorter batch of an
+epoch trains too but is not counted), between 1 and ``max_stretch``; a resumed run keeps its
+factor. ``max_steps`` caps the optimiser steps of the whole run.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +63,7 @@ class OptimizerConfig(StrictModel):
     min_steps: int = Field(
         default=0, ge=0, description="stretch epochs and patiences to give this many steps"
     )
+    # a larger stretch would spend more time validating than training
     max_stretch: float = Field(default=4.0, ge=1, description="the largest such stretch")
     max_steps: int | None = Field(default=None, gt=0, description="optimiser steps at most")
 
@@ -75,6 +76,8 @@ class Rows:
     label: npt.NDArray[np.int64]
     weight: npt.NDArray[np.float32] | None
     copies: int = 1
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    """Per-row tensors that are no model input but that loss terms read (a mass, say)."""
 
     @classmethod
     def of(cls, model: BsymModel, batch: FeatureBatch, *, copies: int = 1) -> Rows:
@@ -107,7 +110,11 @@ class Budget:
 
 @dataclass
 class FitState:
-    """Where a run stands after an epoch; enough to resume it exactly."""
+    """Where a run stands after an epoch; enough to resume it exactly.
+
+    ``optimizer_state`` and ``scheduler_state`` are the live state dicts (their tensors change
+    with the next step): save or deep-copy them in ``on_epoch``, not later.
+    """
 
     epoch: int = 0
     steps: int = 0
@@ -120,6 +127,8 @@ class FitState:
     stopped_early: bool = False
     finished: bool = False
     """The run ended: early stopping, or its epoch or step budget."""
+    stretch: float | None = None
+    """The small-sample factor on epochs and patiences, fixed when the run starts."""
     budget: Budget | None = None
 
 
@@ -128,12 +137,16 @@ def batch_rows(batch_size: int, copies: int) -> int:
     return max(1, batch_size // copies) * copies
 
 
-def budget(schedule: OptimizerConfig, n_events: int, copies: int = 1) -> Budget:
-    """Epochs and patiences for ``n_events`` training events (see the module docstring)."""
-    events_per_batch = batch_rows(schedule.batch_size, copies) // copies
-    steps_per_epoch = max(n_events // events_per_batch, 1)
-    wanted = schedule.min_steps / (steps_per_epoch * schedule.epochs)
-    stretch = min(max(1.0, wanted), schedule.max_stretch)
+def budget(
+    schedule: OptimizerConfig, n_events: int, copies: int = 1, *, stretch: float | None = None
+) -> Budget:
+    """Epochs and patiences for ``n_events`` training events (see the module docstring);
+    ``stretch`` given (a resumed run) is kept rather than derived again."""
+    if stretch is None:
+        events_per_batch = batch_rows(schedule.batch_size, copies) // copies
+        full_batches = max(n_events // events_per_batch, 1)
+        wanted = schedule.min_steps / (full_batches * schedule.epochs)
+        stretch = min(max(1.0, wanted), schedule.max_stretch)
     lr_patience = schedule.lr_patience
     return Budget(
         epochs=math.ceil(schedule.epochs * stretch),
@@ -166,7 +179,8 @@ def fit(
     check_classes(train.label, "training", model.n_classes)
     check_classes(validation.label, "validation", model.n_classes)
     state = state if state is not None else FitState()
-    state.budget = budget(schedule, train.n_events, train.copies)
+    state.budget = budget(schedule, train.n_events, train.copies, stretch=state.stretch)
+    state.stretch = state.budget.stretch
     if state.budget.stretch > 1 and state.epoch == 0:
         log.info(
             "%d training events: epochs %d → %d and patience %d → %d for %d optimiser steps",
@@ -278,6 +292,7 @@ def _epoch(
             label=label[rows],
             weight=None if weight is None else weight[rows],
             copies=train.copies,
+            extras={name: values[rows] for name, values in train.extras.items()},
         )
         logits = model.logits(*batch.inputs)
         loss = loss_weight * classification_loss(logits, batch.label, batch.weight)
@@ -321,8 +336,10 @@ def classifier_auc(
     """AUC of the logits: binary, or the mean over classes of one class against the rest."""
     if logits.shape[-1] == 1:
         return roc_auc(label, logits[:, 0].numpy(), weight)
+    # per-row constants do not change softmax, so rank rows by the normalised log probability
+    log_probability = torch.log_softmax(logits, dim=-1).numpy()
     aucs = [
-        roc_auc((label == c).astype(np.int64), logits[:, c].numpy(), weight)
+        roc_auc((label == c).astype(np.int64), log_probability[:, c], weight)
         for c in range(logits.shape[-1])
     ]
     return float(np.mean(aucs))
@@ -374,7 +391,7 @@ def _plateau_scheduler(
 
 
 def _copy_state(model: NetworkModel) -> dict[str, Tensor]:
-    return copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _report(bar: tqdm[Any], state: FitState, record: EpochRecord, *, progress: bool) -> None:

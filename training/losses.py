@@ -10,7 +10,7 @@ the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -29,6 +29,8 @@ class LossBatch:
     weight: Tensor | None
     copies: int
     """Consecutive rows per event (rotated copies); 1 without augmentation."""
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    """The rows' values of per-row tensors that are no model input (``Rows.extras``)."""
 
 
 class LossTerm(Protocol):
@@ -53,6 +55,10 @@ def classification_loss(logits: Tensor, label: Tensor, weight: Tensor | None) ->
 def invariance_penalty(logits: Tensor, n_copies: int) -> Tensor:
     """Mean over events of the variance (divisor K) of the sigmoid score over their K copies;
     ``logits`` [N·K] or [N·K, 1], event-major."""
+    if logits.dim() > 1 and logits.shape[-1] != 1:
+        raise SpecMismatchError(
+            f"the invariance term takes one score per row, the model gives {logits.shape[-1]}"
+        )
     scores = torch.sigmoid(logits.reshape(-1))
     if scores.numel() % n_copies:
         raise SpecMismatchError(

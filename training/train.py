@@ -10,12 +10,11 @@ module adds what a training run on user files needs around it: the split of the 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 from bsym.errors import ConfigError, SpecMismatchError
@@ -35,6 +34,7 @@ from bsym.training.fit import (
 from bsym.training.losses import InvarianceTerm, LossTerm
 from bsym.training.metrics import roc_auc
 from bsym.training.models import BsymModel, NetworkModel, build_model
+from bsym.training.models.base import need
 
 log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {"optimizer.epochs", "optimizer.patience", "optimizer.max_steps", "output_dir"}
@@ -96,6 +96,8 @@ def train(
         run.fit(model, train_rows, validation_rows, copies, terms, loss_weight, previous, progress)
     elif previous is None:
         run.fixed(model, train_rows, validation_rows)
+    else:
+        run.state = previous.fit_state()
     return run.result()
 
 
@@ -141,8 +143,8 @@ class _Run:
         self, model: BsymModel, train_rows: FeatureBatch, validation_rows: FeatureBatch
     ) -> None:
         """A model not trained by gradient: one validation, one checkpoint."""
-        check_classes(_labels(train_rows), "training", 1)
-        label = _labels(validation_rows)
+        check_classes(need(train_rows.label, "label"), "training", 1)
+        label = need(validation_rows.label, "label")
         check_classes(label, "validation", 1)
         auc = roc_auc(label, predict(model, validation_rows), validation_rows.weight)
         record: EpochRecord = {"epoch": 1, "train_loss": None, "val_loss": None, "val_auc": auc}
@@ -159,48 +161,27 @@ class _Run:
     def _restore(self, model: NetworkModel, previous: Checkpoint) -> FitState:
         model.load_state_dict(previous.state_dict)
         if previous.optimizer_state is None:
-            log.warning("the checkpoint has no optimizer state; AdamW restarts from scratch")
+            log.warning(
+                "the checkpoint has no optimizer state (a checkpoint.pt?); AdamW and the "
+                "learning-rate schedule restart from scratch"
+            )
         if previous.torch_rng_state is not None:
             torch.set_rng_state(previous.torch_rng_state)
-        best_state = previous.best_state_dict or previous.state_dict
-        state = FitState(
-            epoch=previous.epoch,
-            steps=previous.steps,
-            history=list(previous.history),
-            best_epoch=previous.best_epoch,
-            best_auc=previous.best_val_auc,
-            best_state=best_state,
-            optimizer_state=previous.optimizer_state,
-            scheduler_state=previous.scheduler_state,
-        )
+        state = previous.fit_state()
         if not self.best_path.exists():
-            best = Checkpoint.of(model, self.config, self.split, **self._progress(state, True))
-            save_checkpoint(self.best_path, _with_weights(best, best_state))
+            save_checkpoint(
+                self.best_path, Checkpoint.of(model, self.config, self.split, state, best=True)
+            )
         log.info("resuming %s after epoch %d", self.config.name, previous.epoch)
         return state
 
     def _save(self, model: BsymModel, state: FitState) -> None:
         """``checkpoint.pt`` when the epoch is the best so far, ``last.pt`` always."""
         if state.best_epoch == state.epoch:
-            best = Checkpoint.of(model, self.config, self.split, **self._progress(state, True))
+            best = Checkpoint.of(model, self.config, self.split, state, best=True)
             save_checkpoint(self.best_path, best)
-        last = Checkpoint.of(model, self.config, self.split, **self._progress(state, False))
+        last = Checkpoint.of(model, self.config, self.split, state, best=False)
         save_checkpoint(self.last_path, last)
-
-    def _progress(self, state: FitState, best: bool) -> dict[str, Any]:
-        epoch = state.best_epoch if best else state.epoch
-        return {
-            "epoch": epoch,
-            "history": state.history[:epoch],
-            "best_epoch": state.best_epoch,
-            "best_val_auc": state.best_auc,
-            "stopped_early": state.stopped_early,
-            "finished": state.finished,
-            "optimizer_state": None if best else state.optimizer_state,
-            "scheduler_state": None if best else state.scheduler_state,
-            "steps": state.steps,
-            "best_state_dict": None if best else state.best_state,
-        }
 
     def result(self) -> TrainResult:
         return TrainResult(
@@ -213,16 +194,6 @@ class _Run:
             stopped_early=self.state.stopped_early,
             history=list(self.state.history),
         )
-
-
-def _with_weights(checkpoint: Checkpoint, state_dict: dict[str, torch.Tensor]) -> Checkpoint:
-    return replace(checkpoint, state_dict=state_dict)
-
-
-def _labels(rows: FeatureBatch) -> npt.NDArray[np.int64]:
-    if rows.label is None:
-        raise SpecMismatchError("training needs labels, but the feature batch has none")
-    return rows.label
 
 
 def _resumable(path: Path, config: TrainConfig) -> Checkpoint:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bsym.errors import ConfigError
-from bsym.training.fit import FitState, OptimizerConfig, Rows, budget, fit
+from bsym.training.fit import FitState, OptimizerConfig, Rows, budget, classifier_auc, fit
 from bsym.training.losses import LossBatch
 from bsym.training.models import NetworkModel
 
@@ -75,21 +75,28 @@ class CountingTerm:
     """An extra loss term that adds nothing and counts the batches it saw."""
 
     sizes: list[int] = field(default_factory=list)
+    masses: list[Tensor] = field(default_factory=list)
 
     def __call__(self, logits: Tensor, batch: LossBatch) -> Tensor:
         self.sizes.append(len(batch.label))
+        self.masses.append(batch.extras["mass"])
         return 0.0 * logits.sum()
 
 
 def test_extra_terms_see_every_batch_and_the_step_budget_stops_the_run() -> None:
     term = CountingTerm()
     schedule = OptimizerConfig(batch_size=32, epochs=50, max_steps=7)
+    train = blobs(100, 2, seed=1)
+    mass = torch.arange(100, dtype=torch.float32)
+    train = Rows(train.inputs, train.label, None, extras={"mass": mass})
     state = fit(
-        LinearClassifier(4, 1), blobs(100, 2, seed=1), blobs(100, 2, seed=2), schedule,
-        seed=0, terms=[term],
-    )  # fmt: skip
+        LinearClassifier(4, 1), train, blobs(100, 2, seed=2), schedule, seed=0, terms=[term]
+    )
     assert state.steps == 7 and state.finished and not state.stopped_early
     assert state.epoch == 2 and term.sizes == [32, 32, 32, 4, 32, 32, 32]
+    # each batch's extras are the values of its own rows: one epoch sees every mass once
+    seen = torch.cat(term.masses[:4]).sort().values
+    torch.testing.assert_close(seen, mass)
 
 
 def test_the_learning_rate_drops_on_a_plateau() -> None:
@@ -137,3 +144,18 @@ def test_small_sets_are_stretched_within_bounds() -> None:
     assert budget(schedule, 16).stretch == 4
     # with 8 copies an event's rows stay together: 16 rows per batch are 2 events
     assert budget(schedule, 40, copies=8).stretch == 300 / (20 * 10)
+
+
+def test_a_resumed_run_keeps_its_stretch() -> None:
+    schedule = OptimizerConfig(batch_size=16, epochs=10, patience=4, min_steps=300)
+    first = budget(schedule, 160)
+    longer = schedule.model_copy(update={"epochs": 20})
+    assert budget(longer, 160).stretch == 1.5  # derived again, it would halve the patience
+    kept = budget(longer, 160, stretch=first.stretch)
+    assert (kept.epochs, kept.patience) == (60, 12)
+
+
+def test_multi_class_auc_ignores_per_row_constants() -> None:
+    label = np.array([0, 1, 2, 0, 1, 2])
+    logits = torch.eye(3).repeat(2, 1) + torch.tensor([[0.0], [5.0], [-3.0], [2.0], [9.0], [1.0]])
+    assert classifier_auc(label, logits, None) == 1.0

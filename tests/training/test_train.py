@@ -283,6 +283,8 @@ def test_cone_cut_picks_a_cone(data_dir: Path, tmp_path: Path) -> None:
     assert rows.globals is not None
     column = rows.globals[:, int(model.column[0])]
     np.testing.assert_allclose(predict(loaded, rows), np.exp(-column), rtol=1e-6)
+    again = train(config, resume=result.last, progress=False)
+    assert (again.epochs, again.best_epoch, again.best_val_auc) == (1, 1, result.best_val_auc)
 
 
 def test_both_layouts_give_the_same_rows(data_dir: Path) -> None:

@@ -37,7 +37,7 @@ def families() -> tuple[ModuleType, ...]:
 @functools.cache
 def config_classes() -> tuple[type[ModelSettings], ...]:
     """Every model config class, one per model type."""
-    classes = tuple(cls for family in families() for cls in family.CONFIGS)
+    classes = tuple(cls for family in families() for cls in _listed(family, "CONFIGS"))
     types = [config_type(cls) for cls in classes]
     repeated = sorted({t for t in types if types.count(t) > 1})
     if repeated:
@@ -48,7 +48,17 @@ def config_classes() -> tuple[type[ModelSettings], ...]:
 @functools.cache
 def model_classes() -> dict[str, type[BsymModel]]:
     """Every model class by its ``kind`` (the model type checkpoints record)."""
-    return {cls.kind: cls for family in families() for cls in family.MODELS}
+    return {cls.kind: cls for family in families() for cls in _listed(family, "MODELS")}
+
+
+def _listed(family: ModuleType, name: str) -> tuple[Any, ...]:
+    listed = getattr(family, name, None)
+    if not isinstance(listed, tuple):
+        raise RuntimeError(
+            f"{family.__name__} is in bsym.training.models but has no tuple {name}; "
+            "a model family lists its CONFIGS and MODELS"
+        )
+    return listed
 
 
 def model_types() -> tuple[str, ...]:

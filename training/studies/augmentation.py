@@ -112,8 +112,6 @@ PFN_PHI = (32, 32, 32, 32)
 PFN_F = (32, 32, 32)
 FCN_HIDDEN = (64, 64, 64)
 MAX_CELLS = 16
-MAX_STRETCH = 4.0
-EVAL_BATCH = 8192
 BACKGROUND_EFFICIENCY = 0.5
 
 
@@ -317,7 +315,6 @@ def schedule(settings: StudySettings, n_copies: int) -> OptimizerConfig:
         epochs=settings.max_epochs,
         patience=settings.patience,
         min_steps=settings.min_steps,
-        max_stretch=MAX_STRETCH,
     )
 
 

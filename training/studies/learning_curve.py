@@ -93,8 +93,6 @@ MODELS: dict[str, Callable[[], LorentzNetwork]] = {
 MODEL_TITLES = {"unconstrained": "unconstrained", "invariant": "invariant", "dual": "dual subnet"}
 PT_EDGES = (0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, math.inf)
 EVAL_BATCH = 8192
-# a stretch beyond this would spend more time validating than training
-MAX_STRETCH = 4.0
 
 
 class StudySettings(Settings):
@@ -108,7 +106,7 @@ class StudySettings(Settings):
     val_events: int = Field(default=20_000, ge=2)
     max_epochs: int = Field(default=40, ge=1)
     patience: int = Field(default=8, ge=1)
-    lr_patience: int = Field(default=3, ge=0)
+    lr_patience: int = Field(default=3, ge=1)
     min_steps: int = Field(default=2_400, ge=0)
     batch_size: int = Field(default=256, ge=2)
     learning_rate: float = Field(default=1e-3, gt=0)
@@ -138,7 +136,6 @@ class StudySettings(Settings):
             patience=self.patience,
             lr_patience=self.lr_patience,
             min_steps=self.min_steps,
-            max_stretch=MAX_STRETCH,
         )
 
 
