@@ -22,7 +22,7 @@ Data
     (unrotated) validation set, the rest the pool. Bootstrap b draws each training set of n
     events from the pool without replacement with its own seed (the same events for every
     column and network), and seeds the network's initial weights with it too.
-Training (in memory, one torch thread)
+Training (in memory, one torch thread, with the one training loop :func:`bsym.training.fit.fit`)
     Adam (AdamW, weight decay 0), lr 1e-3, batches of ``events_per_batch`` = 16 events with
     all their copies (so every column takes the same number of steps per epoch), at most
     ``max_epochs`` = 12 epochs; training stops after ``patience`` = 5 epochs without a better

@@ -38,6 +38,20 @@ Control without weights (``reweight=False``)
     Lorentz invariant: it makes the leading pT at fixed mass differ between the classes, so
     even at breaking 0 the best weighted classifier uses pT0 as well as the mass. Without the
     weights the ideal classifier at breaking 0 is a function of the mass alone.
+Results (breaking 0.1, 3 repeats, 200k test events; 45 trainings in 48.9 min on one core)
+    Test AUC, mean ± std over repeats::
+
+        events  unconstrained     invariant         dual subnet
+        8k      0.7365 ± 0.0045   0.7793 ± 0.0003   0.7990 ± 0.0016
+        16k     0.7701 ± 0.0054   0.7797 ± 0.0001   0.8022 ± 0.0007
+        32k     0.7811 ± 0.0014   0.7798 ± 0.0001   0.8070 ± 0.0011
+        64k     0.7865 ± 0.0122   0.7796 ± 0.0000   0.8092 ± 0.0008
+        80k     0.7743 ± 0.0188   0.7797 ± 0.0001   0.8091 ± 0.0008
+
+    The dual subnet beats both at every size; its weight on the unconstrained half (80k:
+    0.37, 0.31, 0.28, 0.48, 0.53, 0.55, 0.55 in the bins of :data:`PT_EDGES`) dips where the
+    Z puts most signal muons and rises above 60 GeV, where the paper's reaches 0.99. One of
+    three unconstrained trainings at 80k stops on a plateau (0.753), hence its spread.
 """
 
 from __future__ import annotations
