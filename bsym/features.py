@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import awkward as ak
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from bsym.contract import CONSTITUENTS, GLOBALS, MASK
 from bsym.errors import BadValueError, SpecMismatchError
+from bsym.settings import StrictModel
 
 if TYPE_CHECKING:
     from bsym.efp import Cells, Polynomial
@@ -37,12 +38,6 @@ FloatArray = npt.NDArray[np.float32]
 
 FEATURE_SPEC_VERSION = 1
 DEFAULT_CONE_RADII = tuple(round(0.025 * k, 3) for k in range(1, 19))
-
-
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Feature(StrictModel):

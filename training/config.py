@@ -11,8 +11,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from bsym.errors import ConfigError, did_you_mean
-from bsym.features import FeatureSpec, StrictModel
+from bsym.features import FeatureSpec
 from bsym.rootio import atomic_output
+from bsym.settings import StrictModel
 from bsym.training.cwola import SupervisionConfig
 from bsym.training.fit import OptimizerConfig
 from bsym.training.models.base import ModelSettings

@@ -41,8 +41,9 @@ import numpy.typing as npt
 from pydantic import Field, model_validator
 
 from bsym.errors import BadValueError, ConfigError
-from bsym.features import FeatureBatch, FeatureSpec, StrictModel, detect_layout
+from bsym.features import FeatureBatch, FeatureSpec, detect_layout
 from bsym.rootio import TreeSource, iterate_chunks, open_tree
+from bsym.settings import StrictModel
 
 Indices = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]

@@ -37,7 +37,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from bsym.errors import ConfigError, SpecMismatchError
-from bsym.features import FeatureBatch, StrictModel
+from bsym.features import FeatureBatch
+from bsym.settings import StrictModel
 from bsym.training.losses import LossBatch, LossTerm, classification_loss
 from bsym.training.metrics import roc_auc
 from bsym.training.models.base import BsymModel, NetworkModel, model_inputs

@@ -61,7 +61,7 @@ import numpy.typing as npt
 from pydantic import Field, model_validator
 
 from bsym.errors import ConfigError, InputFileError
-from bsym.features import StrictModel
+from bsym.settings import StrictModel
 from bsym.simulate.geometry import Geometry
 from bsym.simulate.rootwrite import write_branches
 

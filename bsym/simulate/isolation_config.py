@@ -3,107 +3,72 @@ show their defaults without importing numpy and awkward."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from typing import Annotated
 
-from bsym.errors import ConfigError
+from pydantic import Field, model_validator
+
+from bsym.settings import Settings
 
 __all__ = ["IsolationConfig"]
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Pair = tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
 
-@dataclass(frozen=True)
-class IsolationConfig:
+
+class IsolationConfig(Settings):
     """Parameters of the toy isolation simulation (energies in GeV); see
     :mod:`bsym.simulate.isolation` for what each one does."""
 
-    pileup_mean: float = 50.0
-    energy_resolution_stochastic: float = 0.5
-    energy_resolution_constant: float = 0.03
-    noise_threshold: float = 0.1
-    prompt_fraction: float = 0.5
-    b_fraction: float = 0.7
-    third_muon_fraction: float = 0.1
-    mass_min: float = 70.0
-    mass_max: float = 110.0
-    z_mass: float = 91.1876
-    z_width: float = 2.4952
-    mass_resolution: float = 0.02
-    continuum_scale: float = 30.0
-    min_muon_pt: float = 20.0
-    soft_muon_min_pt: float = 10.0
-    soft_muon_pt_scale: float = 5.0
-    prompt_pt_smearing: float = 5.0
-    nonprompt_pt_scale: float = 12.0
-    max_abs_eta: float = 2.4
-    prompt_eta_width: float = 1.4
-    nonprompt_eta_width: float = 1.1
-    nonprompt_opposite_sign: float = 0.7
-    pileup_et_mean: float = 0.3
-    underlying_event_fraction: float = 0.17
-    charged_fraction: float = 2.0 / 3.0
-    track_pt_min: float = 0.5
-    mip_et_mean: float = 1.8
-    mip_shape: float = 4.0
-    muon_fraction_beta_b: tuple[float, float] = (2.0, 0.4)
-    muon_fraction_beta_c: tuple[float, float] = (2.0, 0.5)
-    fragmentation_beta_b: tuple[float, float] = (3.0, 0.4)
-    fragmentation_beta_c: tuple[float, float] = (2.5, 0.5)
-    visible_fraction: tuple[float, float] = (0.4, 0.9)
-    fsr_fraction: float = 0.1
-    fsr_energy_fraction: float = 0.05
-    fsr_angle: float = 0.03
-    jet_multiplicity_min: float = 2.0
-    jet_multiplicity_per_gev: float = 0.2
-    jet_axis_spread: float = 0.15
-    jet_core_width: float = 0.1
-    cell_noise_sigma: float = 0.035
+    pileup_mean: float = Field(default=50.0, ge=0)
+    energy_resolution_stochastic: float = Field(default=0.5, ge=0)
+    energy_resolution_constant: float = Field(default=0.03, ge=0)
+    noise_threshold: float = Field(default=0.1, ge=0)
+    prompt_fraction: Fraction = 0.5
+    b_fraction: Fraction = 0.7
+    third_muon_fraction: Fraction = 0.1
+    mass_min: float = Field(default=70.0, gt=0)
+    mass_max: float = Field(default=110.0, gt=0)
+    z_mass: float = Field(default=91.1876, gt=0)
+    z_width: float = Field(default=2.4952, gt=0)
+    mass_resolution: float = Field(default=0.02, ge=0)
+    continuum_scale: float = Field(default=30.0, gt=0)
+    min_muon_pt: float = Field(default=20.0, gt=0)
+    soft_muon_min_pt: float = Field(default=10.0, gt=0)
+    soft_muon_pt_scale: float = Field(default=5.0, gt=0)
+    prompt_pt_smearing: float = Field(default=5.0, gt=0)
+    nonprompt_pt_scale: float = Field(default=12.0, gt=0)
+    max_abs_eta: float = Field(default=2.4, gt=0)
+    prompt_eta_width: float = Field(default=1.4, gt=0)
+    nonprompt_eta_width: float = Field(default=1.1, gt=0)
+    nonprompt_opposite_sign: Fraction = 0.7
+    pileup_et_mean: float = Field(default=0.3, gt=0)
+    underlying_event_fraction: Fraction = 0.17
+    charged_fraction: Fraction = 2.0 / 3.0
+    track_pt_min: float = Field(default=0.5, ge=0)
+    mip_et_mean: float = Field(default=1.8, gt=0)
+    mip_shape: float = Field(default=4.0, gt=0)
+    muon_fraction_beta_b: Pair = (2.0, 0.4)
+    muon_fraction_beta_c: Pair = (2.0, 0.5)
+    fragmentation_beta_b: Pair = (3.0, 0.4)
+    fragmentation_beta_c: Pair = (2.5, 0.5)
+    visible_fraction: Pair = (0.4, 0.9)
+    fsr_fraction: Fraction = 0.1
+    fsr_energy_fraction: float = Field(default=0.05, gt=0)
+    fsr_angle: float = Field(default=0.03, gt=0)
+    jet_multiplicity_min: float = Field(default=2.0, ge=0)
+    jet_multiplicity_per_gev: float = Field(default=0.2, ge=0)
+    jet_axis_spread: float = Field(default=0.15, gt=0)
+    jet_core_width: float = Field(default=0.1, gt=0)
+    cell_noise_sigma: float = Field(default=0.035, gt=0)
 
-    def __post_init__(self) -> None:
-        _validate(self)
-
-
-def _validate(cfg: IsolationConfig) -> None:
-    """Raise :class:`ConfigError` for values that would make the simulation meaningless."""
-    fractions = (
-        "prompt_fraction",
-        "b_fraction",
-        "third_muon_fraction",
-        "fsr_fraction",
-        "nonprompt_opposite_sign",
-        "underlying_event_fraction",
-        "charged_fraction",
-    )
-    for name in fractions:
-        value = getattr(cfg, name)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"IsolationConfig.{name} must be in [0, 1], got {value}")
-    non_negative = {
-        "pileup_mean",
-        "noise_threshold",
-        "energy_resolution_stochastic",
-        "energy_resolution_constant",
-        "mass_resolution",
-        "track_pt_min",
-        "jet_multiplicity_min",
-        "jet_multiplicity_per_gev",
-    }
-    for field in fields(cfg):
-        value = getattr(cfg, field.name)
-        if isinstance(value, tuple):
-            if len(value) != 2 or not all(v > 0 for v in value):
-                raise ConfigError(
-                    f"IsolationConfig.{field.name} must be two positive numbers, got {value}"
-                )
-        elif field.name in non_negative:
-            if value < 0:
-                raise ConfigError(f"IsolationConfig.{field.name} must be >= 0, got {value}")
-        elif field.name not in fractions and value <= 0:
-            raise ConfigError(f"IsolationConfig.{field.name} must be > 0, got {value}")
-    if not cfg.mass_min < cfg.mass_max:
-        raise ConfigError(
-            f"IsolationConfig.mass_min ({cfg.mass_min}) must be below mass_max ({cfg.mass_max})"
-        )
-    if cfg.visible_fraction[0] > cfg.visible_fraction[1] or cfg.visible_fraction[1] > 1:
-        raise ConfigError(
-            f"IsolationConfig.visible_fraction must be (low, high) with low <= high <= 1, "
-            f"got {cfg.visible_fraction}"
-        )
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> IsolationConfig:
+        if not self.mass_min < self.mass_max:
+            raise ValueError(f"mass_min ({self.mass_min}) must be below mass_max ({self.mass_max})")
+        low, high = self.visible_fraction
+        if low > high or high > 1:
+            raise ValueError(
+                "visible_fraction must be (low, high) with low <= high <= 1, "
+                f"got {self.visible_fraction}"
+            )
+        return self

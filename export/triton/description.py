@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from bsym.contract import (
     CLASS_LABELS_KEY,
@@ -35,16 +35,13 @@ from bsym.export.triton.common import (
     TRITON_DTYPES,
     config_type,
 )
+from bsym.settings import StrictModel
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Batching(_Frozen):
+class Batching(StrictModel):
     """Batch limits and the dynamic batcher's settings, shared by both flavours."""
 
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, gt=0)
@@ -72,7 +69,7 @@ class Batching(_Frozen):
         return tuple(sorted({max(1, self.max_batch_size // 4), self.max_batch_size}))
 
 
-class TensorConfig(_Frozen):
+class TensorConfig(StrictModel):
     """One input or output: name, Triton data type, dimensions without the batch axis."""
 
     name: str
@@ -80,7 +77,7 @@ class TensorConfig(_Frozen):
     dims: tuple[int, ...]
 
 
-class TritonModelConfig(_Frozen):
+class TritonModelConfig(StrictModel):
     """Everything ``config.pbtxt`` says about one model, whatever the flavour."""
 
     name: str

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from bsym.errors import SpecMismatchError
-from bsym.features import FeatureBatch, FeatureSpec, StrictModel
+from bsym.features import FeatureBatch, FeatureSpec
+from bsym.settings import StrictModel
 
 
 class ModelSettings(StrictModel):

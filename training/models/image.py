@@ -25,7 +25,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from bsym.errors import SpecMismatchError
-from bsym.features import FeatureBatch, FeatureSpec, StrictModel
+from bsym.features import FeatureBatch, FeatureSpec
+from bsym.settings import StrictModel
 from bsym.training.models.base import (
     BsymModel,
     ModelSettings,

@@ -64,6 +64,7 @@ from pydantic import Field, model_validator
 
 from bsym.errors import SpecMismatchError
 from bsym.features import FeatureBatch, FeatureSpec
+from bsym.settings import Settings
 from bsym.simulate.calo_rotation import preset_detector, write_calo_rotation
 from bsym.simulate.geometry import Geometry
 from bsym.training.augmentation import (
@@ -82,7 +83,6 @@ from bsym.training.metrics import roc_auc, signal_efficiency_at
 from bsym.training.models import PFN, NetworkModel
 from bsym.training.models.base import need
 from bsym.training.studies.harness import (
-    Settings,
     cached_sample,
     jsonable_summary,
     summarise,

@@ -52,11 +52,12 @@ from bsym.features import (
     efp_cell_constituents,
     efp_cells_from,
 )
+from bsym.settings import Settings
 from bsym.training.checkpoint import LoadedModel, load_checkpoint, predict
 from bsym.training.config import TrainConfig, load_config
 from bsym.training.dataset import Split, read_rows, take
 from bsym.training.metrics import roc_auc
-from bsym.training.studies.harness import Settings, write_json
+from bsym.training.studies.harness import write_json
 
 FloatArray = npt.NDArray[np.float64]
 DEFAULT_BASELINE = shipped_config("isolation_cones_sumpt")

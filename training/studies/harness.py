@@ -14,37 +14,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import ValidationError
-from typing_extensions import Self
 
-from bsym.errors import ConfigError
-from bsym.features import StrictModel
 from bsym.rootio import atomic_output
 
 MANIFEST = "manifest.json"
 T = TypeVar("T")
 Indices = npt.NDArray[np.int64]
-
-
-class Settings(StrictModel):
-    """Base of a study's settings: frozen, unknown keys refused, every check a ConfigError."""
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as error:
-            problems = "; ".join(_problem(e["loc"], e["msg"]) for e in error.errors())
-            raise ConfigError(f"invalid {type(self).__name__}: {problems}") from error
-
-    def with_overrides(self, **overrides: object) -> Self:
-        """These settings with the given fields replaced (``None`` values are ignored)."""
-        chosen = {key: value for key, value in overrides.items() if value is not None}
-        return type(self)(**{**dict(self), **chosen})
-
-
-def _problem(location: tuple[int | str, ...], message: str) -> str:
-    message = message.removeprefix("Value error, ")
-    return f"{'.'.join(str(part) for part in location)}: {message}" if location else message
 
 
 def cached_sample(

@@ -39,9 +39,10 @@ from pydantic import Field
 from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.rootio import TreeSource
+from bsym.settings import Settings
 from bsym.training.cwola import CwolaRows, SupervisionConfig, prompt_fractions, read_cwola_rows
 from bsym.training.metrics import roc_auc, roc_curve, signal_efficiency
-from bsym.training.studies.harness import Settings, bootstrap, cached_sample, write_json
+from bsym.training.studies.harness import bootstrap, cached_sample, write_json
 
 if TYPE_CHECKING:
     from bsym.training.checkpoint import LoadedModel

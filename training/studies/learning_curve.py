@@ -73,6 +73,7 @@ from torch import Tensor
 
 from bsym.errors import SpecMismatchError
 from bsym.features import FeatureBatch
+from bsym.settings import Settings
 from bsym.training.fit import (
     FitState,
     OptimizerConfig,
@@ -90,7 +91,6 @@ from bsym.training.models.lorentz import (
     lorentz_feature_spec,
 )
 from bsym.training.studies.harness import (
-    Settings,
     cached_sample,
     jsonable_summary,
     spread,
