@@ -28,6 +28,8 @@ is a :class:`Checkpoint`. The dict's keys:
 
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,8 +253,20 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise InputFileError(f"{path}: no such checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike
-        raise InputFileError(f"{path}: not a readable checkpoint ({error})") from error
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise InputFileError(
+            f"{path} is refused: it holds Python objects{what}, and bsym reads only tensors "
+            "and plain data from a checkpoint, as bsym train writes it (loading anything "
+            "else could run code from the file)"
+        ) from error
+    except Exception as error:  # zip and torch errors alike
+        first_line = str(error).split(". ")[0].splitlines()[0]
+        raise InputFileError(
+            f"{path}: not a readable checkpoint, truncated or not written by torch.save "
+            f"({first_line})"
+        ) from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InputFileError(f"{path} is not a bsym checkpoint")
     if payload.get("format_version") not in READABLE_VERSIONS:

@@ -377,3 +377,21 @@ def test_version_1_checkpoints_load_and_unknown_versions_are_refused(
     torch.save({k: v for k, v in payload.items() if k != "best_epoch"}, tmp_path / "cut.pt")
     with pytest.raises(InputFileError, match="the checkpoint has no 'best_epoch'"):
         read_checkpoint(tmp_path / "cut.pt")
+
+
+class NotData:
+    """Something a checkpoint must not hold."""
+
+
+def test_checkpoints_with_objects_or_cut_short_are_refused_without_torch_hints(
+    tmp_path: Path,
+) -> None:
+    objects = tmp_path / "objects.pt"
+    torch.save({"format": "bsym-checkpoint", "model": NotData()}, objects)
+    with pytest.raises(InputFileError, match="holds Python objects") as refused:
+        read_checkpoint(objects)
+    assert "NotData" in str(refused.value) and "weights_only" not in str(refused.value)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(objects.read_bytes()[:100])
+    with pytest.raises(InputFileError, match=r"truncated or not written by torch\.save"):
+        read_checkpoint(cut)
