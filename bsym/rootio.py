@@ -27,7 +27,7 @@ class TreeSource:
 
 
 def parse_inputs(specs: Sequence[str], default_tree: str) -> list[TreeSource]:
-    """Expand ``file.root``, ``dir/*.root`` and ``file.root:tree`` (uproot's syntax) to sources."""
+    """Expand ``file.root``, ``dir/*.root`` and ``file.root:dir/tree`` (uproot's syntax)."""
     sources: list[TreeSource] = []
     for spec in specs:
         pattern, tree = _split_tree(spec, default_tree)
@@ -39,6 +39,9 @@ def parse_inputs(specs: Sequence[str], default_tree: str) -> list[TreeSource]:
 
 
 def _split_tree(spec: str, default_tree: str) -> tuple[str, str]:
+    head, sep, tail = spec.rpartition(".root:")
+    if sep and head and tail:
+        return head + ".root", tail  # uproot's rule: the object path may hold directories
     head, sep, tail = spec.rpartition(":")
     if sep and head and tail and "/" not in tail and not tail.endswith(".root"):
         return head, tail
@@ -51,12 +54,15 @@ def open_tree(source: TreeSource) -> Any:
 
     if not source.path.is_file():
         raise InputFileError(f"{source.path}: no such file")
+    check_complete(source.path)
     try:
         file = uproot.open(source.path)
     except Exception as error:  # uproot raises ValueError, OSError, struct.error...
-        raise InputFileError(f"{source.path}: not a readable ROOT file ({error})") from error
+        raise InputFileError(
+            f"{source.path}: not a readable ROOT file ({_without(error, source.path)})"
+        ) from error
     try:
-        keys = {key.split(";")[0] for key in file.keys(recursive=False)}
+        keys = set(file.keys(recursive=True, cycle=False))
         if source.tree not in keys:
             raise InputFileError(
                 f"{source.path} has no tree '{source.tree}'" + did_you_mean(source.tree, keys)
@@ -71,9 +77,38 @@ def open_tree(source: TreeSource) -> Any:
     except Exception as error:
         file.close()
         raise InputFileError(
-            f"{source}: cannot read the tree, is the file truncated? ({error})"
+            f"{source}: cannot read the tree ({_without(error, source.path)})"
         ) from error
     return tree
+
+
+def check_complete(path: Path) -> None:
+    """Raise for an empty file or one shorter than the end its ROOT header records (fEND)."""
+    import uproot
+
+    size = path.stat().st_size
+    if size == 0:
+        raise InputFileError(f"{path}: empty (0 bytes)")
+    try:
+        header = uproot.reading.ReadOnlyFile(str(path))
+    except Exception as error:
+        raise InputFileError(
+            f"{path}: not a readable ROOT file ({_without(error, path)})"
+        ) from error
+    try:
+        end = int(header.fEND)
+    finally:
+        header.close()
+    if size < end:
+        raise InputFileError(f"{path}: truncated: {size} of {end} bytes")
+
+
+def _without(error: Exception, path: Path) -> str:
+    """uproot's message without its own mention of the file, which the caller names once."""
+    text = " ".join(str(error).split())
+    for name in (str(path), str(path.resolve())):
+        text = text.replace(f"in file {name}", "").replace(f"file path: {name}", "")
+    return text.strip(" :")
 
 
 def check_branches(tree: Any, source: TreeSource, branches: Sequence[str]) -> None:
