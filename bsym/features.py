@@ -499,8 +499,14 @@ def _check_finite(tensor: FloatArray, names: Sequence[str], tensor_name: str) ->
 
 def _as_flat(values: ak.Array, branch: str) -> npt.NDArray[np.float64]:
     try:
-        return np.asarray(ak.to_numpy(values), dtype=np.float64)
+        flat = np.asarray(ak.to_numpy(values), dtype=np.float64)
     except ValueError as error:
         raise SpecMismatchError(
             f"branch '{branch}' is jagged where the feature spec expects one value per object"
         ) from error
+    if flat.ndim != 1:  # lists that happen to be of equal length convert to a regular array
+        raise SpecMismatchError(
+            f"branch '{branch}' is jagged (lists of {list(flat.shape[1:])} values) where the "
+            "feature spec expects one value per object"
+        )
+    return flat

@@ -39,7 +39,9 @@ def resolve_model(model: str, repository: Path) -> Path:
     if path.suffix == ".onnx":
         raise typer.BadParameter(f"no such model file: {path}", param_hint="'--model'")
     try:
-        found = find_model(path.parent, path.name) if path.is_dir() else find_model(repository, model)
+        found = (
+            find_model(path.parent, path.name) if path.is_dir() else find_model(repository, model)
+        )
     except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint="'--model'") from error
     if not found.resolve().is_relative_to(repository.resolve()):

@@ -252,10 +252,13 @@ def output_mismatch(path: Path, expected: Provenance) -> str | None:
     if entries != expected.source_entries:
         return f"it has {entries} entries, the input has {expected.source_entries}"
     wanted = expected.strings()
-    for key, label in MODEL_KEYS.items():
-        if found.get(key) != wanted[key]:
-            before = found.get(key) or "none recorded"
-            return f"model changed: {label} {before} → {wanted[key] or 'none'}"
+    changes = [
+        f"{label} {found.get(key) or 'none recorded'} → {wanted[key] or 'none'}"
+        for key, label in MODEL_KEYS.items()
+        if found.get(key) != wanted[key]
+    ]
+    if changes:
+        return "model changed: " + ", ".join(changes)
     for key, value in wanted.items():
         if key not in _RECORDED_ONLY and key not in MODEL_KEYS and found.get(key) != value:
             return f"its {key} is {found.get(key)!r}, now {value!r}"

@@ -78,6 +78,7 @@ def served_model(
         outputs=tuple(sorted(outputs, key=lambda tensor: tensor.name != SCORE)),
     )
 
+
 # The served version's model.onnx sha256 (from the config's checksum parameter) in metadata.
 SERVED_SHA256_KEY = "model_sha256"
 
