@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,6 +94,9 @@ def check_complete(path: Path) -> None:
     try:
         header = uproot.reading.ReadOnlyFile(str(path))
     except Exception as error:
+        end = _recorded_end(path)
+        if end is not None and size < end:  # too short even for uproot's first read
+            raise InputFileError(f"{path}: truncated: {size} of {end} bytes") from error
         raise InputFileError(
             f"{path}: not a readable ROOT file ({_without(error, path)})"
         ) from error
@@ -103,12 +108,28 @@ def check_complete(path: Path) -> None:
         raise InputFileError(f"{path}: truncated: {size} of {end} bytes")
 
 
+_ROOT_BEGIN = 100  # where every ROOT file's first record starts, after its header
+
+
+def _recorded_end(path: Path) -> int | None:
+    """fEND from the first bytes of a ROOT file header, or None if they are not one."""
+    with path.open("rb") as stream:
+        head = stream.read(20)
+    if len(head) < 16 or not head.startswith(b"root"):
+        return None
+    version, begin = struct.unpack(">ii", head[4:12])
+    if begin != _ROOT_BEGIN:
+        return None
+    if version >= 1_000_000:  # large files store fBEGIN as 4 bytes and fEND as 8
+        return int(struct.unpack(">q", head[12:20])[0]) if len(head) == 20 else None
+    return int(struct.unpack(">i", head[12:16])[0])
+
+
 def _without(error: Exception, path: Path) -> str:
     """uproot's message without its own mention of the file, which the caller names once."""
     text = " ".join(str(error).split())
-    for name in (str(path), str(path.resolve())):
-        text = text.replace(f"in file {name}", "").replace(f"file path: {name}", "")
-    return text.strip(" :")
+    names = "|".join(re.escape(str(name)) for name in (path, path.resolve()))
+    return re.sub(rf"\s*(?:(?:in|for) )?file(?: path)?:? (?:{names})", "", text).strip(" :")
 
 
 def check_branches(tree: Any, source: TreeSource, branches: Sequence[str]) -> None:

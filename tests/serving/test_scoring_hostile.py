@@ -255,3 +255,12 @@ def test_model_outside_the_repository_is_named(tmp_path: Path, repository: Path)
     resolved = tmp_path / "other" / MODEL / "2" / "model.onnx"
     text = "".join(result.output.split())
     assert "".join(f"--model {model} is {resolved}, outside --repository".split()) in text
+
+
+def test_file_cut_inside_its_header_is_truncated(tmp_path: Path, backend: Backend) -> None:
+    source = write_object_file(tmp_path / "cut.root", make_muons(40, seed=14))
+    size = len(source.read_bytes())
+    source.write_bytes(source.read_bytes()[:50])
+    summary = run([str(source)], backend, tmp_path / "out")
+    assert summary.failed == [(f"{source}:Muons", f"truncated: 50 of {size} bytes")]
+    assert not (tmp_path / "out").exists()
