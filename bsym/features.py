@@ -290,12 +290,23 @@ class _Rows:
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
         """Flat constituent values in row order and the row offsets (length n_rows + 1)."""
         order, offsets = self._group(branch, link)
-        flat = _as_flat(ak.flatten(self.arrays[branch]), branch)
+        flat = _as_flat(ak.flatten(self.jagged(branch)), branch)
         if len(flat) != len(order):
             raise SpecMismatchError(
                 f"constituent branch '{branch}' has {len(flat)} values, expected {len(order)}"
             )
         return flat[order], offsets
+
+    def jagged(self, branch: str) -> ak.Array:
+        """A constituent (or link) branch, checked to hold one list per entry."""
+        values = self.arrays[branch]
+        if values.ndim != 2:
+            found = "one value per entry" if values.ndim == 1 else f"{values.ndim - 1} nested lists"
+            raise SpecMismatchError(
+                f"constituent branch '{branch}': expected a jagged branch (one list per entry), "
+                f"found {found}"
+            )
+        return values
 
     def _group(
         self, branch: str, link: str | None
@@ -304,7 +315,7 @@ class _Rows:
         if key in self._grouping:
             return self._grouping[key]
         if self.layout == "object":
-            counts = np.asarray(ak.num(self.arrays[branch], axis=1), dtype=np.int64)
+            counts = np.asarray(ak.num(self.jagged(branch), axis=1), dtype=np.int64)
             order = np.arange(int(counts.sum()), dtype=np.int64)
         else:
             if link is None:
@@ -313,7 +324,7 @@ class _Rows:
                     f"{self.spec.objects}; set 'link' in the feature spec"
                 )
             assert self.counts is not None
-            index = self.arrays[link]
+            index = self.jagged(link)
             event_of = np.repeat(np.arange(len(self.counts)), np.asarray(ak.num(index, axis=1)))
             local = np.asarray(ak.flatten(index), dtype=np.int64)
             if np.any((local < 0) | (local >= self.counts[event_of])):
@@ -488,8 +499,14 @@ def _check_finite(tensor: FloatArray, names: Sequence[str], tensor_name: str) ->
 
 def _as_flat(values: ak.Array, branch: str) -> npt.NDArray[np.float64]:
     try:
-        return np.asarray(ak.to_numpy(values), dtype=np.float64)
+        flat = np.asarray(ak.to_numpy(values), dtype=np.float64)
     except ValueError as error:
         raise SpecMismatchError(
             f"branch '{branch}' is jagged where the feature spec expects one value per object"
         ) from error
+    if flat.ndim != 1:  # lists that happen to be of equal length convert to a regular array
+        raise SpecMismatchError(
+            f"branch '{branch}' is jagged (lists of {list(flat.shape[1:])} values) where the "
+            "feature spec expects one value per object"
+        )
+    return flat

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ class TreeSource:
 
 
 def parse_inputs(specs: Sequence[str], default_tree: str) -> list[TreeSource]:
-    """Expand ``file.root``, ``dir/*.root`` and ``file.root:tree`` (uproot's syntax) to sources."""
+    """Expand ``file.root``, ``dir/*.root`` and ``file.root:dir/tree`` (uproot's syntax)."""
     sources: list[TreeSource] = []
     for spec in specs:
         pattern, tree = _split_tree(spec, default_tree)
@@ -39,6 +41,9 @@ def parse_inputs(specs: Sequence[str], default_tree: str) -> list[TreeSource]:
 
 
 def _split_tree(spec: str, default_tree: str) -> tuple[str, str]:
+    head, sep, tail = spec.rpartition(".root:")
+    if sep and head and tail:
+        return head + ".root", tail  # uproot's rule: the object path may hold directories
     head, sep, tail = spec.rpartition(":")
     if sep and head and tail and "/" not in tail and not tail.endswith(".root"):
         return head, tail
@@ -51,12 +56,15 @@ def open_tree(source: TreeSource) -> Any:
 
     if not source.path.is_file():
         raise InputFileError(f"{source.path}: no such file")
+    check_complete(source.path)
     try:
         file = uproot.open(source.path)
     except Exception as error:  # uproot raises ValueError, OSError, struct.error...
-        raise InputFileError(f"{source.path}: not a readable ROOT file ({error})") from error
+        raise InputFileError(
+            f"{source.path}: not a readable ROOT file ({_without(error, source.path)})"
+        ) from error
     try:
-        keys = {key.split(";")[0] for key in file.keys(recursive=False)}
+        keys = set(file.keys(recursive=True, cycle=False))
         if source.tree not in keys:
             raise InputFileError(
                 f"{source.path} has no tree '{source.tree}'" + did_you_mean(source.tree, keys)
@@ -71,9 +79,57 @@ def open_tree(source: TreeSource) -> Any:
     except Exception as error:
         file.close()
         raise InputFileError(
-            f"{source}: cannot read the tree, is the file truncated? ({error})"
+            f"{source}: cannot read the tree ({_without(error, source.path)})"
         ) from error
     return tree
+
+
+def check_complete(path: Path) -> None:
+    """Raise for an empty file or one shorter than the end its ROOT header records (fEND)."""
+    import uproot
+
+    size = path.stat().st_size
+    if size == 0:
+        raise InputFileError(f"{path}: empty (0 bytes)")
+    try:
+        header = uproot.reading.ReadOnlyFile(str(path))
+    except Exception as error:
+        end = _recorded_end(path)
+        if end is not None and size < end:  # too short even for uproot's first read
+            raise InputFileError(f"{path}: truncated: {size} of {end} bytes") from error
+        raise InputFileError(
+            f"{path}: not a readable ROOT file ({_without(error, path)})"
+        ) from error
+    try:
+        end = int(header.fEND)
+    finally:
+        header.close()
+    if size < end:
+        raise InputFileError(f"{path}: truncated: {size} of {end} bytes")
+
+
+_ROOT_BEGIN = 100  # where every ROOT file's first record starts, after its header
+
+
+def _recorded_end(path: Path) -> int | None:
+    """fEND from the first bytes of a ROOT file header, or None if they are not one."""
+    with path.open("rb") as stream:
+        head = stream.read(20)
+    if len(head) < 16 or not head.startswith(b"root"):
+        return None
+    version, begin = struct.unpack(">ii", head[4:12])
+    if begin != _ROOT_BEGIN:
+        return None
+    if version >= 1_000_000:  # large files store fBEGIN as 4 bytes and fEND as 8
+        return int(struct.unpack(">q", head[12:20])[0]) if len(head) == 20 else None
+    return int(struct.unpack(">i", head[12:16])[0])
+
+
+def _without(error: Exception, path: Path) -> str:
+    """uproot's message without its own mention of the file, which the caller names once."""
+    text = " ".join(str(error).split())
+    names = "|".join(re.escape(str(name)) for name in (path, path.resolve()))
+    return re.sub(rf"\s*(?:(?:in|for) )?file(?: path)?:? (?:{names})", "", text).strip(" :")
 
 
 def check_branches(tree: Any, source: TreeSource, branches: Sequence[str]) -> None:

@@ -24,6 +24,8 @@ from bsym.serving.defaults import (
 from bsym.serving.serve import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from bsym.serving.triton_server import DEFAULT_STARTUP_TIMEOUT, HOST
 
+LOG_NAME = "bsym-score.log"
+
 if TYPE_CHECKING:
     from bsym.serving.backend import Backend
     from bsym.serving.scorer import ScoreSummary
@@ -37,11 +39,17 @@ def resolve_model(model: str, repository: Path) -> Path:
     if path.suffix == ".onnx":
         raise typer.BadParameter(f"no such model file: {path}", param_hint="'--model'")
     try:
-        if path.is_dir():
-            return find_model(path.parent, path.name)
-        return find_model(repository, model)
+        found = (
+            find_model(path.parent, path.name) if path.is_dir() else find_model(repository, model)
+        )
     except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint="'--model'") from error
+    if not found.resolve().is_relative_to(repository.resolve()):
+        stderr.print(
+            f"note: --model {model} is {found.resolve()}, outside --repository {repository}",
+            highlight=False,
+        )
+    return found
 
 
 def _step_size(text: str) -> int | str:
@@ -80,6 +88,10 @@ def score_command(
     ] = None,
     force: Annotated[bool, typer.Option(help="Rescore inputs whose output is complete.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    debug: Annotated[
+        bool,
+        typer.Option(help=f"Print tracebacks of unexpected errors instead of writing {LOG_NAME}."),
+    ] = False,
     server: Annotated[
         str | None,
         typer.Option(
@@ -132,9 +144,23 @@ def score_command(
         summary = score_files(
             files, backend, out, step_size=_step_size(step_size), force=force, progress=progress
         )
-    print_summary(summary)
+    print_summary(summary, log=write_tracebacks(summary, out, debug=debug))
     if summary.failed:
         raise typer.Exit(code=1)
+
+
+def write_tracebacks(summary: ScoreSummary, out: Path, *, debug: bool) -> Path | None:
+    """Print the tracebacks of unexpected errors (``debug``) or write them to the log file."""
+    if not summary.tracebacks:
+        return None
+    text = "".join(f"{source}:\n{trace}\n" for source, trace in summary.tracebacks)
+    if debug:
+        stderr.print(text, highlight=False, markup=False)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / LOG_NAME
+    log.write_text(text)
+    return log
 
 
 @contextmanager
@@ -180,7 +206,7 @@ def _backend(
         yield remote
 
 
-def print_summary(summary: ScoreSummary) -> None:
+def print_summary(summary: ScoreSummary, *, log: Path | None = None) -> None:
     """A table of the files, a line of totals and, last, every failure with its reason."""
     from rich.table import Table
 
@@ -207,6 +233,8 @@ def print_summary(summary: ScoreSummary) -> None:
     )
     for source, message in summary.failed:
         stderr.print(f"[bold red]failed:[/] {source}: {message}", highlight=False)
+    if log is not None:
+        stderr.print(f"tracebacks of the unexpected errors: {log}", highlight=False)
 
 
 def serve_command(

@@ -100,12 +100,26 @@ class Provenance:
     source_entries: int
     layout: str
     model_name: str
+    model_version: str
+    model_sha256: str
+    feature_spec_sha256: str
     model_bsym_version: str
     model_git_commit: str
     branches: str
 
     def strings(self) -> dict[str, str]:
         return {key: str(value) for key, value in asdict(self).items()}
+
+
+# The model as a rerun compares it (the bsym version and git commit are recorded, not compared:
+# the same model file exported twice is the same model).
+MODEL_KEYS = {
+    "model_name": "name",
+    "model_version": "version",
+    "model_sha256": "sha256",
+    "feature_spec_sha256": "feature-spec sha256",
+}
+_RECORDED_ONLY = {"model_bsym_version", "model_git_commit"}
 
 
 class FriendTreeWriter:
@@ -237,7 +251,15 @@ def output_mismatch(path: Path, expected: Provenance) -> str | None:
         return f"it is unreadable ({type(error).__name__}: {error})"
     if entries != expected.source_entries:
         return f"it has {entries} entries, the input has {expected.source_entries}"
-    for key, value in expected.strings().items():
-        if found.get(key) != value:
+    wanted = expected.strings()
+    changes = [
+        f"{label} {found.get(key) or 'none recorded'} → {wanted[key] or 'none'}"
+        for key, label in MODEL_KEYS.items()
+        if found.get(key) != wanted[key]
+    ]
+    if changes:
+        return "model changed: " + ", ".join(changes)
+    for key, value in wanted.items():
+        if key not in _RECORDED_ONLY and key not in MODEL_KEYS and found.get(key) != value:
             return f"its {key} is {found.get(key)!r}, now {value!r}"
     return None

@@ -7,7 +7,9 @@ large writes. A bad file is recorded and skipped; the others are still scored.
 
 from __future__ import annotations
 
+import hashlib
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bsym.contract import GIT_COMMIT_KEY, VERSION_KEY
+from bsym.contract import GIT_COMMIT_KEY, VERSION_KEY, sha256_of
 from bsym.errors import (
     BadValueError,
     BsymError,
@@ -54,6 +56,7 @@ from bsym.serving.friend_tree import (
     plan_columns,
 )
 from bsym.serving.prefetch import prefetched
+from bsym.serving.triton_served import SERVED_SHA256_KEY
 
 # Tensors are built for slices of this many entries of each chunk read (see feature_batches),
 # and up to PREFETCH_DEPTH such slices wait for inference.
@@ -75,11 +78,13 @@ class FileResult:
 
 @dataclass
 class ScoreSummary:
-    """What a scoring run did; ``failed`` holds (source, message) for every bad input."""
+    """What a scoring run did; ``failed`` holds (source, message) for every bad input and
+    ``tracebacks`` (source, traceback) for the unexpected exceptions among them."""
 
     model: str
     results: list[FileResult] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    tracebacks: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -133,30 +138,38 @@ def score_files(
             sources += parse_inputs([pattern], backend.feature_spec.tree)
         except BsymError as error:
             summary.failed.append((pattern, str(error)))
-    sources = list(dict.fromkeys(sources))
-    claimed: dict[Path, TreeSource] = {}
     start = time.perf_counter()
-    for number, source in enumerate(sources, start=1):
-        target = output_path(out_dir, source, backend.name)
-        if target in claimed:
+    # Only inputs whose tree opens claim an output name, so a bad one never blocks a good one.
+    targets: dict[Path, TreeSource] = {}
+    for source in dict.fromkeys(sources):
+        try:
+            resolved = scorer.resolve(source)
+        except _Failure as failure:
+            summary.failed.append((failure.source, failure.message))
+            summary.tracebacks += failure.details
+            continue
+        target = output_path(out_dir, resolved, backend.name)
+        claimed = targets.setdefault(target, resolved)
+        if claimed != resolved:
             summary.failed.append(
                 (
-                    str(source),
-                    f"its output {target} is also the output of {claimed[target]}; "
+                    str(resolved),
+                    f"its output {target} is also the output of {claimed}; "
                     "score them into separate output directories",
                 )
             )
-            continue
-        claimed[target] = source
+    queue = [(source, target) for target, source in targets.items()]
+    for number, (source, target) in enumerate(queue, start=1):
         try:
-            summary.results.append(scorer.score(source, target, f"[{number}/{len(sources)}]"))
+            summary.results.append(scorer.score(source, target, f"[{number}/{len(queue)}]"))
         except _Failure as failure:
             summary.failed.append((failure.source, failure.message))
+            summary.tracebacks += failure.details
             if isinstance(failure.__cause__, ServerError):
                 # Every later file would fail the same way; say so once instead.
                 summary.failed += [
                     (str(rest), "not scored: the run stopped at the server error above")
-                    for rest in sources[number:]
+                    for rest, _ in queue[number:]
                 ]
                 break
     summary.seconds = time.perf_counter() - start
@@ -166,10 +179,29 @@ def score_files(
 class _Failure(Exception):
     """A source that could not be scored, and why."""
 
-    def __init__(self, source: str, message: str) -> None:
+    def __init__(self, source: str, message: str, details: list[tuple[str, str]]) -> None:
         super().__init__(f"{source}: {message}")
         self.source = source
         self.message = message
+        self.details = details
+
+    @classmethod
+    def of(cls, source: TreeSource, error: Exception) -> _Failure:
+        """A bsym or OS error is its message; anything else is a bug, kept with its traceback."""
+        if isinstance(error, BsymError | OSError):
+            return cls(str(source), _unprefixed(str(error), source), [])
+        trace = "".join(traceback.format_exception(error))
+        message = f"unexpected {type(error).__name__}: {error}"
+        return cls(str(source), message, [(str(source), trace)])
+
+
+def _unprefixed(message: str, source: TreeSource) -> str:
+    """The message without its leading file name: the summary names the source once."""
+    for name in (str(source), str(source.path)):
+        for separator in (": ", " "):
+            if message.startswith(name + separator):
+                return message.removeprefix(name + separator)
+    return message
 
 
 class _Scorer:
@@ -187,17 +219,28 @@ class _Scorer:
         self.step_size = step_size
         self.force = force
         self.progress = progress
+        self.model_version, self.model_sha256 = model_file_identity(backend)
+        self.spec_sha256 = hashlib.sha256(self.spec.to_json().encode()).hexdigest()
+
+    def resolve(self, source: TreeSource) -> TreeSource:
+        """The source with the tree it will read; a file that does not open raises _Failure."""
+        try:
+            resolved, tree = _open(source, self.spec)
+        except Exception as error:
+            raise _Failure.of(source, error) from error
+        tree.file.close()
+        return resolved
 
     def score(self, source: TreeSource, target: Path, label: str) -> FileResult:
-        """Score one source; a bad file raises :class:`_Failure` naming the tree it read."""
+        """Score one source; any error raises :class:`_Failure` naming the tree it read."""
         try:
             source, tree = _open(source, self.spec)
-        except (BsymError, OSError) as error:
-            raise _Failure(str(source), str(error)) from error
+        except Exception as error:
+            raise _Failure.of(source, error) from error
         try:
             return self._score_tree(source, tree, target, label)
-        except (BsymError, OSError) as error:
-            raise _Failure(str(source), str(error)) from error
+        except Exception as error:
+            raise _Failure.of(source, error) from error
         finally:
             tree.file.close()
 
@@ -232,6 +275,9 @@ class _Scorer:
             source_entries=entries,
             layout=layout,
             model_name=self.backend.name,
+            model_version=self.model_version,
+            model_sha256=self.model_sha256,
+            feature_spec_sha256=self.spec_sha256,
             model_bsym_version=metadata.get(VERSION_KEY, ""),
             model_git_commit=metadata.get(GIT_COMMIT_KEY, ""),
             branches=",".join(self._branch_names(layout)),
@@ -325,6 +371,17 @@ class _Scorer:
                     f"output '{name}' for {where}"
                 )
         return outputs
+
+
+def model_file_identity(backend: Backend) -> tuple[str, str]:
+    """(version, sha256) of the backend's model file; the version is that of the repository
+    folder holding the file ('' for a bare ``model.onnx``), or the version a server serves."""
+    path = getattr(backend, "path", None)
+    if isinstance(path, Path):
+        folder = path.resolve().parent.name
+        return (folder if folder.isdigit() else ""), sha256_of(path)
+    version = getattr(backend, "version", None)
+    return ("" if version is None else str(version)), backend.metadata.get(SERVED_SHA256_KEY, "")
 
 
 def _open(source: TreeSource, spec: FeatureSpec) -> tuple[TreeSource, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bsym.contract import FEATURE_SPEC_KEY, SCORE, SPEC_VERSION_KEY, metadata_key
+from bsym.contract import FEATURE_SPEC_KEY, SCORE, SPEC_VERSION_KEY, checksum_key, metadata_key
 from bsym.errors import ServerError, SpecMismatchError, did_you_mean
 from bsym.export.triton.common import TRITON_DTYPES
 from bsym.features import FEATURE_SPEC_VERSION, FeatureSpec
@@ -79,6 +79,10 @@ def served_model(
     )
 
 
+# The served version's model.onnx sha256 (from the config's checksum parameter) in metadata.
+SERVED_SHA256_KEY = "model_sha256"
+
+
 def _served_metadata(config: Any, version: int, where: str) -> dict[str, str]:
     prefix = metadata_key(version, "")
     served = {
@@ -86,6 +90,9 @@ def _served_metadata(config: Any, version: int, where: str) -> dict[str, str]:
         for key, parameter in config.parameters.items()
         if key.startswith(prefix)
     }
+    checksum = config.parameters.get(checksum_key(version))
+    if checksum is not None:
+        served[SERVED_SHA256_KEY] = checksum.string_value
     if FEATURE_SPEC_KEY not in served:
         raise SpecMismatchError(
             f"{where} serves no feature spec: its config has no parameter "
