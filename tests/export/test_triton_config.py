@@ -204,7 +204,8 @@ def test_write_model_repository_layout(tmp_path: Path, flavour: Flavour) -> None
         backend = resources.files("bsym.serving.triton_backend").joinpath("model.py")
         assert (model_dir / "1" / "model.py").read_bytes() == backend.read_bytes()
     assert {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")} == expected
-    assert [p.name for p in repository.iterdir()] == ["tagger"]  # no staging left behind
+    # no staging left behind, only the lock file beside the model
+    assert sorted(p.name for p in repository.iterdir()) == [".tagger.lock", "tagger"]
     assert (model_dir / "labels.txt").read_text() == "prompt\n"
     assert (model_dir / "1" / "model.onnx").read_bytes() == onnx_path.read_bytes()
     config = parse_config((model_dir / "config.pbtxt").read_text())
@@ -223,7 +224,7 @@ def test_existing_version_needs_force(tmp_path: Path) -> None:
     write_model_repository(replacement, repository, "tagger", 1, flavour=Flavour.cpu, force=True)
     assert (repository / "tagger" / "1" / "model.onnx").read_bytes() == replacement.read_bytes()
     assert (repository / "tagger" / "labels.txt").read_text() == "signal\n"
-    assert [p.name for p in repository.iterdir()] == ["tagger"]
+    assert sorted(p.name for p in repository.iterdir()) == [".tagger.lock", "tagger"]
 
 
 def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
