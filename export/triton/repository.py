@@ -33,7 +33,12 @@ from bsym.export.triton.description import (
     describe_onnx,
 )
 from bsym.export.triton.lock import model_lock
-from bsym.export.triton.parse import model_from_config, parse_config, served_by_version
+from bsym.export.triton.parse import (
+    model_from_config,
+    parse_config,
+    rejects_nonfinite,
+    served_by_version,
+)
 from bsym.export.triton.render import flavour_of, render_config
 
 BACKEND_PACKAGE = "bsym.serving.triton_backend"
@@ -87,10 +92,10 @@ def _write_locked(
     description = describe_onnx(
         onnx_path, name, version, batching=batching, cpu_instances=cpu_instances
     )
-    checksums, metadata = _kept_versions(model_dir, version, description, flavour)
+    checksums, metadata, reject_nonfinite = _kept_versions(model_dir, version, description, flavour)
     description = description.with_versions(
         {**checksums, **description.checksums}, {**metadata, **description.metadata}
-    )
+    ).model_copy(update={"reject_nonfinite": reject_nonfinite})
 
     repository.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=repository, prefix=f".{name}.staging-") as tmp:
@@ -133,13 +138,13 @@ def _read_labels(model_dir: Path) -> list[str]:
 
 def _kept_versions(
     model_dir: Path, version: int, model: TritonModelConfig, flavour: Flavour
-) -> tuple[dict[int, str], dict[int, dict[str, str]]]:
+) -> tuple[dict[int, str], dict[int, dict[str, str]], bool]:
     """Checksums and served metadata of the other versions in ``model_dir``, after checking
-    they fit ``model``."""
+    they fit ``model``, and the config's ``reject_nonfinite`` (a user's choice, kept)."""
     others = [other for other in model_versions(model_dir) if other != version]
     config_path = model_dir / CONFIG_FILENAME
     if not others or not config_path.is_file():
-        return {}, {}
+        return {}, {}, model.reject_nonfinite
     existing = parse_config(config_path.read_text(encoding="utf-8"))
     new = parse_config(render_config(model, flavour))
     mismatches = [
@@ -168,7 +173,8 @@ def _kept_versions(
             )
         kept[other] = parameter.string_value
     served = served_by_version(existing)
-    return kept, {other: served[other] for other in others if other in served}
+    kept_served = {other: served[other] for other in others if other in served}
+    return kept, kept_served, rejects_nonfinite(existing)
 
 
 def derive_repository(

@@ -5,8 +5,8 @@ directory of a ``cpu``-flavour model. It runs inside Triton's ``triton_python_ba
 it imports nothing from ``bsym``: only the standard library, numpy (< 2, which the stub needs)
 and onnxruntime. It keeps its own copy of the contract it needs (:data:`MODEL_FILENAME`,
 :data:`CHECKSUM_PREFIX`, :data:`REJECT_NONFINITE_KEY`, :func:`checksum_key`, :func:`sha256_of`);
-``tests/core/test_contract.py`` asserts that copy equals :mod:`bsym.contract`. The pure helpers also import outside the stub,
-for tests.
+``tests/core/test_contract.py`` asserts that copy equals :mod:`bsym.contract`. The pure helpers
+also import outside the stub, for tests.
 """
 
 from __future__ import annotations

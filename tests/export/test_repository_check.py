@@ -51,12 +51,9 @@ def test_concurrent_bsym_exports_into_one_model(
     trained_models: dict[str, Path], tmp_path: Path
 ) -> None:
     repository = tmp_path / "repository"
-    commands = [
-        [sys.executable, "-c", "from bsym.cli import app; app()", "export"]
-        + [str(trained_models["cone_cut"]), "--repository", str(repository)]
-        + ["--name", "tagger", "--version", str(version)]
-        for version in (5, 6)
-    ]
+    bsym = [sys.executable, "-c", "from bsym.cli import app; app()"]
+    export = [*bsym, "export", str(trained_models["cone_cut"]), "--repository", str(repository)]
+    commands = [[*export, "--name", "tagger", "--version", str(v)] for v in (5, 6)]
     processes = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for command in commands
@@ -93,13 +90,15 @@ def test_a_writer_waits_for_the_lock(tmp_path: Path) -> None:
 
 def test_a_held_lock_times_out_with_a_clear_message(tmp_path: Path) -> None:
     model_dir = tmp_path / "tagger"
+    held = r"'tagger': .*\.tagger\.lock is still locked by another process .* after 0 s"
     with model_lock(model_dir):
-        with pytest.raises(ConfigError, match=r"'tagger': .*\.tagger\.lock is still locked"):
-            with model_lock(model_dir, timeout=0.2):
-                pass
-        with pytest.raises(ConfigError, match="still locked"):
-            with model_lock(model_dir, exclusive=False, timeout=0.2):
-                pass
+        with pytest.raises(ConfigError, match=held), model_lock(model_dir, timeout=0.2):
+            pass
+        with (
+            pytest.raises(ConfigError, match=held),
+            model_lock(model_dir, exclusive=False, timeout=0.2),
+        ):
+            pass
     assert lock_path(model_dir) == tmp_path / ".tagger.lock"
 
 

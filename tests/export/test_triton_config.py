@@ -235,8 +235,11 @@ def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
     retrained.doc_string = "retrained"  # same signature, different bytes
     onnx.save(retrained, str(second))
     write_model_repository(first, repository, "tagger", 1, flavour=Flavour.cpu)
+    config_path = repository / "tagger" / "config.pbtxt"
+    text = config_path.read_text()
+    config_path.write_text(text.replace('string_value: "true"', 'string_value: "false"'))
     write_model_repository(second, repository, "tagger", 2, flavour=Flavour.cpu)
-    config = parse_config((repository / "tagger" / "config.pbtxt").read_text())
+    config = parse_config(config_path.read_text())
     parameters = {key: p.string_value for key, p in config.parameters.items()}
     assert {key: value for key, value in parameters.items() if key.startswith("sha256:")} == {
         checksum_key(1): sha256_of(first),
@@ -244,6 +247,7 @@ def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
     }
     # served metadata is per version, and kept for the older one too
     assert parameters["1/bsym_model_name"] == parameters["2/bsym_model_name"] == "tagger"
+    assert parameters["reject_nonfinite"] == "false"  # the user's choice is kept
     assert (repository / "tagger" / "2" / "model.py").is_file()
 
 
