@@ -42,6 +42,7 @@ STUB_NAME = "triton_python_backend_stub"
 _BIND_FAILURES = ("address already in use", "failed to start")
 _POLL_SECONDS = 0.2
 _ERROR_LINE = re.compile(r"E\d{4} ")
+_GPU_NOISE = re.compile(r"cuda|nvml|dcgm|gpu", re.IGNORECASE)
 _LOAD_FAILURE = re.compile(r'"(failed to (?:load|poll model) \'[^\']+\'.*)"$', re.MULTILINE)
 
 if TYPE_CHECKING:
@@ -376,11 +377,14 @@ class TritonServer:
     def exit_report(self) -> str:
         """How the server ended and the last error lines of its log."""
         code = self.returncode
-        errors = error_lines(self.log_tail(lines=1000))
+        log = self.log_tail(lines=1000)
+        errors = error_lines(log)
         how = "is still running" if code is None else describe_exit(code)
-        if not errors:
-            return f"{how}; its log has no error lines"
-        return f"{how}; last error lines of its log:\n" + "\n".join(errors)
+        if errors:
+            return f"{how}; last error lines of its log:\n" + "\n".join(errors)
+        lines = log.splitlines()
+        last = [line for line in lines if line.strip() and not line.startswith(("|", "+"))][-5:]
+        return f"{how}; its log has no error lines, it ends:\n" + "\n".join(last)
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines the server printed."""
@@ -426,11 +430,14 @@ def describe_exit(code: int) -> str:
 
 def error_lines(log: str, count: int = 10) -> list[str]:
     """The last ``count`` error lines of a Triton log (``E`` severity or saying "error"), not
-    the status tables."""
+    the status tables nor the GPU complaints of a machine without one (the served flavour runs
+    on CPUs)."""
     found = [
         line
         for line in log.splitlines()
-        if not line.startswith(("|", "+")) and (_ERROR_LINE.match(line) or "error" in line.lower())
+        if not line.startswith(("|", "+"))
+        and (_ERROR_LINE.match(line) or "error" in line.lower())
+        and not _GPU_NOISE.search(line)
     ]
     return found[-count:]
 

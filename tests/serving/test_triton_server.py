@@ -226,6 +226,7 @@ def test_bsym_serve_reports_how_the_server_died(onnx_path: Path, tmp_path: Path)
     assert f"the Triton server (pid {server.pid}) for {repository} exited unexpectedly" in message
     assert "killed by SIGKILL" in message
     assert "+----" not in serve.output  # no status tables
+    assert "CudaDriverHelper" not in serve.output  # nor the complaints of a machine without GPU
 
 
 def test_exit_status_and_error_lines() -> None:
@@ -239,14 +240,15 @@ def test_exit_status_and_error_lines() -> None:
             "| Model   | Version | Status |",
             "| deepset | 1       | error  |",
             "E1201 10:00:01.000 1 model_lifecycle.cc:654] failed to load 'deepset'",
-            "W1201 10:00:01.000 1 metrics.cc:1] Unable to get GPU power: Error 1",
+            'E1201 10:00:00.500 1 server.cc:241] "CudaDriverHelper has not been initialized."',
+            "W1201 10:00:01.000 1 pinned_memory.cc:1] Unable to allocate: error 12",
             "terminate called after throwing an instance of 'std::runtime_error'",
             "I1201 10:00:02.000 1 server.cc:1] Waiting for in-flight requests",
         ]
     )
     assert error_lines(log) == [
         "E1201 10:00:01.000 1 model_lifecycle.cc:654] failed to load 'deepset'",
-        "W1201 10:00:01.000 1 metrics.cc:1] Unable to get GPU power: Error 1",
+        "W1201 10:00:01.000 1 pinned_memory.cc:1] Unable to allocate: error 12",
         "terminate called after throwing an instance of 'std::runtime_error'",
     ]
     assert error_lines(log, count=1) == [log.splitlines()[-2]]
