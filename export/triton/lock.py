@@ -28,10 +28,20 @@ def lock_path(model_dir: Path) -> Path:
 def model_lock(
     model_dir: Path, *, exclusive: bool = True, timeout: float = DEFAULT_LOCK_TIMEOUT
 ) -> Iterator[None]:
-    """Hold the model's lock (exclusive to write, shared to read); wait at most ``timeout`` s."""
+    """Hold the model's lock (exclusive to write, shared to read); wait at most ``timeout`` s.
+
+    A shared lock is skipped where the lock file cannot be created (a read-only repository)."""
     path = lock_path(model_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    if exclusive:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        if exclusive:
+            raise
+        # A read-only repository (a site's copy, a read-only mount): nobody writes it either.
+        yield
+        return
     try:
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
         deadline = time.monotonic() + timeout

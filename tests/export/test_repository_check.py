@@ -143,3 +143,12 @@ def test_check_names_missing_models_and_misnamed_configs(tmp_path: Path) -> None
     ]
     (missing,) = check_repository(repository, ["nope"]).problems
     assert str(missing) == f"model 'nope': {repository / 'nope'}: no such model folder"
+
+
+def test_check_reads_where_no_lock_file_can_be_made(tmp_path: Path) -> None:
+    """As in a read-only repository (root here may write anywhere, so a folder is in the way)."""
+    repository = two_versions(tmp_path)
+    lock_path(repository / "tagger").unlink()
+    lock_path(repository / "tagger").mkdir()
+    report = check_repository(repository)
+    assert report.ok and report.versions == {"tagger": [1, 2]}
