@@ -43,11 +43,11 @@ class RepositoryCheck:
         return not self.problems
 
     def raise_if_failed(self) -> None:
-        """A ConfigError naming every problem, if there is one."""
+        """A ConfigError naming every problem, if there is one (what ``bsym serve`` says)."""
         if self.problems:
             raise ConfigError(
                 f"model repository {self.repository} fails its check "
-                f"(bsym repository check --repository {self.repository}):"
+                f"(bsym repository check --repository {self.repository}), refusing to serve it:"
                 + "".join(f"\n  {problem}" for problem in self.problems)
             )
 
