@@ -79,6 +79,9 @@ LABELS_FILENAME = "labels.txt"
 BACKEND_FILENAME = "model.py"
 DEFAULT_REPOSITORY = Path("model_repository")
 CHECKSUM_PREFIX = "sha256:"
+REJECT_NONFINITE_KEY = "reject_nonfinite"
+"""Config ``parameters`` entry (``true``/``false``): whether the cpu flavour's Python backend
+refuses requests with NaN or inf inputs."""
 _HASH_CHUNK = 1 << 20
 
 

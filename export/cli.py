@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bsym.console import stdout, user_errors
+from bsym.console import stderr, stdout, user_errors
 from bsym.contract import DEFAULT_REPOSITORY
 from bsym.export.defaults import DEFAULT_TOLERANCE
 from bsym.export.triton.common import Flavour
@@ -83,3 +83,33 @@ def export_command(
         highlight=False,
         soft_wrap=True,
     )
+
+
+repository_app = typer.Typer(help="Inspect a Triton model repository.", no_args_is_help=True)
+
+
+@repository_app.command("check")
+def check_command(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Models to check (default: every model).")
+    ] = None,
+    repository: Annotated[
+        Path, typer.Option(help="Triton model repository to check.")
+    ] = DEFAULT_REPOSITORY,
+) -> None:
+    """Check every version's model.onnx against the sha256 its config.pbtxt records."""
+    with user_errors():
+        from bsym.export.triton.check import check_repository
+
+        report = check_repository(repository, names or None)
+    for problem in report.problems:
+        stderr.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    versions = sum(len(found) for found in report.versions.values())
+    stdout.print(
+        f"{repository}: {len(report.versions)} models, {versions} versions checked, "
+        f"{len(report.problems)} problems",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if report.problems:
+        raise typer.Exit(code=1)

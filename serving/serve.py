@@ -145,9 +145,12 @@ def serve_until_stopped(
             state["ready"] = True
             on_ready(served)
             while not state["stop"]:
-                if not served.server.running:
-                    tail = served.server.log_tail(lines=30)
-                    raise ServerError(f"the Triton server exited unexpectedly; log tail:\n{tail}")
+                server = served.server
+                if not server.running:
+                    raise ServerError(
+                        f"the Triton server (pid {server.pid}) for {served.repository} exited "
+                        f"unexpectedly: {server.exit_report()}"
+                    )
                 time.sleep(_WATCH_SECONDS)
     finally:
         for sig, handler in previous.items():

@@ -41,6 +41,8 @@ _ANY_ADDRESS = {"0.0.0.0", "::", ""}
 STUB_NAME = "triton_python_backend_stub"
 _BIND_FAILURES = ("address already in use", "failed to start")
 _POLL_SECONDS = 0.2
+_ERROR_LINE = re.compile(r"E\d{4} ")
+_GPU_NOISE = re.compile(r"cuda|nvml|dcgm|gpu", re.IGNORECASE)
 _LOAD_FAILURE = re.compile(r'"(failed to (?:load|poll model) \'[^\']+\'.*)"$', re.MULTILINE)
 
 if TYPE_CHECKING:
@@ -331,7 +333,7 @@ class TritonServer:
             while True:
                 code = process.poll()
                 if code is not None:
-                    raise self._failure(f"exited with status {code} while starting")
+                    raise self._failure(f"{describe_exit(code)} while starting")
                 try:
                     if client.is_server_ready() and self._models_ready(client):
                         return
@@ -367,6 +369,23 @@ class TritonServer:
             + "\n".join(lines[-30:])
         )
 
+    @property
+    def returncode(self) -> int | None:
+        """The server's exit status (negative: the signal that ended it), None while it runs."""
+        return None if self._process is None else self._process.poll()
+
+    def exit_report(self) -> str:
+        """How the server ended and the last error lines of its log."""
+        code = self.returncode
+        log = self.log_tail(lines=1000)
+        errors = error_lines(log)
+        how = "is still running" if code is None else describe_exit(code)
+        if errors:
+            return f"{how}; last error lines of its log:\n" + "\n".join(errors)
+        lines = log.splitlines()
+        last = [line for line in lines if line.strip() and not line.startswith(("|", "+"))][-5:]
+        return f"{how}; its log has no error lines, it ends:\n" + "\n".join(last)
+
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines the server printed."""
         path = self.log_path
@@ -397,6 +416,30 @@ class TritonServer:
         if self._process is None:
             raise ServerError(f"Triton server for {self.model_repository} is not running")
         return self._process
+
+
+def describe_exit(code: int) -> str:
+    """``exit status 1`` or ``killed by SIGKILL`` for a Popen return code."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def error_lines(log: str, count: int = 10) -> list[str]:
+    """The last ``count`` error lines of a Triton log (``E`` severity or saying "error"), not
+    the status tables nor the GPU complaints of a machine without one (the served flavour runs
+    on CPUs)."""
+    found = [
+        line
+        for line in log.splitlines()
+        if not line.startswith(("|", "+"))
+        and (_ERROR_LINE.match(line) or "error" in line.lower())
+        and not _GPU_NOISE.search(line)
+    ]
+    return found[-count:]
 
 
 def check_port_free(host: str, port: int) -> None:

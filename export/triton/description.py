@@ -92,6 +92,9 @@ class TritonModelConfig(StrictModel):
     cpu_instances: int = Field(
         default=DEFAULT_CPU_INSTANCES, gt=0, description="KIND_CPU instances (cpu flavour)"
     )
+    reject_nonfinite: bool = Field(
+        default=True, description="the Python backend refuses requests with NaN or inf inputs"
+    )
 
     @field_validator("name")
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from bsym.contract import SERVED_METADATA, checksum_key
+from bsym.contract import REJECT_NONFINITE_KEY, SERVED_METADATA, checksum_key
 from bsym.errors import ConfigError
 from bsym.export.triton.common import DEFAULT_CPU_INSTANCES
 from bsym.export.triton.description import Batching, TensorConfig, TritonModelConfig
@@ -46,6 +46,18 @@ def served_by_version(config: Any) -> dict[int, dict[str, str]]:
         if match and match.group(2) in SERVED_METADATA:
             served.setdefault(int(match.group(1)), {})[match.group(2)] = parameter.string_value
     return served
+
+
+def rejects_nonfinite(config: Any) -> bool:
+    """The config's ``reject_nonfinite`` parameter; true where it has none (older configs)."""
+    parameter = config.parameters.get(REJECT_NONFINITE_KEY)
+    value = "true" if parameter is None else parameter.string_value
+    if value not in {"true", "false"}:
+        raise ConfigError(
+            f"model '{config.name}': parameter '{REJECT_NONFINITE_KEY}' must be \"true\" or "
+            f'"false", found "{value}"'
+        )
+    return value == "true"
 
 
 def model_from_config(
@@ -87,6 +99,7 @@ def model_from_config(
                 max_queue_delay_microseconds=batcher.max_queue_delay_microseconds,
             ),
             cpu_instances=cpu_instances,
+            reject_nonfinite=rejects_nonfinite(config),
         )
     except ValueError as error:  # pydantic's ValidationError
         raise ConfigError(f"model '{config.name}': unusable config.pbtxt: {error}") from error

@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 
-from bsym.contract import LABELS_FILENAME, SCORE, SERVED_METADATA, checksum_key, metadata_key
+from bsym.contract import (
+    LABELS_FILENAME,
+    REJECT_NONFINITE_KEY,
+    SCORE,
+    SERVED_METADATA,
+    checksum_key,
+    metadata_key,
+)
 from bsym.errors import ConfigError
 from bsym.export.triton.common import Flavour
 from bsym.export.triton.description import TensorConfig, TritonModelConfig
@@ -56,6 +63,7 @@ def render_config(model: TritonModelConfig, flavour: Flavour) -> str:
                     for key in SERVED_METADATA
                     if key in entries
                 },
+                REJECT_NONFINITE_KEY: "true" if model.reject_nonfinite else "false",
             }
         ),
     ]

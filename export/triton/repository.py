@@ -24,9 +24,21 @@ from bsym.contract import (
     sha256_of,
 )
 from bsym.errors import ConfigError
+from bsym.export.triton.check import check_repository
 from bsym.export.triton.common import DEFAULT_CPU_INSTANCES, Flavour
-from bsym.export.triton.description import Batching, TritonModelConfig, describe_onnx
-from bsym.export.triton.parse import model_from_config, parse_config, served_by_version
+from bsym.export.triton.description import (
+    Batching,
+    TritonModelConfig,
+    check_model_name,
+    describe_onnx,
+)
+from bsym.export.triton.lock import model_lock
+from bsym.export.triton.parse import (
+    model_from_config,
+    parse_config,
+    rejects_nonfinite,
+    served_by_version,
+)
 from bsym.export.triton.render import flavour_of, render_config
 
 BACKEND_PACKAGE = "bsym.serving.triton_backend"
@@ -56,6 +68,21 @@ def write_model_repository(
     onnx_path = Path(onnx_path)
     repository = Path(repository)
     model_dir = repository / name
+    check_model_name(name)
+    with model_lock(model_dir):
+        return _write_locked(onnx_path, model_dir, version, flavour, force, batching, cpu_instances)
+
+
+def _write_locked(
+    onnx_path: Path,
+    model_dir: Path,
+    version: int,
+    flavour: Flavour,
+    force: bool,
+    batching: Batching | None,
+    cpu_instances: int,
+) -> Path:
+    repository, name = model_dir.parent, model_dir.name
     version_dir = model_dir / str(version)
     if version_dir.exists() and not force:
         raise ConfigError(
@@ -65,10 +92,10 @@ def write_model_repository(
     description = describe_onnx(
         onnx_path, name, version, batching=batching, cpu_instances=cpu_instances
     )
-    checksums, metadata = _kept_versions(model_dir, version, description, flavour)
+    checksums, metadata, reject_nonfinite = _kept_versions(model_dir, version, description, flavour)
     description = description.with_versions(
         {**checksums, **description.checksums}, {**metadata, **description.metadata}
-    )
+    ).model_copy(update={"reject_nonfinite": reject_nonfinite})
 
     repository.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=repository, prefix=f".{name}.staging-") as tmp:
@@ -111,13 +138,13 @@ def _read_labels(model_dir: Path) -> list[str]:
 
 def _kept_versions(
     model_dir: Path, version: int, model: TritonModelConfig, flavour: Flavour
-) -> tuple[dict[int, str], dict[int, dict[str, str]]]:
+) -> tuple[dict[int, str], dict[int, dict[str, str]], bool]:
     """Checksums and served metadata of the other versions in ``model_dir``, after checking
-    they fit ``model``."""
+    they fit ``model``, and the config's ``reject_nonfinite`` (a user's choice, kept)."""
     others = [other for other in model_versions(model_dir) if other != version]
     config_path = model_dir / CONFIG_FILENAME
     if not others or not config_path.is_file():
-        return {}, {}
+        return {}, {}, model.reject_nonfinite
     existing = parse_config(config_path.read_text(encoding="utf-8"))
     new = parse_config(render_config(model, flavour))
     mismatches = [
@@ -146,7 +173,8 @@ def _kept_versions(
             )
         kept[other] = parameter.string_value
     served = served_by_version(existing)
-    return kept, {other: served[other] for other in others if other in served}
+    kept_served = {other: served[other] for other in others if other in served}
+    return kept, kept_served, rejects_nonfinite(existing)
 
 
 def derive_repository(
@@ -155,8 +183,8 @@ def derive_repository(
     """Write into ``target`` the ``flavour`` repository of every model in ``source``.
 
     Configs are regenerated from the source configs (same tensors, batching, versions,
-    checksums and served metadata); each version's ``model.onnx`` is checked against its
-    recorded sha256 and linked, not copied. Returns the model names.
+    checksums and served metadata) once :func:`~bsym.export.triton.check.check_repository`
+    finds no problem; each version's ``model.onnx`` is linked, not copied. Returns the names.
     """
     flavour = flavour_of(flavour)
     source, target = Path(source), Path(target)
@@ -166,6 +194,7 @@ def derive_repository(
             f"model repository {source} holds no model (no <name>/{CONFIG_FILENAME}); fill it "
             "with bsym export"
         )
+    check_repository(source, names).raise_if_failed()
     for name in names:
         _derive_model(source / name, target, flavour, cpu_instances)
     return names
@@ -179,22 +208,11 @@ def _derive_model(model_dir: Path, target: Path, flavour: Flavour, cpu_instances
         raise ConfigError(f"{config_path}: {error}") from error
     labels = _read_labels(model_dir)
     model = model_from_config(config, labels, cpu_instances=cpu_instances)
-    if model.name != model_dir.name:
-        raise ConfigError(
-            f"{config_path} names model '{model.name}' but lies in '{model_dir.name}/'"
-        )
     destination = target / model.name
-    for version, expected in sorted(model.checksums.items()):
+    for version in sorted(model.checksums):
         onnx_path = model_dir / str(version) / MODEL_FILENAME
         if not onnx_path.is_file():
             continue  # a version recorded but removed: Triton would not serve it either
-        found = sha256_of(onnx_path)
-        if found != expected:
-            raise ConfigError(
-                f"model '{model.name}' version {version}: sha256 of {onnx_path} is {found} "
-                f"but {config_path} records {expected}; the file was changed after export, "
-                "refusing to serve it"
-            )
         version_dir = destination / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         (version_dir / MODEL_FILENAME).symlink_to(onnx_path.resolve())

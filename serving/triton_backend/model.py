@@ -4,9 +4,9 @@ Copied by :func:`bsym.export.triton.repository.write_model_repository` into each
 directory of a ``cpu``-flavour model. It runs inside Triton's ``triton_python_backend_stub``, so
 it imports nothing from ``bsym``: only the standard library, numpy (< 2, which the stub needs)
 and onnxruntime. It keeps its own copy of the contract it needs (:data:`MODEL_FILENAME`,
-:data:`CHECKSUM_PREFIX`, :func:`checksum_key`, :func:`sha256_of`); ``tests/core/test_contract.py``
-asserts that copy equals :mod:`bsym.contract`. The pure helpers also import outside the stub,
-for tests.
+:data:`CHECKSUM_PREFIX`, :data:`REJECT_NONFINITE_KEY`, :func:`checksum_key`, :func:`sha256_of`);
+``tests/core/test_contract.py`` asserts that copy equals :mod:`bsym.contract`. The pure helpers
+also import outside the stub, for tests.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ Array = npt.NDArray[Any]
 
 MODEL_FILENAME = "model.onnx"
 CHECKSUM_PREFIX = "sha256:"
+REJECT_NONFINITE_KEY = "reject_nonfinite"
 _HASH_CHUNK = 1 << 20
 
 
@@ -75,6 +76,40 @@ def verify_checksum(path: Path, expected: str, *, model: str, version: str) -> N
             f"parameter '{checksum_key(version)}' expects {expected}; the file was changed "
             "after the repository was written, refusing to serve it"
         )
+
+
+def rejects_nonfinite(model_config: Mapping[str, Any], model: str) -> bool:
+    """The config's ``reject_nonfinite`` parameter; true where it has none."""
+    entry = (model_config.get("parameters") or {}).get(REJECT_NONFINITE_KEY)
+    value = entry.get("string_value") if isinstance(entry, Mapping) else "true"
+    if value not in {"true", "false"}:
+        raise ValueError(
+            f"model '{model}': config.pbtxt parameter '{REJECT_NONFINITE_KEY}' must be "
+            f'"true" or "false", found "{value}"'
+        )
+    return value == "true"
+
+
+def nonfinite_problem(feeds: Mapping[str, Array]) -> str | None:
+    """What is non-finite in one request's floating-point inputs, or None if nothing is."""
+    problems = []
+    for name, array in feeds.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            nan = int(np.count_nonzero(np.isnan(array)))
+            problems.append(
+                f"input tensor '{name}' has {bad} non-finite values of {array.size} "
+                f"({nan} NaN, {bad - nan} inf)"
+            )
+    if not problems:
+        return None
+    return (
+        "; ".join(problems)
+        + f"; refusing the request (set config.pbtxt parameter '{REJECT_NONFINITE_KEY}' to "
+        '"false" to score such inputs)'
+    )
 
 
 def check_numpy() -> None:
@@ -141,6 +176,7 @@ class TritonPythonModel:
             model=self._model,
             version=version,
         )
+        self._reject_nonfinite = rejects_nonfinite(config, self._model)
         self._session = make_session(path)
         self._input_names = [node.name for node in self._session.get_inputs()]
         self._output_names = [node.name for node in self._session.get_outputs()]
@@ -170,8 +206,13 @@ class TritonPythonModel:
             if missing:
                 responses[index] = self._error(f"request lacks input tensors {missing}")
                 continue
+            feed = {name: tensor.as_numpy() for name, tensor in tensors.items()}
+            problem = nonfinite_problem(feed) if self._reject_nonfinite else None
+            if problem is not None:
+                responses[index] = self._error(problem)
+                continue
             good.append(index)
-            feeds.append({name: tensor.as_numpy() for name, tensor in tensors.items()})
+            feeds.append(feed)
         try:
             results = run_batched(self._session, feeds, self._output_names)
         except Exception as error:  # ONNX Runtime raises several unrelated types

@@ -16,6 +16,7 @@ from bsym.serving.triton_backend import model as backend
 def test_python_backend_copy_equals_the_contract(tmp_path: Path) -> None:
     assert backend.MODEL_FILENAME == contract.MODEL_FILENAME
     assert backend.CHECKSUM_PREFIX == contract.CHECKSUM_PREFIX
+    assert backend.REJECT_NONFINITE_KEY == contract.REJECT_NONFINITE_KEY
     for version in (1, 7, "12"):
         assert backend.checksum_key(version) == contract.checksum_key(version)
     payload = tmp_path / "payload.bin"

@@ -204,7 +204,8 @@ def test_write_model_repository_layout(tmp_path: Path, flavour: Flavour) -> None
         backend = resources.files("bsym.serving.triton_backend").joinpath("model.py")
         assert (model_dir / "1" / "model.py").read_bytes() == backend.read_bytes()
     assert {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")} == expected
-    assert [p.name for p in repository.iterdir()] == ["tagger"]  # no staging left behind
+    # no staging left behind, only the lock file beside the model
+    assert sorted(p.name for p in repository.iterdir()) == [".tagger.lock", "tagger"]
     assert (model_dir / "labels.txt").read_text() == "prompt\n"
     assert (model_dir / "1" / "model.onnx").read_bytes() == onnx_path.read_bytes()
     config = parse_config((model_dir / "config.pbtxt").read_text())
@@ -223,7 +224,7 @@ def test_existing_version_needs_force(tmp_path: Path) -> None:
     write_model_repository(replacement, repository, "tagger", 1, flavour=Flavour.cpu, force=True)
     assert (repository / "tagger" / "1" / "model.onnx").read_bytes() == replacement.read_bytes()
     assert (repository / "tagger" / "labels.txt").read_text() == "signal\n"
-    assert [p.name for p in repository.iterdir()] == ["tagger"]
+    assert sorted(p.name for p in repository.iterdir()) == [".tagger.lock", "tagger"]
 
 
 def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
@@ -234,8 +235,11 @@ def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
     retrained.doc_string = "retrained"  # same signature, different bytes
     onnx.save(retrained, str(second))
     write_model_repository(first, repository, "tagger", 1, flavour=Flavour.cpu)
+    config_path = repository / "tagger" / "config.pbtxt"
+    text = config_path.read_text()
+    config_path.write_text(text.replace('string_value: "true"', 'string_value: "false"'))
     write_model_repository(second, repository, "tagger", 2, flavour=Flavour.cpu)
-    config = parse_config((repository / "tagger" / "config.pbtxt").read_text())
+    config = parse_config(config_path.read_text())
     parameters = {key: p.string_value for key, p in config.parameters.items()}
     assert {key: value for key, value in parameters.items() if key.startswith("sha256:")} == {
         checksum_key(1): sha256_of(first),
@@ -243,6 +247,7 @@ def test_new_version_keeps_the_checksums_of_others(tmp_path: Path) -> None:
     }
     # served metadata is per version, and kept for the older one too
     assert parameters["1/bsym_model_name"] == parameters["2/bsym_model_name"] == "tagger"
+    assert parameters["reject_nonfinite"] == "false"  # the user's choice is kept
     assert (repository / "tagger" / "2" / "model.py").is_file()
 
 

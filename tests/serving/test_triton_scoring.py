@@ -132,7 +132,10 @@ def test_a_changed_model_file_is_refused_before_serving(
     shutil.copytree(model_repository / PFN, copy / PFN)
     with (copy / PFN / "1" / "model.onnx").open("ab") as stream:
         stream.write(b"\0")
-    with pytest.raises(ConfigError, match=r"sha256 .* refusing to serve it"):
+    refused = (
+        r"fails its check .* refusing to serve it:\n  model 'isolation_pfn' version 1: .* sha256"
+    )
+    with pytest.raises(ConfigError, match=refused):
         ServedRepository(copy, grpc_port=0, http_port=0).start()
 
 

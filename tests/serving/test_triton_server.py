@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -18,13 +20,19 @@ import onnxruntime as ort
 import psutil
 import pytest
 import torch
+from conftest import bsym_serve
 from torch import nn
 
 from bsym.errors import BsymError, ServerError
 from bsym.export.triton.common import Flavour
 from bsym.export.triton.repository import write_model_repository
 from bsym.serving import triton_server
-from bsym.serving.triton_server import TritonServer, find_tritonserver
+from bsym.serving.triton_server import (
+    TritonServer,
+    describe_exit,
+    error_lines,
+    find_tritonserver,
+)
 
 pytestmark = pytest.mark.triton
 
@@ -202,3 +210,45 @@ def test_unknown_model_is_named_before_starting(onnx_path: Path, tmp_path: Path)
     write_model_repository(onnx_path, tmp_path, NAME, 1, flavour=Flavour.cpu)
     with pytest.raises(ServerError, match="did you mean 'deepset'"):
         TritonServer(tmp_path, models=["deepsat"]).start()
+
+
+def test_bsym_serve_reports_how_the_server_died(onnx_path: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    write_model_repository(onnx_path, repository, NAME, 1, flavour=Flavour.production)
+    command = [sys.executable, "-c", "from bsym.cli import app; app()", "serve"]
+    command += ["--repository", str(repository), "--grpc-port", "0", "--http-port", "0"]
+    with bsym_serve([*command, "--instances", "1"]) as serve:
+        (server,) = [p for p in serve.servers if p.name() == "tritonserver"]
+        server.send_signal(signal.SIGKILL)
+        serve.process.wait(timeout=30)
+    assert serve.process.returncode == 1, serve.output
+    message = serve.output.replace("\n", "")
+    assert f"the Triton server (pid {server.pid}) for {repository} exited unexpectedly" in message
+    assert "killed by SIGKILL" in message
+    assert "+----" not in serve.output  # no status tables
+    assert "CudaDriverHelper" not in serve.output  # nor the complaints of a machine without GPU
+
+
+def test_exit_status_and_error_lines() -> None:
+    assert describe_exit(1) == "exit status 1"
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"
+    log = "\n".join(
+        [
+            "I1201 10:00:00.000 1 server.cc:674] ",
+            "+---------+---------+--------+",
+            "| Model   | Version | Status |",
+            "| deepset | 1       | error  |",
+            "E1201 10:00:01.000 1 model_lifecycle.cc:654] failed to load 'deepset'",
+            'E1201 10:00:00.500 1 server.cc:241] "CudaDriverHelper has not been initialized."',
+            "W1201 10:00:01.000 1 pinned_memory.cc:1] Unable to allocate: error 12",
+            "terminate called after throwing an instance of 'std::runtime_error'",
+            "I1201 10:00:02.000 1 server.cc:1] Waiting for in-flight requests",
+        ]
+    )
+    assert error_lines(log) == [
+        "E1201 10:00:01.000 1 model_lifecycle.cc:654] failed to load 'deepset'",
+        "W1201 10:00:01.000 1 pinned_memory.cc:1] Unable to allocate: error 12",
+        "terminate called after throwing an instance of 'std::runtime_error'",
+    ]
+    assert error_lines(log, count=1) == [log.splitlines()[-2]]
