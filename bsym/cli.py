@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from bsym.console import exit_on_sigterm
 from bsym.export.cli import export_command, repository_app
 from bsym.serving.cli import score_command, serve_command
 from bsym.simulate.calo_rotation_cli import calo_rotation_command
@@ -28,3 +29,9 @@ app.command("export")(export_command)
 app.add_typer(repository_app, name="repository")
 app.command("score")(score_command)
 app.command("serve")(serve_command)
+
+
+def main() -> None:
+    """The ``bsym`` command: the app, with SIGTERM ending it like Ctrl-C (status 143)."""
+    with exit_on_sigterm():
+        app()

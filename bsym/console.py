@@ -1,9 +1,11 @@
-"""Shared CLI plumbing: turn a :class:`BsymError` into a message on stderr and exit code 1."""
+"""Shared CLI plumbing: a :class:`BsymError` becomes exit code 1 with a message; SIGTERM, 143."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import TypeVar
 
 import typer
@@ -14,6 +16,11 @@ from bsym.errors import BsymError
 T = TypeVar("T")
 stderr = Console(stderr=True)
 stdout = Console()
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM, so that every ``finally`` (temporary files) runs."""
 
 
 @contextmanager
@@ -30,3 +37,28 @@ def run_reporting_errors(function: Callable[[], T]) -> T:
     """Call ``function`` inside :func:`user_errors`."""
     with user_errors():
         return function()
+
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (what batch systems send) into :class:`Terminated`, exit status 143.
+
+    Later SIGTERMs are ignored so that they cannot interrupt the clean-up of the first.
+    """
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(TERMINATED_EXIT_CODE)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except Terminated:
+        stderr.print(
+            "[bold red]terminated[/] by SIGTERM: partial outputs were removed, "
+            "complete outputs are kept",
+            highlight=False,
+        )
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)

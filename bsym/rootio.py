@@ -5,7 +5,11 @@ from __future__ import annotations
 import glob
 import os
 import re
+import secrets
+import socket
+import stat
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -169,13 +173,86 @@ def read_all(source: TreeSource, branches: Sequence[str]) -> ak.Array:
         tree.file.close()
 
 
+PARTIAL_SUFFIX = ".partial"
+# A partial file of an ended process is removed only once it is this old, and only when it
+# was made on this host: a process id says nothing about another machine's processes.
+STALE_PARTIAL_SECONDS = 10.0
+_CREATE_ATTEMPTS = 16
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def _create_partial(path: Path) -> Path:
+    """Create ``.<name>.<host>.<pid>.<random>.partial`` beside ``path``, exclusively.
+
+    ``O_CREAT | O_EXCL`` fails on any existing name, a planted symlink included, so the write
+    can only go to a new regular file; mode 0o666 lets the umask decide as for any new file.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(_CREATE_ATTEMPTS):
+        name = f".{path.name}.{_host()}.{os.getpid()}.{secrets.token_hex(8)}{PARTIAL_SUFFIX}"
+        temporary = path.with_name(name)
+        try:
+            os.close(os.open(temporary, flags, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
+    raise FileExistsError(f"cannot create a temporary file beside {path}: every name was taken")
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    """Yield a new temporary file beside ``path``; rename it into place only if the block succeeds.
+
+    The temporary has an unpredictable name and is created exclusively, so a planted symlink is
+    never written through; ``os.replace`` replaces a symlink at ``path`` instead of following it.
+    Writers must write to the yielded file in place (``uproot.recreate``, ``torch.save`` and
+    ``open(..., "w")`` do), not delete and recreate it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary = _create_partial(path)
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_stale_partials(folder: Path, *, min_age: float = STALE_PARTIAL_SECONDS) -> list[Path]:
+    """Remove the partial files in ``folder`` that processes of this host left when they ended.
+
+    Only regular files named by :func:`atomic_output` on this host whose process no longer
+    exists and that are older than ``min_age`` seconds; anything else is left alone.
+    """
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(
+        rf"^\..+\.{re.escape(_host())}\.(\d+)\.[0-9a-f]{{16}}{re.escape(PARTIAL_SUFFIX)}$"
+    )
+    removed: list[Path] = []
+    now = time.time()
+    for entry in folder.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or _process_exists(int(match.group(1))):
+            continue
+        try:
+            status = entry.lstat()
+            if not stat.S_ISREG(status.st_mode) or now - status.st_mtime < min_age:
+                continue
+            entry.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+        removed.append(entry)
+    return sorted(removed)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a process id
+        return True
+    return True

@@ -222,6 +222,12 @@ def print_summary(summary: ScoreSummary, *, log: Path | None = None) -> None:
     for source, _ in summary.failed:
         table.add_row(source, "[red]failed[/]", "-", "-", "-")
     stdout.print(table)
+    if summary.removed_partials:
+        stdout.print(
+            f"note: removed {len(summary.removed_partials)} partial file(s) that ended processes "
+            f"left in {summary.removed_partials[0].parent}",
+            highlight=False,
+        )
     for result in summary.results:
         if result.note:
             stdout.print(f"note: {result.source}: {result.note}", highlight=False)

@@ -40,6 +40,7 @@ from bsym.rootio import (
     iterate_chunks,
     open_tree,
     parse_inputs,
+    remove_stale_partials,
 )
 from bsym.serving.backend import (
     Backend,
@@ -86,6 +87,7 @@ class ScoreSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     tracebacks: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    removed_partials: list[Path] = field(default_factory=list)
 
     @property
     def scored(self) -> list[FileResult]:
@@ -131,7 +133,7 @@ def score_files(
     stops the run: the files not yet scored are listed as such.
     """
     scorer = _Scorer(backend, step_size=step_size, force=force, progress=progress)
-    summary = ScoreSummary(model=backend.name)
+    summary = ScoreSummary(model=backend.name, removed_partials=remove_stale_partials(out_dir))
     sources: list[TreeSource] = []
     for pattern in inputs:
         try:

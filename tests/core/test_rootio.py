@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import awkward as ak
@@ -10,7 +16,15 @@ import pytest
 import uproot
 
 from bsym.errors import InputFileError, MissingBranchError
-from bsym.rootio import TreeSource, atomic_output, iterate_chunks, open_tree, parse_inputs, read_all
+from bsym.rootio import (
+    TreeSource,
+    atomic_output,
+    iterate_chunks,
+    open_tree,
+    parse_inputs,
+    read_all,
+    remove_stale_partials,
+)
 from bsym.simulate.rootwrite import write_branches, write_tree
 
 
@@ -84,6 +98,95 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
         temporary.write_text("new")
     assert target.read_text() == "new"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def plant_symlinks(folder: Path, output: str, victim: Path) -> list[Path]:
+    """Symlinks to ``victim`` at the output and at every name the old ``.<output>.<pid>.partial``
+    scheme would give this process and the next few."""
+    pid = os.getpid()
+    links = [folder / output] + [folder / f".{output}.{n}.partial" for n in range(pid, pid + 64)]
+    for link in links:
+        link.symlink_to(victim)
+    return links
+
+
+def test_atomic_output_never_writes_through_a_planted_symlink(tmp_path: Path) -> None:
+    import torch
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file")
+    out = tmp_path / "shared"
+    out.mkdir()
+    for name in ("scores.root", "model.pt"):
+        links = plant_symlinks(out, name, victim)
+        with atomic_output(out / name) as temporary:
+            assert re.fullmatch(
+                rf"\.{re.escape(name)}\.[\w-]+\.{os.getpid()}\.[0-9a-f]{{16}}"
+                r"\.partial",
+                temporary.name,
+            )
+            assert stat.S_ISREG(temporary.lstat().st_mode)
+            if name == "model.pt":
+                torch.save({"weights": torch.arange(3)}, temporary)
+            else:
+                with uproot.recreate(temporary) as file:
+                    file["Muons"] = {"Muon_pt": np.arange(3.0)}
+        assert victim.read_text() == "someone else's file"
+        assert stat.S_ISREG((out / name).lstat().st_mode)
+        assert all(link.is_symlink() for link in links[1:])
+    with uproot.open(out / "scores.root") as file:
+        assert file["Muons"]["Muon_pt"].array(library="np").tolist() == [0, 1, 2]
+    assert torch.load(out / "model.pt")["weights"].tolist() == [0, 1, 2]
+    assert not list(out.glob(f".*.{os.getpid()}.*.partial"))
+
+
+def test_atomic_output_respects_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        with atomic_output(tmp_path / "out.json") as temporary:
+            temporary.write_text("{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o640
+
+
+def ended_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_only_stale_partials_of_ended_processes_are_removed(tmp_path: Path) -> None:
+    with atomic_output(tmp_path / "name.root") as live:
+        host = live.name.split(".")[-4]
+    dead = ended_pid()
+    old = time.time() - 60
+
+    def partial(pid: int, *, host: str = host, age: float = old) -> Path:
+        path = tmp_path / f".out.v2.root.{host}.{pid}.{os.urandom(8).hex()}.partial"
+        path.write_bytes(b"half")
+        os.utime(path, (age, age))
+        return path
+
+    stale = partial(dead)
+    kept = [
+        partial(os.getpid()),
+        partial(dead, host="another-host"),
+        partial(dead, age=time.time()),
+        tmp_path / "out.v2.root",
+        tmp_path / f".out.root.{dead}.partial",
+    ]
+    kept[-1].write_bytes(b"old scheme, not ours to judge")
+    (tmp_path / "out.v2.root").write_bytes(b"complete")
+    link = tmp_path / f".link.root.{host}.{dead}.fedcba9876543210.partial"
+    link.symlink_to(tmp_path / "out.v2.root")
+    os.utime(link, (old, old), follow_symlinks=False)
+    kept.append(link)
+
+    assert remove_stale_partials(tmp_path) == [stale]
+    assert not stale.exists()
+    assert all(path.is_symlink() or path.exists() for path in kept)
+    assert remove_stale_partials(tmp_path / "absent") == []
 
 
 def test_simulated_files_are_written_whole_or_not_at_all(tmp_path: Path) -> None:

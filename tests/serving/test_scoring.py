@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +24,7 @@ from typer.testing import CliRunner
 
 from bsym.errors import SpecMismatchError
 from bsym.features import Constituents, Feature, FeatureSpec
+from bsym.rootio import atomic_output
 from bsym.serving import friend_tree
 from bsym.serving.backend import Backend, TensorSpec, check_inputs
 from bsym.serving.cli import resolve_model, score_command, serve_command
@@ -555,3 +562,66 @@ def test_prefetch_passes_items_and_errors_and_stops_early() -> None:
     assert len(produced) <= 6  # stopped soon after the consumer left
     with pytest.raises(ValueError, match="producer failed"), prefetched(numbers) as items:
         assert sum(items) == sum(range(100))
+
+
+def test_sigterm_removes_partials_and_keeps_complete_outputs(
+    tmp_path: Path, backend: Backend, model_path: Path
+) -> None:
+    done = write_object_file(tmp_path / "done.root", make_muons(50, seed=20))
+    big = write_object_file(tmp_path / "big.root", make_muons(100_000, seed=21))
+    out = tmp_path / "out"
+    assert len(run([str(done)], backend, out).scored) == 1
+    complete = (out / f"done.{MODEL}.root").read_bytes()
+    with atomic_output(out / "host.probe") as probe:
+        host = probe.name.split(".")[-4]
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    stale = out / f".big.{MODEL}.root.{host}.{ended.pid}.0123456789abcdef.partial"
+    alive = out / f".big.{MODEL}.root.{host}.{os.getpid()}.fedcba9876543210.partial"
+    for partial in (stale, alive):
+        partial.write_bytes(b"half")
+        os.utime(partial, (time.time() - 60,) * 2)
+
+    command = [sys.executable, "-m", "bsym", "score", str(done), str(big)]
+    options = ["--model", str(model_path), "--out", str(out), "--no-progress", "--threads", "1"]
+    process = subprocess.Popen(
+        [*command, *options, "--step-size", "200", "--batch-size", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.glob(f".big.*.{process.pid}.*.partial")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    assert not stale.exists()  # removed when the run started
+    process.send_signal(signal.SIGTERM)
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 143, error
+    assert "terminated by SIGTERM" in error and "Traceback" not in error
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [alive.name, f"done.{MODEL}.root", "host.probe"]
+    )
+    assert (out / f"done.{MODEL}.root").read_bytes() == complete
+
+
+def test_scoring_replaces_a_planted_symlink_and_writes_no_other_file(
+    tmp_path: Path, backend: Backend
+) -> None:
+    source = write_object_file(tmp_path / "muons.root", make_muons(50, seed=22))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    output = f"muons.{MODEL}.root"
+    links = [out / output] + [
+        out / f".{output}.{pid}.partial" for pid in range(os.getpid(), os.getpid() + 64)
+    ]
+    for link in links:
+        link.symlink_to(victim)
+    summary = run([str(source)], backend, out)
+    assert len(summary.scored) == 1, summary.failed
+    assert victim.read_text() == "someone else's file"
+    assert stat.S_ISREG((out / output).lstat().st_mode)
+    assert all(link.is_symlink() for link in links[1:])
+    assert len(list(out.iterdir())) == len(links)
