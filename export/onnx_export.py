@@ -137,7 +137,7 @@ def export_to_repository(
     """
     from bsym.export.triton.description import check_model_name
     from bsym.export.triton.render import flavour_of
-    from bsym.export.triton.repository import write_model_repository
+    from bsym.export.triton.repository import write_model_version
     from bsym.training.checkpoint import load_checkpoint
 
     flavour = flavour_of(flavour)
@@ -146,11 +146,10 @@ def export_to_repository(
     check_model_name(model_name)
     repository = Path(repository)
     model_dir = repository / model_name
-    if version is None:
-        version = next_version(model_dir)
-    elif version < 1:
+    # without a version, the next free one is chosen under the model's lock when it is written
+    if version is not None and version < 1:
         raise ConfigError(f"model '{model_name}': version must be >= 1, got {version}")
-    elif (model_dir / str(version)).exists() and not force:
+    if version is not None and (model_dir / str(version)).exists() and not force:
         raise ConfigError(
             f"model '{model_name}' version {version} already exists in {repository}; pass "
             "--force to replace it, or leave --version out to take the next free one"
@@ -164,18 +163,13 @@ def export_to_repository(
             opset=opset,
             name=model_name,
         )
-        model_dir = write_model_repository(
+        version = write_model_version(
             report.onnx_path, repository, model_name, version, flavour=flavour, force=force
         )
     placed = dataclasses.replace(
         report, onnx_path=model_dir / str(version) / contract.MODEL_FILENAME
     )
     return RepositoryEntry(placed, repository, model_dir, version, flavour)
-
-
-def next_version(model_dir: Path) -> int:
-    """One above the highest numbered version directory in ``model_dir`` (1 if none)."""
-    return max(contract.model_versions(model_dir), default=0) + 1
 
 
 def _export_loaded(

@@ -62,15 +62,43 @@ def write_model_repository(
     directory are kept, and must share this model's tensors, labels and flavour because one
     ``config.pbtxt`` serves them all; their checksums are carried over.
     """
+    write_model_version(
+        onnx_path,
+        repository,
+        name,
+        version,
+        flavour=flavour,
+        force=force,
+        batching=batching,
+        cpu_instances=cpu_instances,
+    )
+    return Path(repository) / name
+
+
+def write_model_version(
+    onnx_path: Path,
+    repository: Path,
+    name: str,
+    version: int | None,
+    *,
+    flavour: Flavour,
+    force: bool = False,
+    batching: Batching | None = None,
+    cpu_instances: int = DEFAULT_CPU_INSTANCES,
+) -> int:
+    """:func:`write_model_repository`, returning the version written; ``None`` takes the next
+    free one, chosen under the model's lock so that concurrent exports never take the same."""
     flavour = flavour_of(flavour)
-    if version < 1:
+    if version is not None and version < 1:
         raise ConfigError(f"model '{name}': version must be a positive integer, got {version}")
     onnx_path = Path(onnx_path)
-    repository = Path(repository)
-    model_dir = repository / name
+    model_dir = Path(repository) / name
     check_model_name(name)
     with model_lock(model_dir):
-        return _write_locked(onnx_path, model_dir, version, flavour, force, batching, cpu_instances)
+        if version is None:
+            version = max(model_versions(model_dir), default=0) + 1
+        _write_locked(onnx_path, model_dir, version, flavour, force, batching, cpu_instances)
+    return version
 
 
 def _write_locked(

@@ -47,13 +47,16 @@ def two_versions(tmp_path: Path) -> Path:
     return repository
 
 
+@pytest.mark.parametrize("versions", [["5", "6"], [None, None]])
 def test_concurrent_bsym_exports_into_one_model(
-    trained_models: dict[str, Path], tmp_path: Path
+    trained_models: dict[str, Path], tmp_path: Path, versions: list[str | None]
 ) -> None:
+    """Explicit versions, or none: then each export takes the next free one under the lock."""
     repository = tmp_path / "repository"
     bsym = [sys.executable, "-c", "from bsym.cli import app; app()"]
     export = [*bsym, "export", str(trained_models["cone_cut"]), "--repository", str(repository)]
-    commands = [[*export, "--name", "tagger", "--version", str(v)] for v in (5, 6)]
+    export += ["--name", "tagger"]
+    commands = [[*export, "--version", v] if v else export for v in versions]
     processes = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for command in commands
@@ -61,8 +64,9 @@ def test_concurrent_bsym_exports_into_one_model(
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs
     model_dir = repository / "tagger"
+    written = (5, 6) if versions[0] else (1, 2)
     assert checksums(model_dir) == {
-        checksum_key(v): sha256_of(model_dir / str(v) / "model.onnx") for v in (5, 6)
+        checksum_key(v): sha256_of(model_dir / str(v) / "model.onnx") for v in written
     }
     result, output = run_cli("repository", "check", "--repository", str(repository))
     assert result.exit_code == 0, output
