@@ -75,6 +75,7 @@ from bsym.errors import SpecMismatchError
 from bsym.features import FeatureBatch
 from bsym.settings import Settings
 from bsym.training.fit import (
+    EVAL_BATCH,
     FitState,
     OptimizerConfig,
     Rows,
@@ -106,7 +107,6 @@ MODELS: dict[str, Callable[[], LorentzNetwork]] = {
 }
 MODEL_TITLES = {"unconstrained": "unconstrained", "invariant": "invariant", "dual": "dual subnet"}
 PT_EDGES = (0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, math.inf)
-EVAL_BATCH = 8192
 
 
 class StudySettings(Settings):
