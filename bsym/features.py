@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import awkward as ak
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from bsym.contract import CONSTITUENTS, GLOBALS, MASK
 from bsym.errors import BadValueError, SpecMismatchError
@@ -130,10 +130,41 @@ class EFPs(StrictModel):
 
 
 class Label(StrictModel):
-    """Binary truth: 1 where ``branch`` takes one of the ``positive`` values."""
+    """Binary truth: 1 where ``branch`` takes one of the ``positive`` values, 0 where it takes
+    one of the ``negative`` values (without ``negative``: every value that is not positive).
+
+    With ``negative`` given, rows of neither class are left out of training and evaluation.
+    """
 
     branch: str = "Muon_genPartFlav"
     positive: list[int] = Field(default_factory=lambda: [1])
+    negative: list[int] | None = Field(
+        default=None, description="absent: every value that is not positive"
+    )
+
+    @model_validator(mode="after")
+    def _classes_apart(self) -> Label:
+        both = sorted(set(self.positive) & set(self.negative or []))
+        if both:
+            raise ValueError(
+                f"label values {both} of '{self.branch}' are both positive and negative"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_negative(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Specs written before `negative` existed stay byte for byte what they were.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("negative") is None:
+            data.pop("negative", None)
+        return data
+
+    def classify(self, truth: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """1 for positive values, 0 for negative ones, -1 for values of neither class."""
+        label = np.isin(truth, self.positive).astype(np.int64)
+        if self.negative is not None:
+            label[~label.astype(np.bool_) & ~np.isin(truth, self.negative)] = -1
+        return label
 
 
 class FeatureSpec(StrictModel):
@@ -199,6 +230,8 @@ class FeatureBatch:
     weight: FloatArray | None
     counts: npt.NDArray[np.int64] | None
     """Objects per tree entry in the event layout; ``None`` in the object layout."""
+    truth: npt.NDArray[np.int64] | None = None
+    """The label branch's values; ``label`` is -1 where they are of neither class."""
 
     def inputs(self) -> dict[str, npt.NDArray[np.generic]]:
         """The model's input tensors by their contract names."""
@@ -359,16 +392,18 @@ def build_features(
     if globals_ is not None:
         _check_finite(globals_, spec.global_names, "globals")
 
-    label = weight = None
+    label = weight = truth = None
     if with_label:
         if spec.label is None:
             raise SpecMismatchError("training needs a label, but the feature spec has none")
-        truth = rows.per_object(spec.label.branch)
-        label = np.isin(truth.astype(np.int64), spec.label.positive).astype(np.int64)
+        truth = rows.per_object(spec.label.branch).astype(np.int64)
+        label = spec.label.classify(truth)
         if spec.weight is not None:
             weight = rows.per_object(spec.weight).astype(np.float32)
             _check_finite(weight[:, None], [spec.weight], "weight")
-    return FeatureBatch(rows.n_rows, constituents, mask, globals_, label, weight, rows.counts)
+    return FeatureBatch(
+        rows.n_rows, constituents, mask, globals_, label, weight, rows.counts, truth
+    )
 
 
 def _build_constituents(

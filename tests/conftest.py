@@ -8,6 +8,7 @@ write their own outputs elsewhere (``tmp_path``).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,16 @@ def isolation_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("isolation")
     write_isolation(out, ISOLATION_EVENTS, seed=11, events_per_file=ISOLATION_EVENTS // 2)
     return out
+
+
+@pytest.fixture(scope="session")
+def nanoaod_dir() -> Path:
+    """The real CMS NanoAOD test files: ``BSYM_NANOAOD_DIR``, else beside the repository."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nanoaod"
+    path = Path(os.environ.get("BSYM_NANOAOD_DIR", default))
+    if not path.is_dir():
+        pytest.skip(f"no real NanoAOD files at {path} (set BSYM_NANOAOD_DIR)")
+    return path
 
 
 @pytest.fixture(scope="session")

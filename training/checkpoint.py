@@ -18,7 +18,8 @@ is a :class:`Checkpoint`. The dict's keys:
 ``best_epoch``          and ``best_val_auc``; ``stopped_early``; ``finished`` (version 2:
                         the run ended by early stopping or its epoch or step budget)
 ``seeds``               ``seed`` and how the split and shuffles derive from it
-``split``               ``seed``, ``n_rows``, ``sources`` and int64 ``validation``/``test``
+``split``               ``seed``, ``n_rows``, ``sources``, int64 ``train``/``validation``/
+                        ``test`` and ``summary`` (rows and weight sums per subset and class)
 ``torch_rng_state``     for resuming
 ``versions``            bsym and torch
 ======================  ==============================================================
@@ -288,16 +289,22 @@ def split_to_payload(split: Split) -> dict[str, Any]:
         "seed": split.seed,
         "n_rows": split.n_rows,
         "sources": [[s.path, s.tree, s.entries] for s in split.sources],
+        "train": torch.from_numpy(split.train),
         "validation": torch.from_numpy(split.validation),
         "test": torch.from_numpy(split.test),
+        "summary": split.summary,
     }
 
 
 def split_from_payload(payload: dict[str, Any]) -> Split:
     validation = payload["validation"].numpy().astype(np.int64)
     test = payload["test"].numpy().astype(np.int64)
-    held_out = np.zeros(payload["n_rows"], dtype=bool)
-    held_out[validation] = held_out[test] = True
-    train = np.flatnonzero(~held_out).astype(np.int64)
+    if "train" in payload:
+        train = payload["train"].numpy().astype(np.int64)
+    else:  # written before data.train_rows: every row not held out
+        held_out = np.zeros(payload["n_rows"], dtype=bool)
+        held_out[validation] = held_out[test] = True
+        train = np.flatnonzero(~held_out).astype(np.int64)
     sources = [SourceRecord(path, tree, entries) for path, tree, entries in payload["sources"]]
-    return Split(train, validation, test, payload["seed"], payload["n_rows"], sources)
+    summary = dict(payload.get("summary", {}))
+    return Split(train, validation, test, payload["seed"], payload["n_rows"], sources, summary)

@@ -49,6 +49,9 @@ def train_command(
 
         settings = load_config(config, overrides or [])
         result = train(settings, resume=resume, overwrite=force)
+    from bsym.training.dataset import describe_split
+
+    stdout.print("\n".join(describe_split(result.split)), highlight=False)
     ending = "stopped early" if result.stopped_early else "finished"
     stdout.print(
         f"{settings.name}: {ending} after {result.epochs} epoch(s); best validation AUC "
@@ -104,7 +107,8 @@ def evaluate_command(
         )
     from bsym.training.tables import to_rich
 
-    stdout.print(to_rich(comparison_table(result.models, n_bootstrap=bootstrap)))
+    table = comparison_table(result.models, n_bootstrap=bootstrap, title=result.title)
+    stdout.print(to_rich(table))
     stdout.print(
         f"metrics: {result.metrics_path}\nROC curve: {result.roc_path}",
         highlight=False,

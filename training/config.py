@@ -33,6 +33,12 @@ class DataConfig(StrictModel):
     validation_fraction: float = Field(default=0.2, gt=0, lt=1)
     test_fraction: float = Field(default=0.2, ge=0, lt=1)
     max_rows: int | None = Field(default=None, gt=0, description="read at most this many rows")
+    train_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="training rows: the first of the shuffled rows left after test and "
+        "validation (default: all of them)",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self) -> DataConfig:

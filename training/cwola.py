@@ -201,8 +201,7 @@ def read_cwola_rows(
         weight *= columns[spec.weight][keep]
     truth = None
     if spec.label is not None and spec.label.branch in columns:
-        raw = columns[spec.label.branch][keep].astype(np.int64)
-        truth = np.isin(raw, spec.label.positive).astype(np.int64)
+        truth = spec.label.classify(columns[spec.label.branch][keep].astype(np.int64))
     return CwolaRows(keep, label, weight.astype(np.float32), mass[keep], truth)
 
 

@@ -68,8 +68,9 @@ def evaluate_cwola(
         scores, rows.mass, low=window[0], high=window[1], n_bootstrap=n_bootstrap, seed=seed
     )
     if rows.truth is not None:
+        known = rows.truth >= 0  # rows of neither class have no place in the truth ROC
         return CwolaEvaluation(
-            rows.truth, scores, None, True, result.auc, result.auc_err, result.fit
+            rows.truth[known], scores[known], None, True, result.auc, result.auc_err, result.fit
         )
     signal, background = sweights(rows.mass, result.fit)
     labels, doubled, weights = sweighted_roc_inputs(scores, signal, background)

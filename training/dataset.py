@@ -8,8 +8,9 @@ counts) so evaluation can take the same held-out rows and notice if the files ch
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +32,8 @@ from bsym.training.cwola import apply_cwola, read_cwola_rows
 log = logging.getLogger(__name__)
 Indices = npt.NDArray[np.int64]
 G = TypeVar("G", bound=np.generic)
+SplitCounts = dict[str, float]
+SUBSETS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class Split:
     seed: int
     n_rows: int
     sources: list[SourceRecord] = field(default_factory=list)
+    summary: dict[str, SplitCounts] = field(default_factory=dict)
+    """Rows and weight sums of each subset, per class (see :func:`split_summary`)."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,12 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         seed=config.seed,
         validation_fraction=config.data.validation_fraction,
         test_fraction=config.data.test_fraction,
+        train_rows=config.data.train_rows,
         sources=records,
     )
+    split = replace(split, summary=split_summary(batch, split))
+    for line in describe_split(split):
+        log.info("%s", line)
     return TrainingData(batch, split)
 
 
@@ -108,9 +117,12 @@ def read_training_rows(
     if config.supervision.type == "truth" and not config.supervision.select:
         return read_rows(sources, config.features, max_rows=max_rows)
     if config.supervision.type == "truth":
-        batch, records = read_rows(sources, config.features, max_rows=max_rows)
+        batch, records = read_rows(
+            sources, config.features, max_rows=max_rows, leave_out_neither=False
+        )
         rows = read_cwola_rows(sources, config.features, config.supervision, max_rows=max_rows)
-        return take(batch, rows.keep), records
+        selected = _leave_out_neither(take(batch, rows.keep), config.features, sources)
+        return selected, records
     batch, records = read_rows(sources, config.features, max_rows=max_rows, with_label=False)
     rows = read_cwola_rows(sources, config.features, config.supervision, max_rows=max_rows)
     return apply_cwola(batch, rows), records
@@ -122,8 +134,13 @@ def read_rows(
     *,
     max_rows: int | None = None,
     with_label: bool = True,
+    leave_out_neither: bool = True,
 ) -> tuple[FeatureBatch, list[SourceRecord]]:
-    """Features (and labels, ``with_label``) of every row in ``sources``, in file order."""
+    """Features (and labels, ``with_label``) of every row in ``sources``, in file order.
+
+    With labels, rows of neither class (``label.negative`` given) are left out unless
+    ``leave_out_neither`` is false; ``max_rows`` counts the rows before that.
+    """
     batches: list[FeatureBatch] = []
     records: list[SourceRecord] = []
     n_rows = 0
@@ -146,7 +163,32 @@ def read_rows(
     batch = concatenate(batches)
     if max_rows is not None and batch.n_rows > max_rows:
         batch = take(batch, np.arange(max_rows, dtype=np.int64))
+    if with_label and leave_out_neither:
+        batch = _leave_out_neither(batch, spec, sources)
     return batch, records
+
+
+def _leave_out_neither(
+    batch: FeatureBatch, spec: FeatureSpec, sources: Sequence[TreeSource]
+) -> FeatureBatch:
+    """The rows of ``batch`` whose truth is of one class; the others are counted in the log."""
+    if batch.label is None or spec.label is None or spec.label.negative is None:
+        return batch
+    neither = batch.label < 0
+    if not neither.any():
+        return batch
+    truth = batch.truth if batch.truth is not None else np.full(batch.n_rows, -1, np.int64)
+    found = Counter(truth[neither].tolist())
+    values = ", ".join(f"{value}: {count}" for value, count in sorted(found.items()))
+    log.info(
+        "%s: left out %d of %d rows of neither class (%s %s)",
+        ", ".join(str(source) for source in sources),
+        int(neither.sum()),
+        batch.n_rows,
+        spec.label.branch,
+        values,
+    )
+    return take(batch, np.flatnonzero(~neither).astype(np.int64))
 
 
 def split_rows(
@@ -155,16 +197,57 @@ def split_rows(
     seed: int,
     validation_fraction: float,
     test_fraction: float,
+    train_rows: int | None = None,
     sources: Sequence[SourceRecord] = (),
 ) -> Split:
-    """Shuffle rows with ``seed`` and cut them into test, validation and training rows."""
+    """Shuffle rows with ``seed`` and cut them into test, validation and training rows.
+
+    Test and validation rows are cut first, so they do not depend on ``train_rows``, which
+    takes the first rows of the remaining shuffled ones (default: all of them).
+    """
     permutation = np.random.default_rng([seed, 0]).permutation(n_rows).astype(np.int64)
     n_test = round(n_rows * test_fraction)
     n_validation = round(n_rows * validation_fraction)
     test = np.sort(permutation[:n_test])
     validation = np.sort(permutation[n_test : n_test + n_validation])
-    train = np.sort(permutation[n_test + n_validation :])
+    remaining = permutation[n_test + n_validation :]
+    if train_rows is not None and train_rows > len(remaining):
+        raise ConfigError(
+            f"data.train_rows={train_rows} asks for more training rows than the "
+            f"{len(remaining)} left of {n_rows} after {n_test} test and {n_validation} "
+            "validation rows"
+        )
+    train = np.sort(remaining[:train_rows])
     return Split(train, validation, test, seed, n_rows, list(sources))
+
+
+def split_summary(batch: FeatureBatch, split: Split) -> dict[str, SplitCounts]:
+    """Rows and weight sums (weight 1 without a weight branch) of each subset, per class."""
+    summary: dict[str, SplitCounts] = {}
+    for name in SUBSETS:
+        rows: Indices = getattr(split, name)
+        label = np.zeros(len(rows), np.int64) if batch.label is None else batch.label[rows]
+        weight = np.ones(len(rows)) if batch.weight is None else batch.weight[rows]
+        positive = label == 1
+        summary[name] = {
+            "rows": float(len(rows)),
+            "rows_positive": float(positive.sum()),
+            "rows_negative": float((~positive).sum()),
+            "weight": float(weight.sum(dtype=np.float64)),
+            "weight_positive": float(weight[positive].sum(dtype=np.float64)),
+            "weight_negative": float(weight[~positive].sum(dtype=np.float64)),
+        }
+    return summary
+
+
+def describe_split(split: Split) -> list[str]:
+    """One line per subset: rows and weight sums, per class."""
+    return [
+        f"{name}: {counts['rows']:.0f} rows ({counts['rows_positive']:.0f} positive, "
+        f"{counts['rows_negative']:.0f} negative), weight sum {counts['weight']:.6g} "
+        f"({counts['weight_positive']:.6g} positive, {counts['weight_negative']:.6g} negative)"
+        for name, counts in split.summary.items()
+    ]
 
 
 def take(batch: FeatureBatch, rows: Indices) -> FeatureBatch:
@@ -177,6 +260,7 @@ def take(batch: FeatureBatch, rows: Indices) -> FeatureBatch:
         label=_pick(batch.label, rows),
         weight=_pick(batch.weight, rows),
         counts=None,
+        truth=_pick(batch.truth, rows),
     )
 
 
@@ -192,6 +276,7 @@ def concatenate(batches: Sequence[FeatureBatch]) -> FeatureBatch:
         label=_join([b.label for b in batches]),
         weight=_join([b.weight for b in batches]),
         counts=_join([b.counts for b in batches]),
+        truth=_join([b.truth for b in batches]),
     )
 
 

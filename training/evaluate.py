@@ -32,6 +32,7 @@ WORKING_POINTS = (0.5, 0.9)
 METRICS_FILENAME = "metrics.json"
 ROC_FILENAME = "roc.png"
 PREDICT_BATCH = 8192
+HELD_OUT_TITLE = "Held-out performance"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class ModelMetrics:
     rej90: float
     rej90_err: float
     supervision: str = "truth"
+    n_positive: int = 0
+    """Rows of the positive class among the ``n_test`` (sWeighted CWoLa rows: 0)."""
     """For ``cwola`` models: auc/rej* against the truth where the rows have it, else sWeighted."""
     auc_sweighted: float = math.nan
     auc_sweighted_err: float = math.nan
@@ -72,6 +75,8 @@ class EvaluationResult:
     models: list[ModelMetrics]
     metrics_path: Path
     roc_path: Path
+    title: str = HELD_OUT_TITLE
+    """"Held-out performance", or "Performance on FILES (N objects, P positive)" with --data."""
 
     def ranked(self) -> list[ModelMetrics]:
         """Best AUC first."""
@@ -99,14 +104,16 @@ def evaluate(
         raise ConfigError(f"n_bootstrap must be at least 2 for an uncertainty, got {n_bootstrap}")
     metrics: list[ModelMetrics] = []
     curves: list[_Curve] = []
+    titles: list[str] = []
     for path in models:
         loaded = load_checkpoint(Path(path))
-        batch, source = _rows(loaded, data)
+        batch, source, files = _rows(loaded, data)
         if batch.label is None:
             raise SpecMismatchError(f"{source} gives no labels for model '{loaded.name}'")
         scores = predict(loaded, batch, batch_size=PREDICT_BATCH).astype(np.float64)
         name = _unique(loaded.name, [m.name for m in metrics])
         labels, weights = batch.label, batch.weight
+        n_positive = int(np.count_nonzero(labels == 1))
         cwola = None
         if loaded.config.supervision.type == "cwola":
             from bsym.training.cwola_evaluation import evaluate_cwola, evaluation_rows
@@ -120,6 +127,7 @@ def evaluate(
             )
             labels, scores = cwola.labels, cwola.scores
             weights = None if cwola.weights is None else cwola.weights.astype(np.float32)
+            n_positive = int(np.count_nonzero(labels == 1)) if cwola.has_truth else 0
         try:
             fpr, tpr, _ = roc_curve(labels, scores, weights)
             auc = roc_auc(labels, scores, weights)
@@ -133,7 +141,7 @@ def evaluate(
                 type=loaded.config.model.type,
                 checkpoint=str(path),
                 data=source,
-                n_test=batch.n_rows,
+                n_test=len(labels) if cwola is not None and cwola.has_truth else batch.n_rows,
                 auc=auc,
                 auc_err=errors[0],
                 rej50=rej50,
@@ -141,6 +149,7 @@ def evaluate(
                 rej90=rej90,
                 rej90_err=errors[2],
                 supervision=loaded.config.supervision.type,
+                n_positive=n_positive,
                 auc_sweighted=math.nan if cwola is None else cwola.auc_sweighted,
                 auc_sweighted_err=math.nan if cwola is None else cwola.auc_sweighted_err,
                 signal_yield=math.nan if cwola is None else cwola.fit.signal_yield,
@@ -148,22 +157,27 @@ def evaluate(
             )
         )
         curves.append(_Curve(name, auc, tpr, fpr))
+        titles.append(_title(files, metrics[-1], loaded.spec.objects))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = EvaluationResult(metrics, out_dir / METRICS_FILENAME, out_dir / ROC_FILENAME)
+    # Models with different specs may see different rows of the same files.
+    title = titles[0] if len(set(titles)) == 1 else _title(files, None, "")
+    result = EvaluationResult(metrics, out_dir / METRICS_FILENAME, out_dir / ROC_FILENAME, title)
     _write_json(result.metrics_path, metrics, n_bootstrap=n_bootstrap, seed=seed)
     _plot_roc(result.roc_path, curves)
     return result
 
 
-def comparison_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> Table:
-    """The models side by side, best AUC first."""
+def comparison_table(
+    models: Sequence[ModelMetrics], *, n_bootstrap: int, title: str = HELD_OUT_TITLE
+) -> Table:
+    """The models side by side, best AUC first, under ``title`` (what the rows are)."""
     # CWoLa models: the sWeighted AUC from the mass fit beside the AUC (truth where known)
     cwola = any(m.supervision == "cwola" for m in models)
     headers = ["rows", "AUC", "rej50", "rej90", *(["sWeighted AUC"] if cwola else [])]
     table = Table(
-        "Held-out performance",
+        title,
         [
             Column("model", "left", no_wrap=True),
             Column("type", "left", no_wrap=True),
@@ -189,20 +203,32 @@ def comparison_table(models: Sequence[ModelMetrics], *, n_bootstrap: int) -> Tab
     return table
 
 
-def _rows(loaded: LoadedModel, data: Sequence[str] | None) -> tuple[FeatureBatch, str]:
+def _title(files: str | None, metrics: ModelMetrics | None, objects: str) -> str:
+    if files is None:
+        return HELD_OUT_TITLE
+    if metrics is None:
+        return f"Performance on {files}"
+    known = metrics.supervision == "truth" or metrics.n_positive > 0
+    positive = f", {metrics.n_positive} positive" if known else ""
+    return f"Performance on {files} ({metrics.n_test} {objects.lower()}s{positive})"
+
+
+def _rows(loaded: LoadedModel, data: Sequence[str] | None) -> tuple[FeatureBatch, str, str | None]:
+    """The rows, what they are, and the file names of ``data`` (``None``: the test split)."""
     if not data:
         if len(loaded.split.test) == 0:
             raise ConfigError(
                 f"{loaded.path} has no held-out test rows (data.test_fraction=0); pass "
                 "--data FILES to evaluate it"
             )
-        return loaded.held_out_test(), f"test split of {loaded.path}"
+        return loaded.held_out_test(), f"test split of {loaded.path}", None
     from bsym.rootio import parse_inputs
     from bsym.training.dataset import read_training_rows
 
     sources = parse_inputs(data, default_tree=loaded.config.data.tree or loaded.spec.tree)
     batch, _ = read_training_rows(sources, loaded.config, max_rows=None)
-    return batch, ", ".join(str(source) for source in sources)
+    files = ", ".join(dict.fromkeys(source.path.name for source in sources))
+    return batch, ", ".join(str(source) for source in sources), files
 
 
 def _bootstrap(

@@ -52,6 +52,7 @@ class TrainResult:
     epochs: int
     stopped_early: bool
     history: list[EpochRecord]
+    split: Split
 
 
 def train(
@@ -193,6 +194,7 @@ class _Run:
             epochs=self.state.epoch,
             stopped_early=self.state.stopped_early,
             history=list(self.state.history),
+            split=self.split,
         )
 
 
@@ -222,6 +224,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def _check_same_split(recorded: Split, split: Split, path: Path | None) -> None:
     same = (
         recorded.n_rows == split.n_rows
+        and np.array_equal(recorded.train, split.train)
         and np.array_equal(recorded.validation, split.validation)
         and np.array_equal(recorded.test, split.test)
     )
