@@ -13,6 +13,7 @@ from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.rootio import TreeSource, parse_inputs
 from bsym.simulate.isolation import write_isolation
+from bsym.training.checkpoint import load_checkpoint
 from bsym.training.config import TrainConfig, load_config
 from bsym.training.cwola import (
     SupervisionConfig,
@@ -20,6 +21,7 @@ from bsym.training.cwola import (
     read_cwola_rows,
     reweight_negatives,
 )
+from bsym.training.cwola_evaluation import evaluation_rows
 from bsym.training.dataset import read_rows, read_training_rows
 from bsym.training.evaluate import evaluate
 from bsym.training.train import train
@@ -153,6 +155,24 @@ def test_train_and_evaluate_with_cwola(data_dir: Path, tmp_path: Path) -> None:
     assert metrics.signal_yield > 0
     document = json.loads(evaluated.metrics_path.read_text())
     assert document["models"][0]["auc_sweighted"] == pytest.approx(metrics.auc_sweighted)
+
+
+def test_cwola_training_ignores_the_label_and_its_truth_auc_leaves_out_neither(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    plain = _config(data_dir, tmp_path / "plain")
+    config = _config(
+        data_dir, tmp_path / "run", "optimizer.epochs=1", "features.label.negative=[5]"
+    )
+    # the CWoLa labels come from the mass: the truth classes change none of the rows
+    sources = parse_inputs(plain.data.train, default_tree="Muons")
+    plain_rows, _ = read_training_rows(sources, plain, max_rows=None)
+    loaded = load_checkpoint(train(config, progress=False).checkpoint)
+    assert loaded.split.n_rows == plain_rows.n_rows
+    truth = evaluation_rows(loaded, None).truth
+    assert truth is not None and set(np.unique(truth).tolist()) == {-1, 0, 1}
+    evaluated = evaluate([loaded.path], tmp_path / "eval", n_bootstrap=3)
+    assert evaluated.models[0].n_test == int((truth >= 0).sum()) < truth.size
 
 
 def test_study_command_is_registered() -> None:
