@@ -51,7 +51,7 @@ def train_command(
         result = train(settings, resume=resume, overwrite=force)
     from bsym.training.dataset import describe_split
 
-    stdout.print("\n".join(describe_split(result.split)), highlight=False)
+    stdout.print("\n".join(describe_split(result.split)), highlight=False, soft_wrap=True)
     ending = "stopped early" if result.stopped_early else "finished"
     stdout.print(
         f"{settings.name}: {ending} after {result.epochs} epoch(s); best validation AUC "

@@ -16,24 +16,15 @@ from bsym.configs import shipped_config
 from bsym.errors import ConfigError
 from bsym.features import FeatureSpec, Label
 from bsym.rootio import TreeSource
-from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint
 from bsym.training.cli import evaluate_command, train_command
-from bsym.training.config import TrainConfig, load_config
+from bsym.training.config import TrainConfig, load_config, save_config
 from bsym.training.dataset import read_rows, split_rows
 from bsym.training.evaluate import HELD_OUT_TITLE, evaluate
 from bsym.training.train import train
 
 FLAVOURS = np.array([0, 1, 3, 4, 5, 15, 1, 1, 5, 4, 0, 15, 3, 1, 5], dtype=np.int32)
 """genPartFlav of the hand-written file: 4 positive (1), 5 negative (4, 5), 6 of neither."""
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 800 simulated muons (flavours 1, 4 and 5) in both layouts."""
-    out = tmp_path_factory.mktemp("isolation")
-    write_isolation(out, 400, seed=3)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +38,11 @@ def flavours_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def reliso_config(data_dir: Path, out: Path, *extra: str) -> TrainConfig:
+def reliso_config(isolation_sample: Path, out: Path, *extra: str) -> TrainConfig:
     return load_config(
         shipped_config("isolation_reliso"),
         [
-            f"data.train=['{data_dir}/isolation_muons_*.root']",
+            f"data.train=['{isolation_sample}/isolation_muons_*.root']",
             f"output_dir={out}",
             "optimizer.epochs=1",
             "optimizer.batch_size=64",
@@ -61,10 +52,10 @@ def reliso_config(data_dir: Path, out: Path, *extra: str) -> TrainConfig:
     )
 
 
-def simulated_flavours(data_dir: Path) -> np.ndarray:
+def simulated_flavours(isolation_sample: Path) -> np.ndarray:
     values = [
         uproot.open(f"{path}:Muons")["Muon_genPartFlav"].array(library="np")
-        for path in sorted(data_dir.glob("isolation_muons_*.root"))
+        for path in sorted(isolation_sample.glob("isolation_muons_*.root"))
     ]
     return np.concatenate(values)
 
@@ -102,17 +93,17 @@ def test_without_negative_every_other_value_is_background(flavours_file: Path) -
     assert FeatureSpec.from_json(spec.to_json()) == spec
 
 
-def test_overlapping_classes_are_a_config_error(data_dir: Path, tmp_path: Path) -> None:
+def test_overlapping_classes_are_a_config_error(isolation_sample: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"label values \[1\] .* both positive and negative"):
-        reliso_config(data_dir, tmp_path, "features.label.negative=[1, 5]")
+        reliso_config(isolation_sample, tmp_path, "features.label.negative=[1, 5]")
 
 
 def test_training_leaves_out_neither_rows_and_the_test_split_is_reread(
-    data_dir: Path, tmp_path: Path
+    isolation_sample: Path, tmp_path: Path
 ) -> None:
-    flavours = simulated_flavours(data_dir)
+    flavours = simulated_flavours(isolation_sample)
     assert set(np.unique(flavours).tolist()) == {1, 4, 5}
-    config = reliso_config(data_dir, tmp_path / "run", "features.label.negative=[5]")
+    config = reliso_config(isolation_sample, tmp_path / "run", "features.label.negative=[5]")
     result = train(config, progress=False)
     loaded = load_checkpoint(result.checkpoint)
     assert loaded.split.n_rows == int(np.isin(flavours, [1, 5]).sum())
@@ -127,10 +118,12 @@ def test_training_leaves_out_neither_rows_and_the_test_split_is_reread(
     assert evaluated.models[0].n_test == test.n_rows
 
 
-def test_cwola_selected_truth_leaves_out_neither_rows(data_dir: Path, tmp_path: Path) -> None:
-    flavours = simulated_flavours(data_dir)
+def test_cwola_selected_truth_leaves_out_neither_rows(
+    isolation_sample: Path, tmp_path: Path
+) -> None:
+    flavours = simulated_flavours(isolation_sample)
     config = reliso_config(
-        data_dir,
+        isolation_sample,
         tmp_path / "run",
         "features.label.negative=[5]",
         "supervision={type: truth, select: true}",
@@ -154,20 +147,15 @@ def test_train_rows_sets_the_training_size_and_keeps_the_test_rows() -> None:
         split_rows(1000, train_rows=501, **common)
 
 
-def test_train_rows_and_split_report_through_the_command(data_dir: Path, tmp_path: Path) -> None:
+def test_train_rows_and_split_report_through_the_command(
+    isolation_sample: Path, tmp_path: Path
+) -> None:
+    config = reliso_config(isolation_sample, tmp_path / "run", "data.train_rows=150")
+    config_file = tmp_path / "config.yaml"
+    save_config(config, config_file)
     app = typer.Typer()
     app.command()(train_command)
-    sets = [
-        f"data.train=['{data_dir}/isolation_muons_*.root']",
-        f"output_dir={tmp_path / 'run'}",
-        "optimizer.epochs=1",
-        "model.hidden_sizes=[8]",
-        "data.train_rows=150",
-    ]
-    args = [str(shipped_config("isolation_reliso"))]
-    for override in sets:
-        args += ["--set", override]
-    result = CliRunner().invoke(app, args, terminal_width=200)
+    result = CliRunner().invoke(app, [str(config_file)], terminal_width=200)
     assert result.exit_code == 0, result.output
     loaded = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert len(loaded.split.train) == 150
@@ -182,14 +170,16 @@ def test_train_rows_and_split_report_through_the_command(data_dir: Path, tmp_pat
     assert f"train: 150 rows ({positive} positive, {150 - positive} negative)" in result.output
     for name in ("validation", "test"):
         assert f"{name}: {summary[name]['rows']:.0f} rows" in result.output
-    too_many = CliRunner().invoke(app, [*args, "--force", "--set", "data.train_rows=100000"])
+    too_many = CliRunner().invoke(
+        app, [str(config_file), "--force", "--set", "data.train_rows=100000"]
+    )
     assert too_many.exit_code == 1
     assert "data.train_rows=100000" in too_many.output
 
 
-def test_evaluate_on_files_is_titled_by_them(data_dir: Path, tmp_path: Path) -> None:
-    checkpoint = train(reliso_config(data_dir, tmp_path / "run"), progress=False).checkpoint
-    events = data_dir / "isolation_events_000.root"
+def test_evaluate_on_files_is_titled_by_them(isolation_sample: Path, tmp_path: Path) -> None:
+    checkpoint = train(reliso_config(isolation_sample, tmp_path / "run"), progress=False).checkpoint
+    events = isolation_sample / "isolation_events_000.root"
     flavours = uproot.open(f"{events}:Events")["Muon_genPartFlav"].array(library="ak")
     n_muons = int(sum(len(row) for row in flavours))
     n_positive = int(sum(int((np.asarray(row) == 1).sum()) for row in flavours))
@@ -207,11 +197,11 @@ def test_evaluate_on_files_is_titled_by_them(data_dir: Path, tmp_path: Path) -> 
 
 
 def test_evaluate_on_nanoaod_prompt_against_tau(
-    nanoaod_dir: Path, data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nanoaod_dir: Path, isolation_sample: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     nano = tmp_path / "nano_dy.root"
     shutil.copy(nanoaod_dir / "nano_dy.root", nano)
-    config = reliso_config(data_dir, tmp_path / "run", "features.label.negative=[4, 5, 15]")
+    config = reliso_config(isolation_sample, tmp_path / "run", "features.label.negative=[4, 5, 15]")
     checkpoint = train(config, progress=False).checkpoint
     with caplog.at_level(logging.INFO, logger="bsym"):
         result = evaluate([checkpoint], tmp_path / "eval", data=[f"{nano}:Events"], n_bootstrap=3)
