@@ -51,13 +51,13 @@ class ModelMetrics:
     rej90: float
     rej90_err: float
     supervision: str = "truth"
-    n_positive: int = 0
-    """Rows of the positive class among the ``n_test`` (sWeighted CWoLa rows: 0)."""
     """For ``cwola`` models: auc/rej* against the truth where the rows have it, else sWeighted."""
     auc_sweighted: float = math.nan
     auc_sweighted_err: float = math.nan
     signal_yield: float = math.nan
     signal_yield_err: float = math.nan
+    n_positive: int = 0
+    """Rows of the positive class among the ``n_test`` (sWeighted CWoLa rows: 0)."""
 
 
 @dataclass(frozen=True)
