@@ -197,3 +197,38 @@ def test_triton_model_counts_as_bsym_score(
     for name, feature in expected.items():
         for key in ("count", "below_training_min", "above_training_max", "histogram"):
             assert found[name][key] == feature[key], (name, key)
+
+
+def test_real_nanoaod_muons_outside_the_simulated_range_warn(
+    isolation_sample: Path, nanoaod_dir: Path, tmp_path: Path
+) -> None:
+    from bsym.configs import shipped_config
+    from bsym.export.onnx_export import export_onnx
+    from bsym.training.config import load_config
+    from bsym.training.train import train
+
+    config = load_config(
+        shipped_config("isolation_reliso"),
+        [
+            f"data.train=['{isolation_sample}/isolation_muons_*.root']",
+            f"output_dir={tmp_path / 'run'}",
+            "features.globals=[{branch: Muon_pt, transform: log}, {branch: Muon_pfRelIso04_all}]",
+            "model.hidden_sizes=[8]",
+            "data.test_fraction=0.4",
+            "optimizer.epochs=1",
+        ],
+    )
+    model = tmp_path / "model.onnx"
+    export_onnx(train(config, progress=False).checkpoint, model)
+    code, output = score_cli(
+        [str(nanoaod_dir / "nano_dy.root"), "-m", str(model), "-o", str(tmp_path / "out")]
+    )
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "isolation_reliso.inputs.json").read_text())
+    (counts,) = report["files"].values()
+    iso = counts["Muon_pfRelIso04_all"]
+    # Real prompt muons are far better isolated than the simulated ones (issue 12).
+    assert iso["count"] > 0 and iso["below_training_min"] > 0.1 * iso["count"]
+    assert squeezed(f"Muon_pfRelIso04_all: {iso['outside_fraction']:.1%} outside") in squeezed(
+        output
+    )
