@@ -92,13 +92,17 @@ def score_cli(args: list[str]) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def plain_and_shifted(repository: Path, plain: Path, shifted: Path, out: Path) -> list[str]:
+    """``bsym score`` arguments: the PFN on the unshifted and the shifted file into ``out``."""
+    model = repository / PFN / "1" / "model.onnx"
+    return [str(plain), str(shifted), "-m", str(model), "-o", str(out)]
+
+
 def test_shifted_file_warns_and_writes_the_report(
     model_repository: Path, isolation_sample: Path, shifted_sample: Path, tmp_path: Path
 ) -> None:
-    model = model_repository / PFN / "1" / "model.onnx"
     plain = isolation_sample / "isolation_muons_000.root"
-    args = [str(plain), str(shifted_sample), "-m", str(model), "-o", str(tmp_path)]
-    code, output = score_cli(args)
+    code, output = score_cli(plain_and_shifted(model_repository, plain, shifted_sample, tmp_path))
     assert code == 0, output
     text = squeezed(output)
     assert squeezed(f"warning: {shifted_sample}:Muons: log(Muon_pt):") in text
@@ -126,9 +130,8 @@ def test_shifted_file_warns_and_writes_the_report(
 def test_strict_inputs_fails_the_shifted_file_and_leaves_no_output(
     model_repository: Path, isolation_sample: Path, shifted_sample: Path, tmp_path: Path
 ) -> None:
-    model = model_repository / PFN / "1" / "model.onnx"
     plain = isolation_sample / "isolation_muons_000.root"
-    args = [str(plain), str(shifted_sample), "-m", str(model), "-o", str(tmp_path)]
+    args = plain_and_shifted(model_repository, plain, shifted_sample, tmp_path)
     code, output = score_cli([*args, "--strict-inputs"])
     assert code == 1, output
     text = squeezed(output)
