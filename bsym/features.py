@@ -28,6 +28,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 
 from bsym.contract import CONSTITUENTS, GLOBALS, MASK
 from bsym.errors import BadValueError, SpecMismatchError
+from bsym.input_ranges import InputRanges
 from bsym.settings import StrictModel
 
 if TYPE_CHECKING:
@@ -181,6 +182,11 @@ class FeatureSpec(StrictModel):
     efps: EFPs | None = None
     label: Label | None = Field(default_factory=Label)
     weight: str | None = None
+    input_ranges: InputRanges | None = Field(
+        default=None,
+        description="the inputs' ranges over the training rows, written by training "
+        "(see bsym.input_ranges); specs without it load, and their models are not monitored",
+    )
 
     @model_validator(mode="after")
     def _has_inputs(self) -> FeatureSpec:
@@ -211,7 +217,11 @@ class FeatureSpec(StrictModel):
         return names
 
     def to_json(self) -> str:
-        return self.model_dump_json()
+        # A spec without ranges keeps the JSON (and hash) it had before the field existed.
+        return self.model_dump_json(exclude={"input_ranges"} if self.input_ranges is None else None)
+
+    def without_ranges(self) -> FeatureSpec:
+        return self.model_copy(update={"input_ranges": None})
 
     @classmethod
     def from_json(cls, text: str) -> FeatureSpec:

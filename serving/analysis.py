@@ -20,6 +20,7 @@ exactly as ``bsym score`` builds them.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
@@ -29,6 +30,7 @@ import numpy.typing as npt
 
 from bsym.errors import BsymError, SpecMismatchError, did_you_mean
 from bsym.features import FeatureSpec, Layout, build_features, required_branches
+from bsym.input_ranges import THRESHOLDS, InputCounts, count_inputs, describe
 from bsym.serving.backend import Tensor
 from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
@@ -41,11 +43,19 @@ from bsym.serving.triton_client import RetryPolicy, TritonBackend
 Scores: TypeAlias = npt.NDArray[Any] | ak.Array
 
 
+class InputRangeWarning(UserWarning):
+    """Inputs outside the training range of the model (see :mod:`bsym.input_ranges`)."""
+
+
 class TritonModel:
     """A model on a Triton server, called on chunks of events; connects on first use.
 
     The object pickles without its connection (each process of a coffea executor opens its
     own) and can be used as a context manager to close the connection.
+
+    Every call counts the inputs against the training ranges in the model's feature spec;
+    :meth:`input_report` gives the counts so far, and an :class:`InputRangeWarning` is issued
+    once per feature when it is flagged.
     """
 
     def __init__(
@@ -68,6 +78,8 @@ class TritonModel:
         self.retry_timeout = retry_timeout
         self._backend: TritonBackend | None = None
         self._lock = threading.Lock()
+        self._counts: InputCounts | None = None
+        self._warned: set[str] = set()
 
     @property
     def backend(self) -> TritonBackend:
@@ -117,10 +129,40 @@ class TritonModel:
         spec = self.feature_spec
         arrays, layout = branch_arrays(events, spec)
         batch = build_features(arrays, spec, layout)
+        self._count(spec, batch)
         tensors = batch.inputs()
         backend = self.backend
         outputs = backend.predict({name: tensors[name] for name in backend.input_names})
         return {name: _aligned(value, batch.counts) for name, value in outputs.items()}
+
+    def input_report(self) -> dict[str, Any]:
+        """Per feature, the inputs of every call so far against the training range (the
+        ``overall`` entry of ``bsym score``'s report); empty for a model without ranges."""
+        with self._lock:
+            counts = {} if self._counts is None else self._counts.to_dict()
+        return {"model": self.model, "thresholds": THRESHOLDS, "features": counts}
+
+    def _count(self, spec: FeatureSpec, batch: Any) -> None:
+        if spec.input_ranges is None:
+            if "" not in self._warned:
+                self._warned.add("")
+                warnings.warn(
+                    f"model '{self.model}' records no input ranges (exported before bsym "
+                    "recorded them); its inputs are not checked against the training range",
+                    InputRangeWarning,
+                    stacklevel=3,
+                )
+            return
+        with self._lock:
+            if self._counts is None:
+                self._counts = InputCounts.of(spec.input_ranges)
+            count_inputs(self._counts, spec, batch)
+            fresh = [f for f in self._counts.flagged() if f.range.name not in self._warned]
+            self._warned.update(f.range.name for f in fresh)
+        for feature in fresh:
+            warnings.warn(
+                f"model '{self.model}': {describe(feature)}", InputRangeWarning, stacklevel=3
+            )
 
     def close(self) -> None:
         """Close the connection; the next call opens a new one."""

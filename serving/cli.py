@@ -87,6 +87,13 @@ def score_command(
         int | None, typer.Option(min=1, help="ONNX Runtime threads (default: all cores).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Rescore inputs whose output is complete.")] = False,
+    strict_inputs: Annotated[
+        bool,
+        typer.Option(
+            help="Fail a file whose inputs are outside the model's training range "
+            "(see the input report); its friend tree is not written."
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     debug: Annotated[
         bool,
@@ -142,7 +149,13 @@ def score_command(
         ) as backend,
     ):
         summary = score_files(
-            files, backend, out, step_size=_step_size(step_size), force=force, progress=progress
+            files,
+            backend,
+            out,
+            step_size=_step_size(step_size),
+            force=force,
+            progress=progress,
+            strict_inputs=strict_inputs,
         )
     print_summary(summary, log=write_tracebacks(summary, out, debug=debug))
     if summary.failed:
@@ -237,6 +250,16 @@ def print_summary(summary: ScoreSummary, *, log: Path | None = None) -> None:
         f"in {summary.seconds:.1f} s ({summary.objects_per_second:,.0f} objects/s)",
         highlight=False,
     )
+    if not summary.monitored:
+        stdout.print(
+            f"note: model '{summary.model}' records no input ranges (exported before bsym "
+            "recorded them); its inputs are not checked against the training range",
+            highlight=False,
+        )
+    for line in summary.input_warnings():
+        stderr.print(f"[bold yellow]warning:[/] {line}", highlight=False)
+    if summary.input_report is not None:
+        stdout.print(f"input report: {summary.input_report}", highlight=False)
     for source, message in summary.failed:
         stderr.print(f"[bold red]failed:[/] {source}: {message}", highlight=False)
     if log is not None:

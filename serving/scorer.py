@@ -8,6 +8,7 @@ large writes. A bad file is recorded and skipped; the others are still scored.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,7 @@ from bsym.contract import GIT_COMMIT_KEY, VERSION_KEY, sha256_of
 from bsym.errors import (
     BadValueError,
     BsymError,
+    ConfigError,
     InputFileError,
     ServerError,
     SpecMismatchError,
@@ -33,6 +35,7 @@ from bsym.features import (
     detect_layout,
     required_branches,
 )
+from bsym.input_ranges import THRESHOLDS, InputCounts, count_inputs, describe
 from bsym.rootio import (
     TreeSource,
     atomic_output,
@@ -88,6 +91,27 @@ class ScoreSummary:
     tracebacks: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     removed_partials: list[Path] = field(default_factory=list)
+    monitored: bool = True
+    """Whether the model's feature spec has input ranges to check the inputs against."""
+    input_counts: dict[str, InputCounts] = field(default_factory=dict)
+    """Per source read in this run, its inputs counted against the training ranges."""
+    input_report: Path | None = None
+
+    @property
+    def overall_inputs(self) -> InputCounts | None:
+        """The counts of every source read in this run together."""
+        total: InputCounts | None = None
+        for counts in self.input_counts.values():
+            total = counts if total is None else total.merged(counts)
+        return total
+
+    def input_warnings(self) -> list[str]:
+        """One line per source and flagged feature."""
+        return [
+            f"{source}: {describe(feature)}"
+            for source, counts in self.input_counts.items()
+            for feature in counts.flagged()
+        ]
 
     @property
     def scored(self) -> list[FileResult]:
@@ -125,15 +149,28 @@ def score_files(
     step_size: int | str = DEFAULT_STEP_SIZE,
     force: bool = False,
     progress: bool = True,
+    strict_inputs: bool = False,
 ) -> ScoreSummary:
     """Score every input (``file.root``, ``dir/*.root``, ``file.root:tree``) into ``out_dir``.
 
     A spec that does not match the model raises at once; a bad input file is recorded in
     the summary's ``failed`` list and the run goes on with the next one. A server error
     stops the run: the files not yet scored are listed as such.
+
+    Every file's inputs are counted against the training ranges in the model's feature spec
+    (:mod:`bsym.input_ranges`), and the report goes to ``<out_dir>/<model>.inputs.json``;
+    with ``strict_inputs`` a file with a flagged feature fails and keeps no output.
     """
-    scorer = _Scorer(backend, step_size=step_size, force=force, progress=progress)
     summary = ScoreSummary(model=backend.name, removed_partials=remove_stale_partials(out_dir))
+    summary.monitored = backend.feature_spec.input_ranges is not None
+    if strict_inputs and not summary.monitored:
+        raise ConfigError(
+            f"--strict-inputs: model '{backend.name}' records no input ranges (it was exported "
+            "before bsym recorded them); retrain and export it to check its inputs"
+        )
+    scorer = _Scorer(
+        backend, step_size=step_size, force=force, progress=progress, strict=strict_inputs
+    )
     sources: list[TreeSource] = []
     for pattern in inputs:
         try:
@@ -175,7 +212,28 @@ def score_files(
                 ]
                 break
     summary.seconds = time.perf_counter() - start
+    summary.input_counts = scorer.input_counts
+    if summary.input_counts:
+        summary.input_report = write_input_report(summary, out_dir)
     return summary
+
+
+def input_report(summary: ScoreSummary) -> dict[str, Any]:
+    """The JSON report: thresholds, then per feature the counts of each file and overall."""
+    overall = summary.overall_inputs
+    return {
+        "model": summary.model,
+        "thresholds": THRESHOLDS,
+        "overall": {} if overall is None else overall.to_dict(),
+        "files": {source: counts.to_dict() for source, counts in summary.input_counts.items()},
+    }
+
+
+def write_input_report(summary: ScoreSummary, out_dir: Path) -> Path:
+    path = out_dir / f"{summary.model}.inputs.json"
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(input_report(summary), indent=1) + "\n")
+    return path
 
 
 class _Failure(Exception):
@@ -210,7 +268,7 @@ class _Scorer:
     """Scores one source at a time with a model whose outputs have been probed."""
 
     def __init__(
-        self, backend: Backend, *, step_size: int | str, force: bool, progress: bool
+        self, backend: Backend, *, step_size: int | str, force: bool, progress: bool, strict: bool
     ) -> None:
         self.backend = backend
         self.spec: FeatureSpec = backend.feature_spec
@@ -223,6 +281,8 @@ class _Scorer:
         self.progress = progress
         self.model_version, self.model_sha256 = model_file_identity(backend)
         self.spec_sha256 = hashlib.sha256(self.spec.to_json().encode()).hexdigest()
+        self.strict = strict
+        self.input_counts: dict[str, InputCounts] = {}
 
     def resolve(self, source: TreeSource) -> TreeSource:
         """The source with the tree it will read; a file that does not open raises _Failure."""
@@ -309,6 +369,10 @@ class _Scorer:
             )
 
         objects = 0
+        ranges = self.spec.input_ranges
+        counts = None if ranges is None else InputCounts.of(ranges)
+        if counts is not None:
+            self.input_counts[str(source)] = counts
         with atomic_output(target) as temporary:
             writer = FriendTreeWriter(
                 temporary,
@@ -333,9 +397,16 @@ class _Scorer:
                 ):
                     for first, entries, batch in chunks:
                         outputs = self._predict(batch, first, entries)
+                        if counts is not None:
+                            count_inputs(counts, self.spec, batch)
                         writer.append(outputs, entries=entries, counts=batch.counts)
                         objects += batch.n_rows
                         bar.update(entries)
+                if self.strict and counts is not None and counts.flagged():
+                    raise BadValueError(
+                        "inputs outside the model's training range (--strict-inputs): "
+                        + "; ".join(describe(feature) for feature in counts.flagged())
+                    )
             except BaseException:
                 writer.abort()
                 raise

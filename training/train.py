@@ -19,6 +19,7 @@ import torch
 
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
+from bsym.input_ranges import training_ranges
 from bsym.training.augmentation import augment_training_rows
 from bsym.training.checkpoint import Checkpoint, predict, read_checkpoint, save_checkpoint
 from bsym.training.config import TrainConfig, save_config
@@ -37,6 +38,7 @@ from bsym.training.models import BsymModel, NetworkModel, build_model
 from bsym.training.models.base import need
 
 log = logging.getLogger(__name__)
+_RANGES: Any = {"features": {"input_ranges"}}
 RESUMABLE_CHANGES = {"optimizer.epochs", "optimizer.patience", "optimizer.max_steps", "output_dir"}
 
 
@@ -80,6 +82,8 @@ def train(
     if previous is not None:
         _check_same_split(previous.split, data.split, resume)
     train_rows, validation_rows = data.subset("train"), data.subset("validation")
+    save_config(config, config.output_dir / "config.yaml")
+    config = with_input_ranges(config, train_rows)
     copies, loss_weight = 1, 1.0
     terms: list[LossTerm] = []
     augmentation = config.augmentation
@@ -88,7 +92,6 @@ def train(
         train_rows, copies = augmented.rows, augmented.n_copies
         terms = [InvarianceTerm(augmentation.invariance.c2)]
         loss_weight = augmentation.invariance.c1
-    save_config(config, config.output_dir / "config.yaml")
     run = _Run(config, data.split)
     with deterministic():
         torch.manual_seed(config.seed)
@@ -100,6 +103,14 @@ def train(
     else:
         run.state = previous.fit_state()
     return run.result()
+
+
+def with_input_ranges(config: TrainConfig, train_rows: FeatureBatch) -> TrainConfig:
+    """The config whose feature spec records the ranges of the (unaugmented) training rows,
+    so that export writes them into the model and scoring can watch its inputs."""
+    ranges = training_ranges(config.features, train_rows)
+    features = config.features.model_copy(update={"input_ranges": ranges})
+    return config.model_copy(update={"features": features})
 
 
 class _Run:
@@ -200,8 +211,9 @@ class _Run:
 
 def _resumable(path: Path, config: TrainConfig) -> Checkpoint:
     checkpoint = read_checkpoint(path)
-    before = _flatten(checkpoint.config.model_dump(mode="json"))
-    now = _flatten(config.model_dump(mode="json"))
+    # The recorded ranges are derived from the data, which _check_same_split compares.
+    before = _flatten(checkpoint.config.model_dump(mode="json", exclude=_RANGES))
+    now = _flatten(config.model_dump(mode="json", exclude=_RANGES))
     changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
     changed = [key for key in changed if key not in RESUMABLE_CHANGES]
     if changed:

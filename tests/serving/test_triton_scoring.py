@@ -9,6 +9,7 @@ equal the embedded ONNX Runtime backend's within ``TOLERANCE``.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -217,7 +218,12 @@ def test_score_server_writes_the_embedded_friend_trees(
     assert local.exit_code == 0, local.output
     assert remote.exit_code == 0, remote.output
     names = sorted(p.name for p in (tmp_path / "embedded").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "triton").iterdir()) and len(names) == 2
+    assert names == sorted(p.name for p in (tmp_path / "triton").iterdir()) and len(names) == 3
+    report = f"{model}.inputs.json"
+    assert json.loads((tmp_path / "triton" / report).read_text()) == json.loads(
+        (tmp_path / "embedded" / report).read_text()
+    )
+    names.remove(report)
     for name in names:
         ours, theirs = tmp_path / "triton" / name, tmp_path / "embedded" / name
         assert friend_tree_structure(ours) == friend_tree_structure(theirs)
@@ -476,7 +482,8 @@ def test_server_killed_and_restarted_mid_run(
         assert 1 <= len(done) < len(inputs)
         if len(done) < len(inputs) - 1:
             assert "not scored: the run stopped at the server error above" in flat_log
-        assert not [p for p in out.iterdir() if p.suffix != ".root"]  # no partial outputs
+        # no partial outputs: friend trees and the input-range report only
+        assert not [p for p in out.iterdir() if p.suffix not in {".root", ".json"}]
 
         server = serve()
         command = cli_process(
@@ -493,7 +500,7 @@ def test_server_killed_and_restarted_mid_run(
         assert f"{len(done)} skipped, 0 failed" in log.replace("\n", " ")
     finally:
         server.stop()
-    assert not [p for p in out.iterdir() if p.suffix != ".root"]
+    assert not [p for p in out.iterdir() if p.suffix not in {".root", ".json"}]
     reference = tmp_path_factory.mktemp("reference")
     summary = score_files(
         [str(p) for p in inputs], embedded(model_repository, PFN), reference, progress=False
