@@ -14,8 +14,9 @@ from rich.console import Console
 from bsym.errors import BsymError
 
 T = TypeVar("T")
-stderr = Console(stderr=True)
-stdout = Console()
+# Soft wrap: long paths in messages stay whole, for copying, instead of being cut at 80 columns.
+stderr = Console(stderr=True, soft_wrap=True)
+stdout = Console(soft_wrap=True)
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 
 
