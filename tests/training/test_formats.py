@@ -168,3 +168,22 @@ def test_isolation_study_checks_the_user_files(tmp_path: Path, isolation_sample:
     code, output = cli("isolation", "--data", events, "--test-data", muons, *out)
     assert code == 1
     assert squeeze("isolation_events_000.root:Events has 'nMuon' (the event layout)") in output
+
+
+@pytest.mark.slow
+def test_isolation_study_on_user_files(tmp_path: Path, isolation_sample: Path) -> None:
+    from bsym.training.studies.isolation import QUICK, Row, UserData, run_study
+
+    data = UserData(
+        (TreeSource(isolation_sample / "isolation_muons_000.root", "Muons"),),
+        (TreeSource(isolation_sample / "isolation_muons_001.root", "Muons"),),
+    )
+    settings = QUICK.with_overrides(rows=(Row("1 cone + ΣpT", "isolation_cone1_sumpt"),))
+    result = run_study(settings, data, tmp_path / "out")
+    assert [(r.title, r.supervision) for r in result.runs] == [
+        ("1 cone + ΣpT", "truth"),
+        ("1 cone + ΣpT", "cwola"),
+    ]
+    assert result.runs[0].auc.value > 0.75
+    with uproot.open(data.test[0].path) as file:
+        assert 0 < result.n_test < file["Muons"].num_entries
