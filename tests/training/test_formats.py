@@ -112,7 +112,7 @@ def test_learning_curve_on_converted_files(tmp_path: Path) -> None:
         "--out", str(out),
     )  # fmt: skip
     assert code == 0, output
-    assert squeeze("dual subnet") in output
+    assert squeeze("test AUC, mean ± std of 1 (converted.root, test converted_test.root)") in output
     numbers = json.loads((out / "learning_curve.json").read_text())
     assert numbers["data"]["data"] == [f"{tmp_path / 'converted.root'}:Events"]
     assert numbers["data"]["rows"] == {"test": 800, "validation": 600}

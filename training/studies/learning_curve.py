@@ -204,6 +204,8 @@ class StudyResult:
     runs: list[RunResult] = field(default_factory=list)
     seconds: float = 0.0
     data: dict[str, object] = field(default_factory=dict)
+    sample: str = ""
+    """What was trained on, for titles: 'breaking 0.1', or the user's file names."""
 
     def summary(self) -> dict[str, dict[int, tuple[float, float]]]:
         """Mean and standard deviation of the test AUC, per model and training size."""
@@ -338,6 +340,12 @@ def _cut(
     return rows[:start], pools
 
 
+def file_names(sources: Sequence[TreeSource]) -> str:
+    """'a.root' or 'a.root + 2 more', for titles."""
+    more = f" + {len(sources) - 1} more" if len(sources) > 1 else ""
+    return f"{sources[0].path.name}{more}"
+
+
 def describe(sources: Sequence[TreeSource]) -> str:
     """'a.root:Events' or 'a.root:Events and 2 more files', for messages."""
     more = f" and {len(sources) - 1} more files" if len(sources) > 1 else ""
@@ -408,11 +416,14 @@ def run_study(
             "data": [str(source) for source in data.train],
             "test_data": [str(source) for source in data.test],
         }
+        tested = f"test {file_names(data.test)}" if data.test else "test rows cut from it"
+        sample = f"{file_names(data.train)}, {tested}"
     else:
         test, val, pools = split(load_data(settings, data), settings)
         record = {"simulated": {"breaking": settings.breaking, "cache": str(data)}}
+        sample = f"breaking {settings.breaking:g}"
     record["rows"] = {"test": test.n_rows, "validation": val.n_rows}
-    result = StudyResult(settings, data=record)
+    result = StudyResult(settings, data=record, sample=sample)
     jobs = [
         (repeat, size, name)
         for repeat in range(settings.repeats)
