@@ -152,8 +152,9 @@ def learning_curve_command(
     one CPU core; --quick a few minutes.
 
     With --data the study trains on your files (branches Muon_px, Muon_py, Muon_pz, Muon_E,
-    Muon_pt, lead_pt, label, weight; see docs/formats.md) and evaluates on --test-data, or
-    on --test-rows rows cut from --data. --cache names the folder of the simulated sample.
+    Muon_pt, lead_pt, label, and weight unless --no-reweight; see docs/formats.md) and
+    evaluates on --test-data, or on --test-rows rows cut from --data (default folder
+    studies/lorentz_data). --cache names the folder of the simulated sample.
     """
     from bsym.rootio import parse_inputs
     from bsym.training.models.lorentz import lorentz_feature_spec
