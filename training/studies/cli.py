@@ -23,8 +23,28 @@ if TYPE_CHECKING:
 Threads = Annotated[
     int, typer.Option(min=1, help="Torch CPU threads (1 is fastest on shared cores).")
 ]
-DataCache = Annotated[
-    Path, typer.Option(file_okay=False, help="Cache of simulated samples (reused).")
+Cache = Annotated[
+    Path,
+    typer.Option(file_okay=False, help="Folder of the simulated samples, written once and reused."),
+]
+DataFiles = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data",
+        metavar="FILES",
+        help="Train on these ROOT files instead of a simulated sample (file.root, "
+        "'dir/*.root', file.root:tree; repeatable). Formats: docs/formats.md.",
+        show_default=False,
+    ),
+]
+TestFiles = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--test-data",
+        metavar="FILES",
+        help="Evaluate on these ROOT files (with --data; repeatable).",
+        show_default=False,
+    ),
 ]
 MaxEpochs = Annotated[int | None, typer.Option(min=1, help="Maximum epochs per training.")]
 Seed = Annotated[int | None, typer.Option(help="Seed of the data and the trainings.")]
@@ -99,7 +119,22 @@ def learning_curve_command(
         ),
     ] = None,
     out: StudyOut = None,
-    data: DataCache = Path("data/lorentz_study"),
+    data: DataFiles = None,
+    test_data: TestFiles = None,
+    test_rows: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            help="Test rows (default 200k, --quick 50k): simulated, or cut from --data with "
+            "the study's seed when there is no --test-data.",
+            show_default=False,
+        ),
+    ] = None,
+    val_rows: Annotated[
+        int | None,
+        typer.Option(min=2, help="Validation rows (default 20k, --quick 10k).", show_default=False),
+    ] = None,
+    cache: Cache = Path("data/lorentz_study"),
     threads: Threads = 1,
 ) -> None:
     """Learning curve of the unconstrained, invariant and dual-subnet taggers (arXiv:2412.18773).
@@ -115,11 +150,30 @@ def learning_curve_command(
     every training gets at least 2,400 steps), keep the best-validation epoch;
     background weights in the loss (weighted BCE). The full study takes about 40 minutes on
     one CPU core; --quick a few minutes.
+
+    With --data the study trains on your files (branches Muon_px, Muon_py, Muon_pz, Muon_E,
+    Muon_pt, lead_pt, label, and weight unless --no-reweight; see docs/formats.md) and
+    evaluates on --test-data, or on --test-rows rows cut from --data (default folder
+    studies/lorentz_data). --cache names the folder of the simulated sample.
     """
-    from bsym.training.studies.learning_curve import QUICK, StudySettings, run_study, write_outputs
+    from bsym.rootio import parse_inputs
+    from bsym.training.models.lorentz import lorentz_feature_spec
+    from bsym.training.studies.learning_curve import (
+        QUICK,
+        StudySettings,
+        UserData,
+        run_study,
+        write_outputs,
+    )
     from bsym.training.studies.plots import learning_curve_plots
     from bsym.training.studies.reports import auc_table, weight_table
 
+    if data is None and test_data:
+        raise typer.BadParameter("--test-data needs --data (the files to train on)")
+    if data is not None and breaking is not None:
+        raise typer.BadParameter("--breaking sets the simulated sample; with --data it has none")
+    if test_data and test_rows is not None:
+        raise typer.BadParameter("--test-rows cuts test rows from --data; --test-data gives them")
     with user_errors():
         settings = (QUICK if quick else StudySettings()).with_overrides(
             sizes=parse_sizes(sizes),
@@ -128,14 +182,25 @@ def learning_curve_command(
             max_epochs=epochs,
             seed=seed,
             reweight=reweight,
+            test_events=test_rows,
+            val_events=val_rows,
         )
         suffix = "" if settings.reweight else "_unweighted"
-        out_dir = out or Path(f"studies/{task.value}_b{settings.breaking:g}{suffix}")
+        source: Path | UserData = cache
+        default_out = f"studies/{task.value}_b{settings.breaking:g}{suffix}"
+        if data is not None:
+            tree = lorentz_feature_spec().tree
+            source = UserData(
+                tuple(parse_inputs(data, default_tree=tree)),
+                tuple(parse_inputs(test_data or [], default_tree=tree)),
+            )
+            default_out = f"studies/{task.value}_data{suffix}"
+        out_dir = out or Path(default_out)
         out_dir.mkdir(parents=True, exist_ok=True)
         log = out_dir / "runs.jsonl"
         log.write_text("")
         result = run_study(
-            settings, data, on_run=lambda run: _report_run(run, log), threads=threads
+            settings, source, on_run=lambda run: _report_run(run, log), threads=threads
         )
         paths = [log, *write_outputs(result, out_dir), *learning_curve_plots(result, out_dir)]
     show(auc_table(result), weight_table(result))
@@ -165,7 +230,7 @@ def augmentation_command(
     ] = None,
     seed: Seed = None,
     out: StudyOut = None,
-    data: DataCache = Path("data/augmentation_study"),
+    cache: Cache = Path("data/augmentation_study"),
     threads: Threads = 1,
 ) -> None:
     """Rotation augmentation against training size on calorimeter showers (arXiv:2311.05952).
@@ -178,6 +243,11 @@ def augmentation_command(
     auc_vs_size.png and signal_efficiency_vs_size.png (default folder
     studies/augmentation_<geometry>). The full study takes about 22 min on
     one core; --quick a few minutes.
+
+    It takes no --data: pre-detector augmentation rotates the particles before the
+    detector and simulates them again, which needs the particle-level truth and the
+    detector of the simulation; files of detector cells alone cannot be resimulated.
+    --cache names the folder of the simulated samples.
     """
     from bsym.training.studies.augmentation import QUICK, StudySettings, run_study, write_outputs
     from bsym.training.studies.plots import augmentation_plots
@@ -198,7 +268,7 @@ def augmentation_command(
         log.write_text("")
         result = run_study(
             settings,
-            data,
+            cache,
             on_run=lambda run: _report_augmentation_run(run, log),
             on_note=lambda note: stdout.print(f"[yellow]{note}[/]"),
             threads=threads,
@@ -247,7 +317,9 @@ def isolation_command(
     out: Annotated[
         Path, typer.Option("--out", "-o", file_okay=False, help="Output folder.")
     ] = Path("studies/isolation"),
-    data: DataCache = Path("data/isolation_study"),
+    data: DataFiles = None,
+    test_data: TestFiles = None,
+    cache: Cache = Path("data/isolation_study"),
     threads: Threads = 1,
 ) -> None:
     """Isolation networks trained with and without labels (arXiv:2306.15737), one table.
@@ -258,11 +330,29 @@ def isolation_command(
     the prompt efficiency at 50% non-prompt efficiency, and for CWoLa the sWeighted AUC from
     a fit of the dimuon mass, each ± bootstrap error. Writes isolation_study.json and
     roc_isolation.png. See docs/cwola.md.
+
+    With --data and --test-data the study trains and tests on your files of the object
+    layout (tree Muons, one entry per muon, the branches of docs/formats.md) instead of the
+    simulated samples (then --events does not apply); --cache names the folder of those.
     """
-    from bsym.training.studies.isolation import QUICK, StudySettings, run_study, write_outputs
+    from bsym.rootio import parse_inputs
+    from bsym.training.studies.isolation import (
+        QUICK,
+        StudySettings,
+        UserData,
+        run_study,
+        write_outputs,
+    )
     from bsym.training.studies.plots import isolation_plots
     from bsym.training.studies.reports import differences_table, isolation_table
 
+    if (data is None) != (test_data is None):
+        raise typer.BadParameter(
+            "--data and --test-data go together: the test rows are the CWoLa rows of their own "
+            "sample, so they are not cut from the training files"
+        )
+    if data is not None and events is not None:
+        raise typer.BadParameter("--events sets the simulated sample; with --data it has none")
     with user_errors():
         settings = (QUICK if quick else StudySettings()).with_overrides(
             train_events=events,
@@ -270,9 +360,15 @@ def isolation_command(
             max_epochs=epochs,
             seed=seed,
         )
+        source: Path | UserData = cache
+        if data is not None:
+            source = UserData(
+                tuple(parse_inputs(data, default_tree="Muons")),
+                tuple(parse_inputs(test_data or [], default_tree="Muons")),
+            )
         result = run_study(
             settings,
-            data,
+            source,
             out,
             on_run=_report_isolation_run,
             on_note=lambda note: stdout.print(f"[yellow]{note}[/]"),

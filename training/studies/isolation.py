@@ -18,6 +18,10 @@ Figures (each ± the standard deviation over ``bootstraps`` resamplings of the t
     non-prompt muons pass). CWoLa: the true AUC, the sWeighted AUC from a fit of the test
     rows' dimuon mass (:mod:`bsym.training.sweights`, refitted in every resampling), and the
     true ε_S at ε_B = 50%.
+User files (:class:`UserData`, ``--data`` and ``--test-data``)
+    Files of the object layout (one entry per muon, docs/formats.md) take the place of the two
+    samples: the training files need the branches of every config and the CWoLa branches,
+    the test files those and the truth ``Muon_genPartFlav``.
 Training
     Each config's network and optimiser, with at most ``max_epochs`` epochs and patience
     ``patience`` (early stopping on the validation AUC of the training's own labels: truth,
@@ -38,13 +42,14 @@ from pydantic import Field
 
 from bsym.configs import shipped_config
 from bsym.errors import ConfigError
-from bsym.rootio import TreeSource
+from bsym.rootio import TreeSource, check_branches, open_tree
 from bsym.settings import Settings
 from bsym.training.cwola import CwolaRows, SupervisionConfig, prompt_fractions, read_cwola_rows
 from bsym.training.metrics import roc_auc, roc_curve, signal_efficiency
 from bsym.training.studies.harness import bootstrap, cached_sample, write_json
 
 if TYPE_CHECKING:
+    from bsym.features import FeatureSpec
     from bsym.training.checkpoint import LoadedModel
     from bsym.training.config import TrainConfig
     from bsym.training.sweights import MassFit
@@ -98,6 +103,14 @@ class StudySettings(Settings):
 
 
 QUICK = StudySettings(train_events=8_000, test_events=6_000, max_epochs=4, patience=2, bootstraps=8)
+
+
+@dataclass(frozen=True)
+class UserData:
+    """The user's training and test files (object layout), in place of the simulated samples."""
+
+    train: tuple[TreeSource, ...]
+    test: tuple[TreeSource, ...]
 
 
 @dataclass(frozen=True)
@@ -187,14 +200,17 @@ def _sample(data_dir: Path, kind: str, n_events: int, *, seed: int) -> list[Path
 
 def run_study(
     settings: StudySettings,
-    data_dir: Path,
+    data: Path | UserData,
     out_dir: Path,
     *,
     on_run: Callable[[RunResult], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     threads: int = 1,
 ) -> StudyResult:
-    """Train every available row under both supervisions and score them on the test rows."""
+    """Train every available row under both supervisions and score them on the test rows.
+
+    ``data`` is the cache directory of the simulated samples, or the user's files.
+    """
     import torch
 
     from bsym.features import Feature, FeatureSpec
@@ -202,16 +218,21 @@ def run_study(
     torch.set_num_threads(threads)
     start = time.perf_counter()
     result = StudyResult(settings)
-    train_files, test_files = simulate_samples(settings, data_dir)
-    test_sources = [TreeSource(path, "Muons") for path in test_files]
+    if isinstance(data, UserData):
+        train_sources, test_sources = list(data.train), list(data.test)
+    else:
+        train_files, test_files = simulate_samples(settings, data)
+        train_sources = [TreeSource(path, "Muons") for path in train_files]
+        test_sources = [TreeSource(path, "Muons") for path in test_files]
     # The rows depend on the CWoLa branches only: the same for every model's feature spec.
     any_spec = FeatureSpec(globals=[Feature(branch="Muon_pt")])
+    _check_truth(test_sources, any_spec)
     test_rows = read_cwola_rows(test_sources, any_spec, SupervisionConfig(type="cwola"))
     if test_rows.truth is None:
-        raise ConfigError("the simulated test sample has no truth label")
+        raise ConfigError("the test files gave no truth label")
     truth = test_rows.truth
     result.n_test = int(test_rows.keep.size)
-    result.prompt_fractions = _train_prompt_fractions(train_files)
+    result.prompt_fractions = _train_prompt_fractions(train_sources)
     for row in settings.rows:
         title = row.title
         path = shipped_config(row.config)
@@ -228,7 +249,7 @@ def run_study(
                 row,
                 supervision,
                 settings,
-                train_files,
+                train_sources,
                 test_sources,
                 test_rows,
                 truth,
@@ -249,7 +270,7 @@ def _train_and_score(
     row: Row,
     supervision: str,
     settings: StudySettings,
-    train_files: Sequence[Path],
+    train_sources: Sequence[TreeSource],
     test_sources: Sequence[TreeSource],
     test_rows: CwolaRows,
     truth: npt.NDArray[np.int64],
@@ -265,7 +286,7 @@ def _train_and_score(
     began = time.perf_counter()
     name = row.config
     epoch_cap = min(settings.max_epochs, row.max_epochs or settings.max_epochs)
-    files = "[" + ", ".join(str(p) for p in train_files) + "]"
+    files = "[" + ", ".join(f"'{source}'" for source in train_sources) + "]"
     config = load_config(
         shipped_config(name),
         [
@@ -398,17 +419,36 @@ def _bootstrapped(
     return auc, eff50, eff5
 
 
-def _train_prompt_fractions(train_files: Sequence[Path]) -> dict[str, float]:
+def _check_truth(sources: Sequence[TreeSource], spec: FeatureSpec) -> None:
+    """Raise, naming the file and tree, where a test file lacks the truth label."""
+    assert spec.label is not None
+    for source in sources:
+        tree = open_tree(source)
+        try:
+            check_branches(tree, source, [spec.label.branch])
+        finally:
+            tree.file.close()
+
+
+def _train_prompt_fractions(sources: Sequence[TreeSource]) -> dict[str, float]:
     """Prompt fraction of the selected pair muons of the training sample, per CWoLa group."""
+    from bsym.features import Feature, FeatureSpec, detect_layout
     from bsym.rootio import read_all
 
     config = SupervisionConfig(type="cwola")
+    objects = FeatureSpec(globals=[Feature(branch="Muon_pt")])
+    for source in sources:
+        tree = open_tree(source)
+        layout = detect_layout(tree.keys(), objects)
+        tree.file.close()
+        if layout != "object":
+            raise ConfigError(
+                f"{source} has '{objects.count_branch}' (the event layout); the isolation "
+                "study reads the object layout, one entry per muon (docs/formats.md)"
+            )
     parts = [
-        read_all(
-            TreeSource(path, "Muons"),
-            ["dimuon_mass", "dimuon_os", "Muon_genPartFlav", *config.selection],
-        )
-        for path in train_files
+        read_all(source, ["dimuon_mass", "dimuon_os", "Muon_genPartFlav", *config.selection])
+        for source in sources
     ]
     mass = np.concatenate([np.asarray(p["dimuon_mass"], dtype=np.float64) for p in parts])
     opposite = np.concatenate([np.asarray(p["dimuon_os"]) != 0 for p in parts])

@@ -6,12 +6,18 @@ repeats and reports the test AUC of each, and the learned weight of the dual sub
 unconstrained half in bins of leading-muon pT.
 
 Data
-    One sample from :func:`bsym.simulate.lorentz.write_lorentz` (cached in the data directory
+    One sample from :func:`bsym.simulate.lorentz.write_lorentz` (cached in the cache directory
     under the breaking strength, seed and size, and reused), read back through the feature
     spec like any training file. Its first ``test_events`` events are the test set, the next
     ``val_events`` the validation set, and repeat r trains on the first n events of its own
     block of ``max(sizes)`` events, so the training sets of one repeat are nested and the
     repeats are disjoint.
+User files (:class:`UserData`, ``--data`` and ``--test-data``; the format in docs/formats.md)
+    Read through the same feature spec. The rows of ``--data`` are shuffled with the study's
+    seed (a file sorted by class would otherwise give one-class training sets) and then cut
+    as above: ``test_events`` test rows first unless ``--test-data`` gives the test set (all
+    its rows, in file order), then ``val_events`` validation rows and the repeats' blocks.
+    Without the background weights (``reweight=False``) the ``weight`` branch is not read.
 Training (in memory, with the one training loop :func:`bsym.training.fit.fit`; the paper's
 AdamW lr 1e-5, batch 128, 100 epochs is far too slow for the budget of an hour on two shared
 CPU cores for 45 trainings)
@@ -60,7 +66,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,8 +77,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from bsym.errors import SpecMismatchError
+from bsym.errors import ConfigError
 from bsym.features import FeatureBatch
+from bsym.rootio import TreeSource
 from bsym.settings import Settings
 from bsym.training.fit import (
     EVAL_BATCH,
@@ -180,13 +187,25 @@ class RunResult:
     weight_vs_pt: list[float] | None = None
 
 
+@dataclass(frozen=True)
+class UserData:
+    """The user's files: training rows (validation and, without ``test``, test rows cut from
+    them with the study's seed) and the test set."""
+
+    train: tuple[TreeSource, ...]
+    test: tuple[TreeSource, ...] = ()
+
+
 @dataclass
 class StudyResult:
-    """All runs of a study, with the settings that produced them."""
+    """All runs of a study, with the settings and the data that produced them."""
 
     settings: StudySettings
     runs: list[RunResult] = field(default_factory=list)
     seconds: float = 0.0
+    data: dict[str, object] = field(default_factory=dict)
+    sample: str = ""
+    """What was trained on, for titles: 'breaking 0.1', or the user's file names."""
 
     def summary(self) -> dict[str, dict[int, tuple[float, float]]]:
         """Mean and standard deviation of the test AUC, per model and training size."""
@@ -210,6 +229,7 @@ class StudyResult:
         """The numbers of the study, as written to ``learning_curve.json``."""
         return {
             "settings": self.settings.model_dump(mode="json"),
+            "data": self.data,
             "seconds": self.seconds,
             "pt_bins": pt_bin_labels(),
             "auc": jsonable_summary(self.summary()),
@@ -236,10 +256,7 @@ def pt_bin_labels() -> list[str]:
 
 def load_data(settings: StudySettings, data_dir: Path) -> FeatureBatch:
     """Simulate the study's sample into ``data_dir`` (or reuse it) and read it as rows."""
-    from bsym.features import build_features, detect_layout, required_branches
-    from bsym.rootio import TreeSource, open_tree, read_all
     from bsym.simulate.lorentz import write_lorentz
-    from bsym.training.dataset import concatenate
 
     sample_dir = data_dir / (
         f"breaking{settings.breaking:g}_seed{settings.seed}_n{settings.total_events}"
@@ -251,20 +268,22 @@ def load_data(settings: StudySettings, data_dir: Path) -> FeatureBatch:
             out, settings.total_events, seed=settings.seed, breaking=settings.breaking
         ),
     )
+    return read_study_rows(
+        [TreeSource(path, lorentz_feature_spec().tree) for path in paths], settings
+    )
+
+
+def read_study_rows(sources: Sequence[TreeSource], settings: StudySettings) -> FeatureBatch:
+    """The rows of ``sources`` through the Lorentz feature spec; weights 1 without ``reweight``
+    (the ``weight`` branch is then not read)."""
+    from bsym.training.dataset import read_rows
+
     spec = lorentz_feature_spec()
-    batches = []
-    for path in paths:
-        source = TreeSource(path, spec.tree)
-        tree = open_tree(source)
-        layout = detect_layout(tree.keys(), spec)
-        tree.file.close()
-        arrays = read_all(source, required_branches(spec, layout, with_label=True))
-        batches.append(build_features(arrays, spec, layout, with_label=True))
-    rows = concatenate(batches)
-    if rows.weight is None:
-        raise SpecMismatchError("the lorentz feature spec gave no event weights")
     if not settings.reweight:
-        rows = dataclasses.replace(rows, weight=np.ones_like(rows.weight))
+        spec = spec.model_copy(update={"weight": None})
+    rows, _ = read_rows(sources, spec)
+    if rows.weight is None:
+        rows = dataclasses.replace(rows, weight=np.ones(rows.n_rows, dtype=np.float32))
     return rows
 
 
@@ -274,13 +293,63 @@ def split(
     """Test set, validation set and one training pool per repeat (see the module docstring)."""
     from bsym.training.dataset import take
 
-    def rows(start: int, stop: int) -> FeatureBatch:
-        return take(data, np.arange(start, stop, dtype=np.int64))
+    order = np.arange(data.n_rows, dtype=np.int64)
+    test, rest = order[: settings.test_events], order[settings.test_events :]
+    val, pools = _cut(rest, settings, "the simulated sample")
+    return take(data, test), take(data, val), [take(data, pool) for pool in pools]
 
-    stop = settings.test_events + settings.val_events
+
+def split_user_data(
+    data: UserData, settings: StudySettings
+) -> tuple[FeatureBatch, FeatureBatch, list[FeatureBatch]]:
+    """Test, validation and training pools from the user's files (see the module docstring)."""
+    from bsym.training.dataset import take
+
+    rows = read_study_rows(data.train, settings)
+    order = np.random.default_rng([settings.seed, 0]).permutation(rows.n_rows).astype(np.int64)
+    what = describe(data.train)
+    if data.test:
+        test = read_study_rows(data.test, settings)
+        rest = order
+    else:
+        if rows.n_rows <= settings.test_events:
+            raise ConfigError(
+                f"{what} has {rows.n_rows} rows, not more than the {settings.test_events} test "
+                "rows to cut from it: pass --test-data, or a smaller --test-rows"
+            )
+        test = take(rows, np.sort(order[: settings.test_events]))
+        rest = order[settings.test_events :]
+    val, pools = _cut(rest, settings, what)
+    return test, take(rows, val), [take(rows, pool) for pool in pools]
+
+
+def _cut(
+    rows: npt.NDArray[np.int64], settings: StudySettings, what: str
+) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.int64]]]:
+    """Validation rows, then one block of ``max(sizes)`` rows per repeat."""
     block = max(settings.sizes)
-    pools = [rows(stop + r * block, stop + (r + 1) * block) for r in range(settings.repeats)]
-    return rows(0, settings.test_events), rows(settings.test_events, stop), pools
+    needed = settings.val_events + settings.repeats * block
+    if len(rows) < needed:
+        raise ConfigError(
+            f"{what}: {len(rows)} rows left for training, but the study needs {needed} "
+            f"({settings.val_events} validation + {settings.repeats} repeats × {block}, the "
+            "largest size): pass fewer or smaller --sizes, fewer --repeats or a smaller --val-rows"
+        )
+    start = settings.val_events
+    pools = [rows[start + r * block : start + (r + 1) * block] for r in range(settings.repeats)]
+    return rows[:start], pools
+
+
+def file_names(sources: Sequence[TreeSource]) -> str:
+    """'a.root' or 'a.root + 2 more', for titles."""
+    more = f" + {len(sources) - 1} more" if len(sources) > 1 else ""
+    return f"{sources[0].path.name}{more}"
+
+
+def describe(sources: Sequence[TreeSource]) -> str:
+    """'a.root:Events' or 'a.root:Events and 2 more files', for messages."""
+    more = f" and {len(sources) - 1} more files" if len(sources) > 1 else ""
+    return f"{sources[0]}{more}"
 
 
 def weighted_auc(model: LorentzNetwork, data: FeatureBatch) -> float:
@@ -325,12 +394,15 @@ def train_model(
 
 def run_study(
     settings: StudySettings,
-    data_dir: Path,
+    data: Path | UserData,
     *,
     on_run: Callable[[RunResult], None] | None = None,
     threads: int | None = None,
 ) -> StudyResult:
-    """Train every model at every size and repeat; ``on_run`` sees each result as it comes."""
+    """Train every model at every size and repeat; ``on_run`` sees each result as it comes.
+
+    ``data`` is the cache directory of the simulated sample, or the user's files.
+    """
     from tqdm import tqdm
 
     from bsym.training.dataset import take
@@ -338,8 +410,20 @@ def run_study(
     if threads is not None:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    test, val, pools = split(load_data(settings, data_dir), settings)
-    result = StudyResult(settings)
+    if isinstance(data, UserData):
+        test, val, pools = split_user_data(data, settings)
+        record: dict[str, object] = {
+            "data": [str(source) for source in data.train],
+            "test_data": [str(source) for source in data.test],
+        }
+        tested = f"test {file_names(data.test)}" if data.test else "test rows cut from it"
+        sample = f"{file_names(data.train)}, {tested}"
+    else:
+        test, val, pools = split(load_data(settings, data), settings)
+        record = {"simulated": {"breaking": settings.breaking, "cache": str(data)}}
+        sample = f"breaking {settings.breaking:g}"
+    record["rows"] = {"test": test.n_rows, "validation": val.n_rows}
+    result = StudyResult(settings, data=record, sample=sample)
     jobs = [
         (repeat, size, name)
         for repeat in range(settings.repeats)

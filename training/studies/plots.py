@@ -61,7 +61,7 @@ def learning_curve_plots(result: LearningCurveResult, out_dir: Path) -> list[Pat
     axes.set_xscale("log")
     axes.set_xlabel("training events")
     axes.set_ylabel("test AUC (weighted)")
-    axes.set_title(f"dimuon task, breaking {result.settings.breaking:g}")
+    axes.set_title(f"dimuon task, {result.sample}")
     axes.legend()
     paths = [_save(figure, out_dir / "auc_vs_size.png")]
     weights = result.weight_summary()

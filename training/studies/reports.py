@@ -25,7 +25,7 @@ def auc_table(result: LearningCurveResult) -> Table:
     summary = result.summary()
     settings = result.settings
     table = Table(
-        f"test AUC, mean ± std of {settings.repeats} (breaking {settings.breaking:g})",
+        f"test AUC, mean ± std of {settings.repeats} ({result.sample})",
         [Column("train events", "right"), *(Column(MODEL_TITLES[m]) for m in settings.models)],
     )
     for size in settings.sizes:
