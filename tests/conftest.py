@@ -8,6 +8,7 @@ write their own outputs elsewhere (``tmp_path``).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,17 @@ def isolation_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("isolation")
     write_isolation(out, ISOLATION_EVENTS, seed=11, events_per_file=ISOLATION_EVENTS // 2)
     return out
+
+
+@pytest.fixture(scope="session")
+def nanoaod_dir() -> Path:
+    """The real CMS NanoAOD files: ``BSYM_NANOAOD_DIR``, else ``shared/data/nanoaod`` beside
+    the repository; read-only, so tests copy a file to ``tmp_path`` before using it."""
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(os.environ.get("BSYM_NANOAOD_DIR", root.parent / "shared" / "data" / "nanoaod"))
+    if not folder.is_dir():
+        pytest.skip(f"no NanoAOD test files at {folder} (set BSYM_NANOAOD_DIR)")
+    return folder
 
 
 @pytest.fixture(scope="session")
