@@ -32,14 +32,9 @@ from bsym.contract import find_model
 from bsym.errors import SpecMismatchError, did_you_mean
 from bsym.extras import require
 from bsym.features import FeatureSpec, Layout, build_features
-from bsym.serving.analysis import branch_arrays
+from bsym.serving.analysis import TritonModel, branch_arrays
 from bsym.serving.backend import Tensor, check_inputs
-from bsym.serving.defaults import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_IN_FLIGHT,
-    DEFAULT_RETRY_TIMEOUT,
-    DEFAULT_TIMEOUT,
-)
+from bsym.serving.defaults import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     from bsym.serving.onnx_backend import OnnxRuntimeBackend
@@ -187,7 +182,8 @@ class OnnxModelWrapper(_ModelWrapper):
 class TritonModelWrapper(_ModelWrapper):
     """A model on a Triton server (gRPC ``HOST:PORT``), through bsym's Triton client: the
     feature spec comes from the server, requests are batched and retried as ``bsym score
-    --server`` does."""
+    --server`` does. ``options`` are :class:`~bsym.serving.TritonModel`'s (``batch_size``,
+    ``max_in_flight``, ``timeout``, ``retry_timeout``)."""
 
     def __init__(
         self,
@@ -196,39 +192,19 @@ class TritonModelWrapper(_ModelWrapper):
         *,
         version: int | None = None,
         output: str = "score",
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_in_flight: int = DEFAULT_IN_FLIGHT,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        **options: Any,
     ) -> None:
         super().__init__(output)
-        self.url = url
-        self.model = model
-        self.version = version
-        self.batch_size = batch_size
-        self.max_in_flight = max_in_flight
-        self.timeout = timeout
-        self.retry_timeout = retry_timeout
+        self.client = TritonModel(url, model, version=version, **options)
 
     def _key(self) -> Hashable:
-        return ("triton", self.url, self.model, self.version, self.batch_size, self.max_in_flight)
+        return ("triton", *sorted(self.client.__getstate__().items()))
 
     def _load(self) -> Backend:
-        from bsym.serving.triton_client import RetryPolicy, TritonBackend
-
-        return TritonBackend(
-            self.url,
-            self.model,
-            version=self.version,
-            batch_size=self.batch_size,
-            max_in_flight=self.max_in_flight,
-            timeout=self.timeout,
-            retry=RetryPolicy(total=self.retry_timeout),
-        )
+        return self.client.backend
 
     def __repr__(self) -> str:
-        version = "latest" if self.version is None else self.version
-        return f"TritonModelWrapper({self.url!r}, {self.model!r}, version={version})"
+        return f"TritonModelWrapper({self.client!r}, output={self.output!r})"
 
 
 __all__ = ["OnnxModelWrapper", "TritonModelWrapper", "model_loads"]
