@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any, TypeAlias
 
 import awkward as ak
@@ -201,15 +202,16 @@ def _aligned(value: Tensor, counts: npt.NDArray[np.int64] | None) -> Scores:
     return ak.unflatten(value, counts)
 
 
-def branch_arrays(events: Any, spec: FeatureSpec) -> tuple[ak.Array, Layout]:
-    """The branches ``spec`` reads, by their flat names, from uproot- or coffea-style events."""
-    if hasattr(events, "dask") and hasattr(events, "npartitions"):
+def branch_arrays(events: Any, spec: FeatureSpec, lib: ModuleType = ak) -> tuple[Any, Layout]:
+    """The branches ``spec`` reads, by their flat names, from uproot- or coffea-style events;
+    ``lib=dask_awkward`` takes dask collections and returns one."""
+    if lib is ak and hasattr(events, "dask") and hasattr(events, "npartitions"):
         raise BsymError(
             "TritonModel scores eager arrays, not dask collections; call it inside "
             "dask_awkward.map_partitions, or read the events eagerly (coffea: mode='eager')"
         )
-    if not isinstance(events, Mapping | ak.Array) or (
-        isinstance(events, ak.Array) and not events.fields
+    if not (isinstance(events, Mapping) or _is_array(events)) or (
+        _is_array(events) and not events.fields
     ):
         raise BsymError(
             f"TritonModel takes an awkward record array or a dict of arrays, got "
@@ -220,8 +222,13 @@ def branch_arrays(events: Any, spec: FeatureSpec) -> tuple[ak.Array, Layout]:
     layout: Layout = "event" if has_count else "object"
     columns = {}
     for name in required_branches(spec, layout, with_label=False):
-        columns[name] = _branch(events, fields, name, spec)
-    return ak.zip(columns, depth_limit=1), layout
+        columns[name] = _branch(events, fields, name, spec, lib)
+    return lib.zip(columns, depth_limit=1), layout
+
+
+def _is_array(value: Any) -> bool:
+    """An awkward array, or a dask-awkward collection of them."""
+    return isinstance(value, ak.Array) or type(value).__module__.startswith("dask_awkward")
 
 
 def _jagged_if_object(value: Any) -> Any:
@@ -238,23 +245,23 @@ def _collection(events: Any, fields: list[str], name: str) -> bool:
     if name not in fields:
         return False
     value = events[name]
-    return isinstance(value, ak.Array) and value.ndim == 2 and bool(value.fields)
+    return _is_array(value) and value.ndim == 2 and bool(value.fields)
 
 
-def _branch(events: Any, fields: list[str], name: str, spec: FeatureSpec) -> Any:
+def _branch(events: Any, fields: list[str], name: str, spec: FeatureSpec, lib: ModuleType) -> Any:
     if name in fields:
         return _jagged_if_object(events[name])
     if name == spec.count_branch and _collection(events, fields, spec.objects):
-        return ak.num(events[spec.objects], axis=1)
+        return lib.num(events[spec.objects], axis=1)
     collection, _, field = name.partition("_")
     if field and collection in fields:
         nested = events[collection]
-        if isinstance(nested, ak.Array) and field in nested.fields:
+        if _is_array(nested) and field in nested.fields:
             return nested[field]
     available = fields + [
         f"{collection}_{inner}"
         for collection in fields
-        if isinstance(events[collection], ak.Array)
+        if _is_array(events[collection])
         for inner in events[collection].fields
     ]
     raise SpecMismatchError(

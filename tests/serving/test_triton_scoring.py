@@ -609,25 +609,3 @@ def test_uproot_example_runs(served: Served) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("chunk of") == 6  # two files of 1200 events, 500 at a time
     assert "in 2,400 events" in result.stdout
-
-
-def test_coffea_example_processor(served: Served) -> None:
-    """coffea is not installed: the processor runs on a NanoEvents-like record array."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import coffea_processor
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    with uproot.open(served.data / "isolation_events_000.root") as file:
-        flat = file["Events"].arrays()
-    events = ak.zip(
-        {
-            "Muon": ak.zip({f[5:]: flat[f] for f in flat.fields if f.startswith("Muon_")}),
-            "CaloCell": ak.zip({f[9:]: flat[f] for f in flat.fields if f.startswith("CaloCell_")}),
-        },
-        depth_limit=1,
-    )
-    with TritonModel(served.url, PFN) as model:
-        result = coffea_processor.IsolationProcessor(model).process(events)
-    assert result["events"] == 1200 and result["muons"] == int(ak.sum(flat.nMuon))
-    assert int(result["score_histogram"].sum()) == result["muons"]
