@@ -8,6 +8,7 @@ write their own outputs elsewhere (``tmp_path``).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,19 @@ def isolation_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("isolation")
     write_isolation(out, ISOLATION_EVENTS, seed=11, events_per_file=ISOLATION_EVENTS // 2)
     return out
+
+
+@pytest.fixture(scope="session")
+def nanoaod_dir() -> Path:
+    """The real CMS NanoAOD test files (their README says what they hold): the folder
+    ``BSYM_NANOAOD_DIR`` names, else ``shared/data/nanoaod`` beside the repository; tests
+    that use it skip where it is absent. The files are read-only: copy one before writing
+    next to it."""
+    default = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nanoaod"
+    folder = Path(os.environ.get("BSYM_NANOAOD_DIR") or default)
+    if not folder.is_dir():
+        pytest.skip(f"the real NanoAOD test files are absent: no folder {folder}")
+    return folder
 
 
 @pytest.fixture(scope="session")

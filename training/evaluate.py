@@ -201,8 +201,8 @@ def _rows(loaded: LoadedModel, data: Sequence[str] | None) -> tuple[FeatureBatch
     from bsym.training.dataset import read_training_rows
 
     sources = parse_inputs(data, default_tree=loaded.config.data.tree or loaded.spec.tree)
-    batch, _ = read_training_rows(sources, loaded.config, max_rows=None)
-    return batch, ", ".join(str(source) for source in sources)
+    batch, records = read_training_rows(sources, loaded.config, max_rows=None)
+    return batch, ", ".join(f"{record.path}:{record.tree}" for record in records)
 
 
 def _bootstrap(
