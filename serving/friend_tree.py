@@ -231,8 +231,8 @@ class FriendTreeWriter:
 
 def _set_counter_dtype(tree: Any, name: str, dtype: np.dtype[np.generic]) -> None:
     """Give the counter the input's integer type: uproot declares every counter int32, where
-    NanoAOD's ``nMuon`` is uint32. uproot has no option for it, so its branch record (read when
-    the metadata and baskets are written) is changed before the first ``extend``."""
+    NanoAOD's ``nMuon`` is uint32. uproot has no option for it, so its branch record is changed
+    and the tree's metadata rewritten (in place of the first) before the first ``extend``."""
     from uproot.writing._cascadetree import _dtype_to_char
 
     cascading = tree._cascading
@@ -242,6 +242,7 @@ def _set_counter_dtype(tree: Any, name: str, dtype: np.dtype[np.generic]) -> Non
         raise SpecMismatchError(f"cannot write the counter '{name}' as {dtype}")
     datum["dtype"] = stored
     datum["fTitle"] = f"{name}/{_dtype_to_char[stored]}"
+    cascading.write_anew(tree._file.sink)
 
 
 def read_provenance(path: Path) -> dict[str, str]:
