@@ -63,7 +63,11 @@ def _split_tree(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-TREE_KINDS = {"TTree": "TTree", "ROOT::RNTuple": "RNTuple", "ROOT::Experimental::RNTuple": "RNTuple"}
+TREE_KINDS = {
+    "TTree": "TTree",
+    "ROOT::RNTuple": "RNTuple",
+    "ROOT::Experimental::RNTuple": "RNTuple",
+}
 
 
 def tree_kind(tree: Any) -> str:
@@ -119,7 +123,7 @@ def find_tree(source: TreeSource, count_branch: str) -> TreeSource:
             return replace(source, explicit=True)
         if len(trees) == 1:
             return TreeSource(source.path, next(iter(trees)))
-        with_count = [name for name in trees if count_branch in file[name].keys()]
+        with_count = [name for name in trees if count_branch in set(file[name].keys())]
         if len(with_count) == 1:
             return TreeSource(source.path, with_count[0])
         found = f"{len(with_count)} trees have" if with_count else "no tree has"
@@ -146,7 +150,7 @@ def open_input(source: TreeSource, count_branch: str) -> tuple[TreeSource, Any]:
 
 def reading(source: TreeSource, tree: Any, count_branch: str) -> str:
     """'nano_dy.root: reading Events (RNTuple, event layout, 40 entries)'."""
-    layout = "event" if count_branch in tree.keys() else "object"
+    layout = "event" if count_branch in set(tree.keys()) else "object"
     return (
         f"{source.path.name}: reading {source.tree} ({tree_kind(tree)}, {layout} layout, "
         f"{tree.num_entries:,} entries)"
@@ -176,9 +180,7 @@ def open_tree(source: TreeSource) -> Any:
             raise _no_tree(source, file)
         tree = file[source.tree]
         if not hasattr(tree, "num_entries"):
-            raise InputFileError(
-                f"{source} is a {type(tree).__name__}, not a TTree or RNTuple"
-            )
+            raise InputFileError(f"{source} is a {type(tree).__name__}, not a TTree or RNTuple")
         tree.keys()  # reads the branch metadata now, where a truncated file fails
     except InputFileError:
         file.close()

@@ -102,9 +102,11 @@ def test_score_real_nanoaod_embedded_and_with_triton(
         assert result.reading == f"{name}: reading Events ({kind}, event layout, {entries} entries)"
     command = [sys.executable, "-c", "from bsym.cli import app; app()", "serve"]
     command += ["--repository", str(reliso_repository), "--grpc-port", "0", "--http-port", "0"]
-    with bsym_serve([*command, "--instances", "1"]) as serve:
-        with TritonBackend(serve.url, MODEL) as served:
-            score_each(nano, served, tmp_path / "triton")
+    with (
+        bsym_serve([*command, "--instances", "1"]) as serve,
+        TritonBackend(serve.url, MODEL) as served,
+    ):
+        score_each(nano, served, tmp_path / "triton")
     assert serve.process.returncode == 0, serve.output
 
     for name, (_, entries) in SCORED.items():
