@@ -116,6 +116,13 @@ def find_tree(source: TreeSource, count_branch: str) -> TreeSource:
     """
     file = _open_file(source.path)
     try:
+        return _pick_tree(source, file, count_branch)
+    finally:
+        file.close()
+
+
+def _pick_tree(source: TreeSource, file: Any, count_branch: str) -> TreeSource:
+    try:
         trees = _trees(file)
         if source.explicit or source.tree in trees:
             if source.tree not in trees:
@@ -138,14 +145,17 @@ def find_tree(source: TreeSource, count_branch: str) -> TreeSource:
         raise InputFileError(
             f"{source.path}: cannot list its trees ({_without(error, source.path)})"
         ) from error
-    finally:
-        file.close()
 
 
 def open_input(source: TreeSource, count_branch: str) -> tuple[TreeSource, Any]:
     """Find the tree by :func:`find_tree` and open it; say which with :func:`reading`."""
-    resolved = find_tree(source, count_branch)
-    return resolved, open_tree(resolved)
+    file = _open_file(source.path)
+    try:
+        resolved = _pick_tree(source, file, count_branch)
+    except BaseException:
+        file.close()
+        raise
+    return resolved, _tree_in(resolved, file)
 
 
 def reading(source: TreeSource, tree: Any, count_branch: str) -> str:
@@ -174,7 +184,11 @@ def _open_file(path: Path) -> Any:
 def open_tree(source: TreeSource) -> Any:
     """Open the named tree (TTree or RNTuple), turning uproot's many failure modes into one
     clear :class:`InputFileError`; :func:`open_input` finds the tree first."""
-    file = _open_file(source.path)
+    return _tree_in(source, _open_file(source.path))
+
+
+def _tree_in(source: TreeSource, file: Any) -> Any:
+    """The tree of an open file; the file is closed if it fails."""
     try:
         if source.tree not in set(file.keys(recursive=True, cycle=False)):
             raise _no_tree(source, file)

@@ -38,6 +38,7 @@ from bsym.rootio import (
     atomic_output,
     check_branches,
     counter_dtype,
+    find_tree,
     iterate_chunks,
     open_input,
     parse_inputs,
@@ -229,13 +230,11 @@ class _Scorer:
         self.spec_sha256 = hashlib.sha256(self.spec.to_json().encode()).hexdigest()
 
     def resolve(self, source: TreeSource) -> TreeSource:
-        """The source with the tree it will read; a file that does not open raises _Failure."""
+        """The source with the tree it will read; a file without one raises _Failure."""
         try:
-            resolved, tree = open_input(source, self.spec.count_branch)
+            return find_tree(source, self.spec.count_branch)
         except Exception as error:
             raise _Failure.of(source, error) from error
-        tree.file.close()
-        return resolved
 
     def score(self, source: TreeSource, target: Path, label: str) -> FileResult:
         """Score one source; any error raises :class:`_Failure` naming the tree it read."""
