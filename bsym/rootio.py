@@ -12,70 +12,189 @@ import struct
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import awkward as ak
+import numpy as np
 
 from bsym.errors import InputFileError, MissingBranchError, did_you_mean
 
 
 @dataclass(frozen=True)
 class TreeSource:
-    """One input: a ROOT file and the tree in it."""
+    """One input: a ROOT file and the tree in it.
+
+    ``explicit`` is False while ``tree`` is only the default a command would try first
+    (nothing named one): :func:`find_tree` then picks the tree by the discovery rule.
+    """
 
     path: Path
     tree: str
+    explicit: bool = field(default=True, compare=False)
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.tree}"
+        return f"{self.path}:{self.tree}" if self.explicit else str(self.path)
 
 
 def parse_inputs(specs: Sequence[str], default_tree: str) -> list[TreeSource]:
     """Expand ``file.root``, ``dir/*.root`` and ``file.root:dir/tree`` (uproot's syntax)."""
     sources: list[TreeSource] = []
     for spec in specs:
-        pattern, tree = _split_tree(spec, default_tree)
+        pattern, tree = _split_tree(spec)
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise InputFileError(f"no file matches '{pattern}'")
-        sources += [TreeSource(Path(match), tree) for match in matches]
+        sources += [
+            TreeSource(Path(match), tree or default_tree, explicit=tree is not None)
+            for match in matches
+        ]
     return list(dict.fromkeys(sources))
 
 
-def _split_tree(spec: str, default_tree: str) -> tuple[str, str]:
+def _split_tree(spec: str) -> tuple[str, str | None]:
     head, sep, tail = spec.rpartition(".root:")
     if sep and head and tail:
         return head + ".root", tail  # uproot's rule: the object path may hold directories
     head, sep, tail = spec.rpartition(":")
     if sep and head and tail and "/" not in tail and not tail.endswith(".root"):
         return head, tail
-    return spec, default_tree
+    return spec, None
+
+
+TREE_KINDS = {
+    "TTree": "TTree",
+    "ROOT::RNTuple": "RNTuple",
+    "ROOT::Experimental::RNTuple": "RNTuple",
+}
+
+
+def tree_kind(tree: Any) -> str:
+    """``TTree`` or ``RNTuple``."""
+    return "RNTuple" if "RNTuple" in type(tree).__name__ else "TTree"
+
+
+def _trees(file: Any) -> dict[str, str]:
+    """Every tree of an open file, by path, with its kind (TTree or RNTuple)."""
+    return {
+        name: TREE_KINDS[kind]
+        for name, kind in file.classnames(recursive=True, cycle=False).items()
+        if kind in TREE_KINDS
+    }
+
+
+_LISTED = 12  # objects an error lists before it says how many more there are
+
+
+def _contents(file: Any) -> str:
+    """'it has Events (RNTuple), Runs (TTree)': what a file holds, for error messages."""
+    objects = sorted(file.classnames(recursive=True, cycle=False).items())
+    if not objects:
+        return "it holds nothing"
+    listed = [f"{name} ({TREE_KINDS.get(kind, kind)})" for name, kind in objects[:_LISTED]]
+    more = f" and {len(objects) - _LISTED} more" if len(objects) > _LISTED else ""
+    return "it has " + ", ".join(listed) + more
+
+
+def _no_tree(source: TreeSource, file: Any) -> InputFileError:
+    hint = did_you_mean(source.tree, file.keys(recursive=True, cycle=False))
+    return InputFileError(
+        f"{source.path} has no tree '{source.tree}'"
+        + (f"{hint} It" if hint else "; it")
+        + _contents(file).removeprefix("it")
+    )
+
+
+def find_tree(source: TreeSource, count_branch: str) -> TreeSource:
+    """The tree a command reads, by the one rule every command follows.
+
+    A tree named on the command line (``file.root:tree``) must exist. Otherwise: the default
+    tree (the spec's) if the file has it, else the file's only tree (TTree or RNTuple), else
+    the one tree with the count branch ``count_branch`` (the event layout: NanoAOD's
+    ``Events``). An error lists what the file has.
+    """
+    file = _open_file(source.path)
+    try:
+        return _pick_tree(source, file, count_branch)
+    finally:
+        file.close()
+
+
+def _pick_tree(source: TreeSource, file: Any, count_branch: str) -> TreeSource:
+    try:
+        trees = _trees(file)
+        if source.explicit or source.tree in trees:
+            if source.tree not in trees:
+                raise _no_tree(source, file)
+            return replace(source, explicit=True)
+        if len(trees) == 1:
+            return TreeSource(source.path, next(iter(trees)))
+        with_count = [name for name in trees if count_branch in set(file[name].keys())]
+        if len(with_count) == 1:
+            return TreeSource(source.path, with_count[0])
+        found = f"{len(with_count)} trees have" if with_count else "no tree has"
+        raise InputFileError(
+            f"{source.path}: no tree to read: no '{source.tree}', and {found} a "
+            f"'{count_branch}' branch; {_contents(file)}; name one as "
+            f"'{source.path}:TREE'"
+        )
+    except InputFileError:
+        raise
+    except Exception as error:
+        raise InputFileError(
+            f"{source.path}: cannot list its trees ({_without(error, source.path)})"
+        ) from error
+
+
+def open_input(source: TreeSource, count_branch: str) -> tuple[TreeSource, Any]:
+    """Find the tree by :func:`find_tree` and open it; say which with :func:`reading`."""
+    file = _open_file(source.path)
+    try:
+        resolved = _pick_tree(source, file, count_branch)
+    except BaseException:
+        file.close()
+        raise
+    return resolved, _tree_in(resolved, file)
+
+
+def reading(source: TreeSource, tree: Any, count_branch: str) -> str:
+    """'nano_dy.root: reading Events (RNTuple, event layout, 40 entries)'."""
+    layout = "event" if count_branch in set(tree.keys()) else "object"
+    return (
+        f"{source.path.name}: reading {source.tree} ({tree_kind(tree)}, {layout} layout, "
+        f"{tree.num_entries:,} entries)"
+    )
+
+
+def _open_file(path: Path) -> Any:
+    import uproot
+
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    check_complete(path)
+    try:
+        return uproot.open(path)
+    except Exception as error:  # uproot raises ValueError, OSError, struct.error...
+        raise InputFileError(
+            f"{path}: not a readable ROOT file ({_without(error, path)})"
+        ) from error
 
 
 def open_tree(source: TreeSource) -> Any:
-    """Open a tree, turning uproot's many failure modes into one clear :class:`InputFileError`."""
-    import uproot
+    """Open the named tree (TTree or RNTuple), turning uproot's many failure modes into one
+    clear :class:`InputFileError`; :func:`open_input` finds the tree first."""
+    return _tree_in(source, _open_file(source.path))
 
-    if not source.path.is_file():
-        raise InputFileError(f"{source.path}: no such file")
-    check_complete(source.path)
+
+def _tree_in(source: TreeSource, file: Any) -> Any:
+    """The tree of an open file; the file is closed if it fails."""
     try:
-        file = uproot.open(source.path)
-    except Exception as error:  # uproot raises ValueError, OSError, struct.error...
-        raise InputFileError(
-            f"{source.path}: not a readable ROOT file ({_without(error, source.path)})"
-        ) from error
-    try:
-        keys = set(file.keys(recursive=True, cycle=False))
-        if source.tree not in keys:
-            raise InputFileError(
-                f"{source.path} has no tree '{source.tree}'" + did_you_mean(source.tree, keys)
-            )
+        if source.tree not in set(file.keys(recursive=True, cycle=False)):
+            raise _no_tree(source, file)
         tree = file[source.tree]
         if not hasattr(tree, "num_entries"):
-            raise InputFileError(f"{source} is a {type(tree).__name__}, not a TTree")
+            raise InputFileError(f"{source} is a {type(tree).__name__}, not a TTree or RNTuple")
         tree.keys()  # reads the branch metadata now, where a truncated file fails
     except InputFileError:
         file.close()
@@ -162,6 +281,16 @@ def iterate_chunks(
         except Exception as error:
             raise InputFileError(f"{source}: failed reading entries ({error})") from error
         yield chunk
+
+
+def counter_dtype(tree: Any, branch: str) -> np.dtype[np.generic]:
+    """The stored dtype of a count branch: NanoAOD's ``nMuon`` is uint32 (in an RNTuple, a
+    ``RNTupleCardinality<std::uint32_t>``, which uproot reads as int64)."""
+    if tree_kind(tree) == "TTree":
+        return np.dtype(tree[branch].interpretation.to_dtype)
+    types = [r.type_name for r in tree.field_records if r.field_name == branch]
+    match = re.search(r"std::(u?int(?:8|16|32|64))_t", types[0] if types else "")
+    return np.dtype(match.group(1) if match else np.int64)
 
 
 def read_all(source: TreeSource, branches: Sequence[str]) -> ak.Array:

@@ -242,6 +242,9 @@ def print_summary(summary: ScoreSummary, *, log: Path | None = None) -> None:
             highlight=False,
         )
     for result in summary.results:
+        if result.reading:
+            stdout.print(result.reading, highlight=False)
+    for result in summary.results:
         if result.note:
             stdout.print(f"note: {result.source}: {result.note}", highlight=False)
     stdout.print(

@@ -140,6 +140,7 @@ class FriendTreeWriter:
         provenance: Provenance,
         extra: Mapping[str, str] | None = None,
         flush_bytes: int | None = None,
+        counter_dtype: np.dtype[np.generic] | None = None,
     ) -> None:
         import uproot
 
@@ -157,6 +158,8 @@ class FriendTreeWriter:
                 self._file[f"{PROVENANCE_DIR}/{key}"] = value
             self._file[f"{PROVENANCE_DIR}/scorer_version"] = __version__
             self._tree: Any = self._file.mktree(tree, self._branch_types(), title=title)
+            if objects is not None and counter_dtype is not None:
+                _set_counter_dtype(self._tree, f"n{objects}", counter_dtype)
         except BaseException:
             self._file.close()
             raise
@@ -224,6 +227,22 @@ class FriendTreeWriter:
     def abort(self) -> None:
         """Close the file without writing the buffer (its content is about to be deleted)."""
         self._file.close()
+
+
+def _set_counter_dtype(tree: Any, name: str, dtype: np.dtype[np.generic]) -> None:
+    """Give the counter the input's integer type: uproot declares every counter int32, where
+    NanoAOD's ``nMuon`` is uint32. uproot has no option for it, so its branch record is changed
+    and the tree's metadata rewritten (in place of the first) before the first ``extend``."""
+    from uproot.writing._cascadetree import _dtype_to_char
+
+    cascading = tree._cascading
+    datum = cascading._branch_data[cascading._branch_lookup[name]]
+    stored = dtype.newbyteorder(">")
+    if datum["kind"] != "counter" or stored not in _dtype_to_char or dtype.kind not in "iu":
+        raise SpecMismatchError(f"cannot write the counter '{name}' as {dtype}")
+    datum["dtype"] = stored
+    datum["fTitle"] = f"{name}/{_dtype_to_char[stored]}"
+    cascading.write_anew(tree._file.sink)
 
 
 def read_provenance(path: Path) -> dict[str, str]:

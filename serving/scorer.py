@@ -40,9 +40,12 @@ from bsym.rootio import (
     TreeSource,
     atomic_output,
     check_branches,
+    counter_dtype,
+    find_tree,
     iterate_chunks,
-    open_tree,
+    open_input,
     parse_inputs,
+    reading,
     remove_stale_partials,
 )
 from bsym.serving.backend import (
@@ -78,6 +81,8 @@ class FileResult:
     entries: int
     objects: int
     note: str = ""
+    reading: str = ""
+    """Which tree was read: 'f.root: reading Events (RNTuple, event layout, 40 entries)'."""
 
 
 @dataclass
@@ -285,18 +290,16 @@ class _Scorer:
         self.input_counts: dict[str, InputCounts] = {}
 
     def resolve(self, source: TreeSource) -> TreeSource:
-        """The source with the tree it will read; a file that does not open raises _Failure."""
+        """The source with the tree it will read; a file without one raises _Failure."""
         try:
-            resolved, tree = _open(source, self.spec)
+            return find_tree(source, self.spec.count_branch)
         except Exception as error:
             raise _Failure.of(source, error) from error
-        tree.file.close()
-        return resolved
 
     def score(self, source: TreeSource, target: Path, label: str) -> FileResult:
         """Score one source; any error raises :class:`_Failure` naming the tree it read."""
         try:
-            source, tree = _open(source, self.spec)
+            source, tree = open_input(source, self.spec.count_branch)
         except Exception as error:
             raise _Failure.of(source, error) from error
         try:
@@ -314,14 +317,15 @@ class _Scorer:
         if entries == 0:
             raise InputFileError(f"{source} is empty (0 entries)")
         provenance = self._provenance(source, tree.file.uuid, entries, layout)
+        read = reading(source, tree, self.spec.count_branch)
         note = ""
         if target.exists() and not self.force:
             reason = output_mismatch(target, provenance)
             if reason is None:
-                return FileResult(str(source), target, "skipped", entries, 0)
+                return FileResult(str(source), target, "skipped", entries, 0, reading=read)
             note = f"replaced an out-of-date output: {reason}"
         objects = self._write(tree, source, target, layout, branches, provenance, label)
-        return FileResult(str(source), target, "scored", entries, objects, note)
+        return FileResult(str(source), target, "scored", entries, objects, note, read)
 
     def _provenance(
         self, source: TreeSource, uuid: object, entries: int, layout: Layout
@@ -380,6 +384,9 @@ class _Scorer:
                 title=f"{self.backend.name} scores, friend of {source.path.name}:{source.tree}",
                 columns=self.columns,
                 objects=self.spec.objects if layout == "event" else None,
+                counter_dtype=(
+                    counter_dtype(tree, self.spec.count_branch) if layout == "event" else None
+                ),
                 provenance=provenance,
                 extra={"feature_spec": self.spec.to_json()},
             )
@@ -455,37 +462,6 @@ def model_file_identity(backend: Backend) -> tuple[str, str]:
         return (folder if folder.isdigit() else ""), sha256_of(path)
     version = getattr(backend, "version", None)
     return ("" if version is None else str(version)), backend.metadata.get(SERVED_SHA256_KEY, "")
-
-
-def _open(source: TreeSource, spec: FeatureSpec) -> tuple[TreeSource, Any]:
-    """Open the source's tree; for a file without the spec's default tree, its event tree.
-
-    A spec names the tree of its training files (``Muons``); NanoAOD-style files keep the
-    same objects in another tree (``Events``), recognised by the ``n<objects>`` branch.
-    """
-    try:
-        return source, open_tree(source)
-    except InputFileError:
-        fallback = _event_tree(source, spec) if source.tree == spec.tree else None
-        if fallback is None:
-            raise
-    return fallback, open_tree(fallback)
-
-
-def _event_tree(source: TreeSource, spec: FeatureSpec) -> TreeSource | None:
-    """The one tree of the file with the count branch ``n<objects>``, if there is exactly one."""
-    import uproot
-
-    try:
-        with uproot.open(source.path) as file:
-            trees = [
-                name
-                for name, kind in file.classnames(recursive=False, cycle=False).items()
-                if kind == "TTree" and spec.count_branch in file[name]
-            ]
-    except Exception:  # an unreadable file keeps the error open_tree gave
-        return None
-    return TreeSource(source.path, trees[0]) if len(trees) == 1 else None
 
 
 def feature_batches(

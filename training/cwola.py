@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 
 from bsym.errors import BadValueError, ConfigError
 from bsym.features import FeatureBatch, FeatureSpec, detect_layout
-from bsym.rootio import TreeSource, iterate_chunks, open_tree
+from bsym.rootio import TreeSource, iterate_chunks, open_input
 from bsym.settings import StrictModel
 
 Indices = npt.NDArray[np.int64]
@@ -241,10 +241,10 @@ def _read_columns(
     parts: dict[str, list[FloatArray]] = {}
     n_rows = 0
     with_truth = truth is not None
-    for source in sources:
+    for unresolved in sources:
         if max_rows is not None and n_rows >= max_rows:
             break
-        tree = open_tree(source)
+        source, tree = open_input(unresolved, spec.count_branch)
         try:
             keys = set(tree.keys())
             with_truth = with_truth and truth in keys

@@ -25,7 +25,7 @@ from bsym.features import (
     detect_layout,
     required_branches,
 )
-from bsym.rootio import TreeSource, iterate_chunks, open_tree, parse_inputs
+from bsym.rootio import TreeSource, iterate_chunks, open_input, parse_inputs, reading
 from bsym.training.config import TrainConfig
 from bsym.training.cwola import apply_cwola, read_cwola_rows
 
@@ -144,10 +144,11 @@ def read_rows(
     batches: list[FeatureBatch] = []
     records: list[SourceRecord] = []
     n_rows = 0
-    for source in sources:
+    for unresolved in sources:
         if max_rows is not None and n_rows >= max_rows:
             break
-        tree = open_tree(source)
+        source, tree = open_input(unresolved, spec.count_branch)
+        log.info("%s", reading(source, tree, spec.count_branch))
         try:
             layout = detect_layout(tree.keys(), spec)
             branches = required_branches(spec, layout, with_label=with_label)
@@ -159,7 +160,7 @@ def read_rows(
                     break
         finally:
             tree.file.close()
-        log.info("read %s (%s layout): %d rows so far", source, layout, n_rows)
+        log.info("read %s: %d rows so far", source, n_rows)
     batch = concatenate(batches)
     if max_rows is not None and batch.n_rows > max_rows:
         batch = take(batch, np.arange(max_rows, dtype=np.int64))

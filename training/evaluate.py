@@ -226,9 +226,9 @@ def _rows(loaded: LoadedModel, data: Sequence[str] | None) -> tuple[FeatureBatch
     from bsym.training.dataset import read_training_rows
 
     sources = parse_inputs(data, default_tree=loaded.config.data.tree or loaded.spec.tree)
-    batch, _ = read_training_rows(sources, loaded.config, max_rows=None)
-    files = ", ".join(dict.fromkeys(source.path.name for source in sources))
-    return batch, ", ".join(str(source) for source in sources), files
+    batch, records = read_training_rows(sources, loaded.config, max_rows=None)
+    files = ", ".join(dict.fromkeys(Path(record.path).name for record in records))
+    return batch, ", ".join(f"{record.path}:{record.tree}" for record in records), files
 
 
 def _bootstrap(

@@ -19,7 +19,11 @@ from bsym.errors import InputFileError, MissingBranchError
 from bsym.rootio import (
     TreeSource,
     atomic_output,
+    check_branches,
+    counter_dtype,
+    find_tree,
     iterate_chunks,
+    open_input,
     open_tree,
     parse_inputs,
     read_all,
@@ -65,6 +69,65 @@ def test_missing_file_tree_and_branch(tmp_path: Path) -> None:
     source = TreeSource(path, "Muons")
     with pytest.raises(MissingBranchError, match="no branch 'Muon_ptt'; did you mean 'Muon_pt'"):
         list(iterate_chunks(open_tree(source), source, ["Muon_ptt"]))
+
+
+def write_trees(path: Path, trees: dict[str, dict[str, np.ndarray]]) -> Path:
+    """TTrees, except one named Runs: uproot writes that as an RNTuple (its default)."""
+    with uproot.recreate(path) as file:
+        for name, branches in trees.items():
+            if name == "Runs":
+                file[name] = branches
+            else:
+                file.mktree(name, {k: v.dtype for k, v in branches.items()}).extend(branches)
+    return path
+
+
+def test_one_tree_rule(tmp_path: Path) -> None:
+    muons = {"Muon_pt": np.ones(3)}
+    events = {"nMuon": np.ones(2, dtype=np.uint32)}
+    runs = {"run": np.ones(1, dtype=np.int32)}
+    cases = {  # trees in the file: the tree read when none is named
+        "spec.root": ({"Muons": muons, "Events": events}, "Muons"),
+        "only.root": ({"Other": muons}, "Other"),
+        "event.root": ({"Events": events, "Runs": runs}, "Events"),
+    }
+    for name, (trees, expected) in cases.items():
+        (source,) = parse_inputs([str(write_trees(tmp_path / name, trees))], "Muons")
+        assert str(source) == str(tmp_path / name)  # no tree is claimed before one is found
+        found = find_tree(source, "nMuon")
+        assert found == TreeSource(tmp_path / name, expected) and found.explicit
+        assert str(found) == f"{tmp_path / name}:{expected}"
+    (named,) = parse_inputs([f"{tmp_path / 'event.root'}:Muons"], "Muons")
+    with pytest.raises(InputFileError) as error:
+        find_tree(named, "nMuon")
+    assert str(error.value) == (
+        f"{tmp_path / 'event.root'} has no tree 'Muons'; did you mean 'Runs'? It has "
+        "Events (TTree), Runs (RNTuple)"
+    )
+    two = write_trees(tmp_path / "two.root", {"A": runs, "B": runs})
+    with pytest.raises(InputFileError) as error:
+        find_tree(parse_inputs([str(two)], "Muons")[0], "nMuon")
+    assert str(error.value) == (
+        f"{two}: no tree to read: no 'Muons', and no tree has a 'nMuon' branch; "
+        f"it has A (TTree), B (TTree); name one as '{two}:TREE'"
+    )
+
+
+def test_rntuple_is_found_read_and_named(nanoaod_dir: Path) -> None:
+    path = nanoaod_dir / "nano_dy_rntuple.root"
+    source, tree = open_input(parse_inputs([str(path)], "Muons")[0], "nMuon")
+    try:
+        assert source == TreeSource(path, "Events")
+        with pytest.raises(MissingBranchError, match=r"nano_dy_rntuple\.root:Events has no"):
+            check_branches(tree, source, ["Muon_ptt"])
+        chunks = list(iterate_chunks(tree, source, ["nMuon", "Muon_pt"], step_size=15))
+        assert [len(chunk) for chunk in chunks] == [15, 15, 10]
+        assert counter_dtype(tree, "nMuon") == np.dtype(np.uint32)
+    finally:
+        tree.file.close()
+    with pytest.raises(InputFileError) as error:
+        find_tree(TreeSource(path, "Muons"), "nMuon")
+    assert str(error.value) == f"{path} has no tree 'Muons'; it has Events (RNTuple)"
 
 
 def test_corrupt_truncated_and_empty_files(tmp_path: Path) -> None:

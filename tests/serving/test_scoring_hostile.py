@@ -194,7 +194,7 @@ def test_a_missing_tree_does_not_block_the_default_tree(
     out = tmp_path / "out"
     summary = run(inputs, backend, out)
     assert [r.source for r in summary.scored] == [f"{source}:Muons"]
-    assert summary.failed == [(f"{source}:Nope", "has no tree 'Nope'")]
+    assert summary.failed == [(f"{source}:Nope", "has no tree 'Nope'; it has Muons (TTree)")]
     assert sorted(p.name for p in out.iterdir()) == [f"f.{MODEL}.root"]
 
 
@@ -209,7 +209,8 @@ def test_truncated_file_is_detected_before_scoring(
     source.write_bytes(content[:size])
     out = tmp_path / "out"
     summary = run([str(source), str(good)], backend, out)
-    assert summary.failed == [(f"{source}:Muons", f"truncated: {size} of {len(content)} bytes")]
+    # no tree was read, so none is named
+    assert summary.failed == [(str(source), f"truncated: {size} of {len(content)} bytes")]
     assert [r.source for r in summary.scored] == [f"{good}:Muons"]
     assert sorted(p.name for p in out.iterdir()) == [f"good.{MODEL}.root"]
 
@@ -218,7 +219,7 @@ def test_zero_byte_file_is_called_empty(tmp_path: Path, backend: Backend) -> Non
     source = tmp_path / "zero.root"
     source.touch()
     summary = run([str(source)], backend, tmp_path / "out")
-    assert summary.failed == [(f"{source}:Muons", "empty (0 bytes)")]
+    assert summary.failed == [(str(source), "empty (0 bytes)")]
     assert not (tmp_path / "out").exists()
 
 
@@ -231,7 +232,10 @@ def test_tree_in_a_directory(tmp_path: Path, backend: Backend) -> None:
         assert file["dir/Muons"].num_entries == original["dir/Muons"].num_entries
     assert len(run([f"{source}:dir/Muons"], backend, out).skipped) == 1
     [(_, message)] = run([f"{source}:dir/Muon"], backend, out).failed
-    assert message == "has no tree 'dir/Muon'; did you mean 'dir/Muons'?"
+    assert message == (
+        "has no tree 'dir/Muon'; did you mean 'dir/Muons'? It has dir (TDirectory), "
+        "dir/Muons (TTree)"
+    )
 
 
 def test_jagged_global_names_the_branch(tmp_path: Path, backend: Backend) -> None:
@@ -262,5 +266,5 @@ def test_file_cut_inside_its_header_is_truncated(tmp_path: Path, backend: Backen
     size = len(source.read_bytes())
     source.write_bytes(source.read_bytes()[:50])
     summary = run([str(source)], backend, tmp_path / "out")
-    assert summary.failed == [(f"{source}:Muons", f"truncated: 50 of {size} bytes")]
+    assert summary.failed == [(str(source), f"truncated: 50 of {size} bytes")]
     assert not (tmp_path / "out").exists()
