@@ -118,8 +118,13 @@ __all__ = [
     "FLAV_C",
     "FLAV_PROMPT",
     "MUON_TREE",
+    "PF_CHARGED_PU",
+    "PF_CHARGED_PV",
+    "PF_NEUTRAL_HADRON",
+    "PF_PHOTON",
     "WINDOW_RADIUS",
     "IsolationConfig",
+    "delta_beta_isolation",
     "simulate_isolation",
     "write_isolation",
 ]
@@ -127,6 +132,16 @@ __all__ = [
 FLAV_PROMPT = 1
 FLAV_C = 4
 FLAV_B = 5
+
+# Particle-flow candidate types, as the Δβ-corrected isolation sorts them.
+PF_CHARGED_PV = 0
+PF_CHARGED_PU = 1
+PF_NEUTRAL_HADRON = 2
+PF_PHOTON = 3
+# CMS muon PF isolation: neutral hadrons, photons and pile-up charged hadrons count above
+# 0.5 GeV and outside ΔR = 0.01 of the muon; charged hadrons from the primary vertex always.
+PF_MIN_ET = 0.5
+PF_VETO_RADIUS = 0.01
 
 CELL_DETA = 0.025
 CELL_DPHI = math.pi / 126
@@ -151,6 +166,9 @@ _MUON_FIELDS = (
     "charge",
     "pfRelIso03_all",
     "pfRelIso04_all",
+    "pfRelIso03_chg",
+    "coneIso03",
+    "coneIso04",
     "sumTrackPt03",
     "genPartFlav",
     "fromPair",
@@ -218,14 +236,13 @@ class _Muons:
 
 @dataclass(frozen=True)
 class _Particles:
-    """Particles around the muons, positions relative to their muon."""
+    """Particles around the muons, positions relative to their muon; ``kind`` is a PF_* type."""
 
     muon: IntArray
     deta: FloatArray
     dphi: FloatArray
     et: FloatArray
-    pileup: BoolArray
-    charged: BoolArray
+    kind: IntArray
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,23 +330,34 @@ def _draw_mass(rng: np.random.Generator, prompt: BoolArray, cfg: IsolationConfig
     return _redraw_outside(draw, prompt.size, cfg.mass_min, cfg.mass_max)
 
 
+def _lomax(rng: np.random.Generator, scale: float, tail: float, n: int) -> FloatArray:
+    """Draw a Lomax (Pareto II) variate: density ∝ (1 + x/scale)^-(tail + 1), x ≥ 0."""
+    x: FloatArray = scale * ((1.0 - rng.random(n)) ** (-1.0 / tail) - 1.0)
+    return x
+
+
 def _draw_muon_pt(
     rng: np.random.Generator,
     flav: IntArray,
     soft: BoolArray,
     mass: FloatArray,
+    recoil: FloatArray,
     cfg: IsolationConfig,
 ) -> FloatArray:
-    """Muon pT: Jacobian peak for prompt muons, falling spectra for the non-prompt ones."""
+    """Muon pT: boosted two-body decay for prompt muons, falling spectra for non-prompt ones."""
     prompt = flav == FLAV_PROMPT
 
     def draw(idx: IntArray) -> FloatArray:
         n = idx.size
-        sin = np.sqrt(1.0 - _cos_theta_star(rng, n) ** 2)
-        jacobian = 0.5 * mass[idx] * sin + cfg.prompt_pt_smearing * rng.standard_normal(n)
-        hard = cfg.min_muon_pt + rng.exponential(cfg.nonprompt_pt_scale, n)
+        half = 0.5 * mass[idx]
+        rest_pt = half * np.sqrt(1.0 - _cos_theta_star(rng, n) ** 2)
+        azimuth = rng.uniform(-np.pi, np.pi, n)
+        gamma_beta = recoil[idx] / mass[idx]
+        along = np.sqrt(1.0 + gamma_beta**2) * rest_pt * np.cos(azimuth) + gamma_beta * half
+        boosted = np.hypot(along, rest_pt * np.sin(azimuth))
+        hard = cfg.min_muon_pt + _lomax(rng, cfg.nonprompt_pt_scale, cfg.nonprompt_pt_tail, n)
         soft_pt = cfg.soft_muon_min_pt + rng.exponential(cfg.soft_muon_pt_scale, n)
-        return np.where(soft[idx], soft_pt, np.where(prompt[idx], jacobian, hard))
+        return np.where(soft[idx], soft_pt, np.where(prompt[idx], boosted, hard))
 
     low = min(cfg.min_muon_pt, cfg.soft_muon_min_pt)
     pt = _redraw_outside(draw, flav.size, low, np.inf)
@@ -357,7 +385,8 @@ def _draw_muons(
     flav = np.where(prompt[event], FLAV_PROMPT, heavy[event])
     flav = np.where(soft & prompt[event], heavy_soft, flav).astype(np.int64)
 
-    pt = _draw_muon_pt(rng, flav, soft, mass[event], cfg)
+    recoil = _lomax(rng, cfg.recoil_pt_scale, cfg.recoil_pt_tail, n_events)
+    pt = _draw_muon_pt(rng, flav, soft, mass[event], recoil[event], cfg)
     width = np.where(flav == FLAV_PROMPT, cfg.prompt_eta_width, cfg.nonprompt_eta_width)
     eta = _redraw_outside(
         lambda i: width[i] * rng.standard_normal(i.size),
@@ -412,25 +441,43 @@ def _draw_charges(
 # --------------------------------------------------------------------------------------------
 
 
+def _draw_kind(rng: np.random.Generator, pileup: BoolArray, cfg: IsolationConfig) -> IntArray:
+    """PF type per particle: charged (from its vertex) with ``charged_fraction``, else neutral."""
+    n = pileup.size
+    charged = rng.random(n) < cfg.charged_fraction
+    photon = rng.random(n) < cfg.photon_fraction
+    kind = np.where(
+        charged,
+        np.where(pileup, PF_CHARGED_PU, PF_CHARGED_PV),
+        np.where(photon, PF_PHOTON, PF_NEUTRAL_HADRON),
+    )
+    return kind.astype(np.int64)
+
+
 def _soft_particles(rng: np.random.Generator, n_muons: int, cfg: IsolationConfig) -> _Particles:
     """Pile-up and underlying-event particles, uniform in the window around each muon."""
     count = rng.poisson(cfg.pileup_mean, n_muons)
     muon = np.repeat(np.arange(n_muons, dtype=np.int64), count)
     n = muon.size
+    pileup = rng.random(n) >= cfg.underlying_event_fraction
     radius = WINDOW_RADIUS * np.sqrt(rng.random(n))
     angle = rng.uniform(-np.pi, np.pi, n)
     return _Particles(
         muon=muon,
         deta=radius * np.cos(angle),
         dphi=radius * np.sin(angle),
-        et=rng.exponential(cfg.pileup_et_mean, n),
-        pileup=rng.random(n) >= cfg.underlying_event_fraction,
-        charged=rng.random(n) < cfg.charged_fraction,
+        et=np.where(
+            pileup,
+            rng.exponential(cfg.pileup_et_mean, n),
+            rng.exponential(cfg.underlying_event_et_mean, n),
+        ),
+        kind=_draw_kind(rng, pileup, cfg),
     )
 
 
 def _jet_energy(rng: np.random.Generator, muons: _Muons, cfg: IsolationConfig) -> FloatArray:
-    """ET of the parent jet without the muon (and neutrino), zero for prompt muons."""
+    """ET of the parent jet without the muon (and neutrino) for non-prompt muons; for prompt
+    muons that of a nearby recoil jet (``prompt_jet_fraction`` of them), else zero."""
     z = _beta_by_flavour(rng, muons.flav, cfg.muon_fraction_beta_b, cfg.muon_fraction_beta_c)
     x = _beta_by_flavour(rng, muons.flav, cfg.fragmentation_beta_b, cfg.fragmentation_beta_c)
     z = np.clip(z, 1e-3, 1.0)
@@ -438,7 +485,9 @@ def _jet_energy(rng: np.random.Generator, muons: _Muons, cfg: IsolationConfig) -
     visible = rng.uniform(cfg.visible_fraction[0], cfg.visible_fraction[1], muons.pt.size)
     hadron = muons.pt / z
     rest = (hadron - muons.pt) * visible + hadron * (1.0 - x) / x
-    return np.where(muons.flav == FLAV_PROMPT, 0.0, rest)
+    nearby = rng.random(muons.pt.size) < cfg.prompt_jet_fraction
+    recoil_jet = np.where(nearby, rng.exponential(cfg.prompt_jet_et_mean, muons.pt.size), 0.0)
+    return np.where(muons.flav == FLAV_PROMPT, recoil_jet, rest)
 
 
 def _jet_particles(rng: np.random.Generator, muons: _Muons, cfg: IsolationConfig) -> _Particles:
@@ -455,16 +504,27 @@ def _jet_particles(rng: np.random.Generator, muons: _Muons, cfg: IsolationConfig
     share /= _segment_sum(muon, share, muons.pt.size)[muon]
     et = energy[muon] * share
 
-    axis_eta = cfg.jet_axis_spread * rng.standard_normal(muons.pt.size)
-    axis_phi = cfg.jet_axis_spread * rng.standard_normal(muons.pt.size)
+    # A prompt muon's nearby jet is anywhere in the window, a parent jet close to its muon.
+    prompt = muons.flav == FLAV_PROMPT
+    distance = WINDOW_RADIUS * np.sqrt(rng.random(muons.pt.size))
+    direction = rng.uniform(-np.pi, np.pi, muons.pt.size)
+    axis_eta = np.where(
+        prompt,
+        distance * np.cos(direction),
+        cfg.jet_axis_spread * rng.standard_normal(muons.pt.size),
+    )
+    axis_phi = np.where(
+        prompt,
+        distance * np.sin(direction),
+        cfg.jet_axis_spread * rng.standard_normal(muons.pt.size),
+    )
     width = np.clip(cfg.jet_core_width / np.sqrt(np.maximum(et, 1e-6)), 0.02, 0.3)
     return _Particles(
         muon=muon,
         deta=axis_eta[muon] + width * rng.standard_normal(n),
         dphi=axis_phi[muon] + width * rng.standard_normal(n),
         et=et,
-        pileup=np.zeros(n, dtype=np.bool_),
-        charged=rng.random(n) < cfg.charged_fraction,
+        kind=_draw_kind(rng, np.zeros(n, dtype=np.bool_), cfg),
     )
 
 
@@ -480,8 +540,7 @@ def _fsr_photons(rng: np.random.Generator, muons: _Muons, cfg: IsolationConfig) 
         deta=radius * np.cos(angle),
         dphi=radius * np.sin(angle),
         et=muons.pt[muon] * rng.exponential(cfg.fsr_energy_fraction, n),
-        pileup=np.zeros(n, dtype=np.bool_),
-        charged=np.zeros(n, dtype=np.bool_),
+        kind=np.full(n, PF_PHOTON, dtype=np.int64),
     )
 
 
@@ -492,22 +551,54 @@ def _merge(*parts: _Particles) -> _Particles:
         deta=np.concatenate([p.deta for p in parts]),
         dphi=np.concatenate([p.dphi for p in parts]),
         et=np.concatenate([p.et for p in parts]),
-        pileup=np.concatenate([p.pileup for p in parts]),
-        charged=np.concatenate([p.charged for p in parts]),
+        kind=np.concatenate([p.kind for p in parts]),
     )
 
 
+def delta_beta_isolation(
+    muon: IntArray,
+    kind: IntArray,
+    et: FloatArray,
+    dr: FloatArray,
+    muon_pt: FloatArray,
+    radius: float,
+) -> tuple[FloatArray, FloatArray]:
+    """NanoAOD's PF isolation within ``radius``: (pfRelIso_all, pfRelIso_chg) per muon.
+
+    pfRelIso_all = (ΣpT charged PV + max(0, ΣET neutral hadrons + ΣET photons − 0.5·ΣpT
+    charged pile-up)) / pT and pfRelIso_chg = ΣpT charged PV / pT, with the thresholds and
+    veto cone of PF_MIN_ET and PF_VETO_RADIUS for all but the charged PV hadrons.
+    """
+    n = muon_pt.size
+    cone = dr < radius
+    counted = (et > PF_MIN_ET) & (dr >= PF_VETO_RADIUS)
+    neutral = (kind == PF_NEUTRAL_HADRON) | (kind == PF_PHOTON)
+    charged_pv = _segment_sum(muon, et * (cone & (kind == PF_CHARGED_PV)), n)
+    neutral_sum = _segment_sum(muon, et * (cone & counted & neutral), n)
+    pileup_sum = _segment_sum(muon, et * (cone & counted & (kind == PF_CHARGED_PU)), n)
+    corrected = np.maximum(0.0, neutral_sum - 0.5 * pileup_sum)
+    return (charged_pv + corrected) / muon_pt, charged_pv / muon_pt
+
+
 def _isolation(muons: _Muons, particles: _Particles, cfg: IsolationConfig) -> dict[str, FloatArray]:
-    """Cone isolation sums from the true particles (the muon's own deposit excluded)."""
+    """Isolation from the true particles (the muon's own deposit excluded): NanoAOD's
+    Δβ-corrected PF isolation, the raw cone sums and the track sum."""
     n = muons.pt.size
     dr = np.hypot(particles.deta, particles.dphi)
-    iso03 = _segment_sum(particles.muon, particles.et * (dr < 0.3), n)
-    iso04 = _segment_sum(particles.muon, particles.et * (dr < 0.4), n)
-    track = particles.charged & ~particles.pileup & (particles.et > cfg.track_pt_min)
+    pf03, chg03 = delta_beta_isolation(
+        particles.muon, particles.kind, particles.et, dr, muons.pt, 0.3
+    )
+    pf04, _ = delta_beta_isolation(particles.muon, particles.kind, particles.et, dr, muons.pt, 0.4)
+    cone03 = _segment_sum(particles.muon, particles.et * (dr < 0.3), n)
+    cone04 = _segment_sum(particles.muon, particles.et * (dr < 0.4), n)
+    track = (particles.kind == PF_CHARGED_PV) & (particles.et > cfg.track_pt_min)
     tracks03 = _segment_sum(particles.muon, particles.et * (track & (dr < 0.3)), n)
     return {
-        "pfRelIso03_all": iso03 / muons.pt,
-        "pfRelIso04_all": iso04 / muons.pt,
+        "pfRelIso03_all": pf03,
+        "pfRelIso04_all": pf04,
+        "pfRelIso03_chg": chg03,
+        "coneIso03": cone03 / muons.pt,
+        "coneIso04": cone04 / muons.pt,
         "sumTrackPt03": tracks03,
     }
 
