@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import awkward as ak
 import numpy as np
@@ -56,9 +57,9 @@ class MuonSummary:
 
 def summarise(
     sample: str,
-    pt: npt.NDArray[np.floating],
-    iso: npt.NDArray[np.floating],
-    flav: npt.NDArray[np.integer],
+    pt: npt.NDArray[np.floating[Any]],
+    iso: npt.NDArray[np.floating[Any]],
+    flav: npt.NDArray[np.integer[Any]],
 ) -> list[MuonSummary]:
     """One summary per class of CLASSES (classes without muons are left out)."""
     rows = []
