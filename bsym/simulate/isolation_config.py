@@ -35,15 +35,21 @@ class IsolationConfig(Settings):
     min_muon_pt: float = Field(default=20.0, gt=0)
     soft_muon_min_pt: float = Field(default=10.0, gt=0)
     soft_muon_pt_scale: float = Field(default=5.0, gt=0)
-    prompt_pt_smearing: float = Field(default=5.0, gt=0)
-    nonprompt_pt_scale: float = Field(default=12.0, gt=0)
+    recoil_pt_scale: float = Field(default=25.0, gt=0)
+    recoil_pt_tail: float = Field(default=1.7, gt=0)
+    nonprompt_pt_scale: float = Field(default=18.0, gt=0)
+    nonprompt_pt_tail: float = Field(default=2.2, gt=0)
     max_abs_eta: float = Field(default=2.4, gt=0)
     prompt_eta_width: float = Field(default=1.4, gt=0)
     nonprompt_eta_width: float = Field(default=1.1, gt=0)
     nonprompt_opposite_sign: Fraction = 0.7
     pileup_et_mean: float = Field(default=0.3, gt=0)
-    underlying_event_fraction: Fraction = 0.17
+    underlying_event_fraction: Fraction = 0.015
+    underlying_event_et_mean: float = Field(default=1.5, gt=0)
+    prompt_jet_fraction: Fraction = 0.1
+    prompt_jet_et_mean: float = Field(default=20.0, gt=0)
     charged_fraction: Fraction = 2.0 / 3.0
+    photon_fraction: Fraction = 0.75
     track_pt_min: float = Field(default=0.5, ge=0)
     mip_et_mean: float = Field(default=1.8, gt=0)
     mip_shape: float = Field(default=4.0, gt=0)

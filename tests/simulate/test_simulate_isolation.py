@@ -25,6 +25,9 @@ MUON_SCALARS = {
     "Muon_charge": "int32",
     "Muon_pfRelIso03_all": "float32",
     "Muon_pfRelIso04_all": "float32",
+    "Muon_pfRelIso03_chg": "float32",
+    "Muon_coneIso03": "float32",
+    "Muon_coneIso04": "float32",
     "Muon_sumTrackPt03": "float32",
     "Muon_genPartFlav": "int32",
     "Muon_fromPair": "int32",
@@ -243,10 +246,16 @@ def test_classes_separable_but_not_trivially(layouts: tuple[ak.Array, ak.Array])
 
 def test_isolation_cones_are_nested(layouts: tuple[ak.Array, ak.Array]) -> None:
     training, _ = layouts
-    iso03 = training.Muon_pfRelIso03_all.to_numpy()
-    iso04 = training.Muon_pfRelIso04_all.to_numpy()
-    assert np.all(iso03 >= 0)
-    assert np.all(iso04 >= iso03)
+    cone03 = training.Muon_coneIso03.to_numpy()
+    cone04 = training.Muon_coneIso04.to_numpy()
+    assert np.all(cone03 >= 0)
+    assert np.all(cone04 >= cone03)
+    # The Δβ-corrected sums are at least their charged part, and never above the raw cone.
+    charged = training.Muon_pfRelIso03_chg.to_numpy()
+    pf03 = training.Muon_pfRelIso03_all.to_numpy()
+    assert np.all(pf03 >= charged)
+    assert np.all(pf03 <= cone03 + 1e-6)
+    assert np.all(training.Muon_pfRelIso04_all.to_numpy() <= cone04 + 1e-6)
     assert np.all(training.Muon_sumTrackPt03.to_numpy() >= 0)
 
 

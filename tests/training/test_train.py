@@ -248,7 +248,7 @@ def test_resume_repeats_uninterrupted_training(
     assert resumed.history == full.history
     if schedule:  # the plateau schedule drops the rate inside the resumed epochs
         rates = [record["lr"] for record in full.history]
-        assert rates[0] == 0.02 and rates[2] == pytest.approx(0.02 / 3), rates
+        assert rates[:2] == [0.02, 0.02] and rates[-1] == pytest.approx(0.02 / 3), rates
     assert_same_state(state(resumed.last), state(full.last))
     assert_same_state(state(resumed.checkpoint), state(full.checkpoint))
     with pytest.raises(ConfigError, match=r"differs in optimizer\.lr"):
