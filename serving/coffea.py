@@ -198,7 +198,17 @@ class TritonModelWrapper(_ModelWrapper):
         self.client = TritonModel(url, model, version=version, **options)
 
     def _key(self) -> Hashable:
-        return ("triton", *sorted(self.client.__getstate__().items()))
+        client = self.client
+        return (
+            "triton",
+            client.url,
+            client.model,
+            client.version,
+            client.batch_size,
+            client.max_in_flight,
+            client.timeout,
+            client.retry_timeout,
+        )
 
     def _load(self) -> Backend:
         return self.client.backend

@@ -42,7 +42,7 @@ from pydantic import Field
 
 from bsym.configs import shipped_config
 from bsym.errors import ConfigError
-from bsym.rootio import TreeSource, check_branches, open_tree
+from bsym.rootio import TreeSource, check_branches, open_input
 from bsym.settings import Settings
 from bsym.training.cwola import CwolaRows, SupervisionConfig, prompt_fractions, read_cwola_rows
 from bsym.training.metrics import roc_auc, roc_curve, signal_efficiency
@@ -422,8 +422,8 @@ def _bootstrapped(
 def _check_truth(sources: Sequence[TreeSource], spec: FeatureSpec) -> None:
     """Raise, naming the file and tree, where a test file lacks the truth label."""
     assert spec.label is not None
-    for source in sources:
-        tree = open_tree(source)
+    for unresolved in sources:
+        source, tree = open_input(unresolved, spec.count_branch)
         try:
             check_branches(tree, source, [spec.label.branch])
         finally:
@@ -437,10 +437,12 @@ def _train_prompt_fractions(sources: Sequence[TreeSource]) -> dict[str, float]:
 
     config = SupervisionConfig(type="cwola")
     objects = FeatureSpec(globals=[Feature(branch="Muon_pt")])
-    for source in sources:
-        tree = open_tree(source)
+    resolved = []
+    for unresolved in sources:
+        source, tree = open_input(unresolved, objects.count_branch)
         layout = detect_layout(tree.keys(), objects)
         tree.file.close()
+        resolved.append(source)
         if layout != "object":
             raise ConfigError(
                 f"{source} has '{objects.count_branch}' (the event layout); the isolation "
@@ -448,7 +450,7 @@ def _train_prompt_fractions(sources: Sequence[TreeSource]) -> dict[str, float]:
             )
     parts = [
         read_all(source, ["dimuon_mass", "dimuon_os", "Muon_genPartFlav", *config.selection])
-        for source in sources
+        for source in resolved
     ]
     mass = np.concatenate([np.asarray(p["dimuon_mass"], dtype=np.float64) for p in parts])
     opposite = np.concatenate([np.asarray(p["dimuon_os"]) != 0 for p in parts])

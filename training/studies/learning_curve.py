@@ -195,6 +195,16 @@ class UserData:
     train: tuple[TreeSource, ...]
     test: tuple[TreeSource, ...] = ()
 
+    def resolved(self) -> UserData:
+        """The same files with the tree each one is read from (bsym.rootio.find_tree)."""
+        from bsym.rootio import find_tree
+
+        count = lorentz_feature_spec().count_branch
+        return UserData(
+            tuple(find_tree(source, count) for source in self.train),
+            tuple(find_tree(source, count) for source in self.test),
+        )
+
 
 @dataclass
 class StudyResult:
@@ -411,6 +421,7 @@ def run_study(
         torch.set_num_threads(threads)
     started = time.perf_counter()
     if isinstance(data, UserData):
+        data = data.resolved()
         test, val, pools = split_user_data(data, settings)
         record: dict[str, object] = {
             "data": [str(source) for source in data.train],
