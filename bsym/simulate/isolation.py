@@ -29,7 +29,8 @@ Muon kinematics
     decay angles are drawn on their own (a toy, not a consistent pair). Muons are restricted
     to pT > ``min_muon_pt``. Non-prompt pT is ``min_muon_pt`` plus a Lomax variate of scale
     ``nonprompt_pt_scale`` and index ``nonprompt_pt_tail`` (steeper at low pT, median about
-    26 GeV, 99th percentile about 140 GeV); the soft third muon starts at
+    26 GeV, 99th percentile about 140 GeV). Both Lomax tails stop at ``tail_max_pt``
+    (1.5 TeV), well inside the LHC's reach; the soft third muon starts at
     ``soft_muon_min_pt``. η is a Gaussian truncated to
     ``|η| < max_abs_eta``, wider for prompt muons. The second muon is roughly back-to-back in
     φ with the first. Prompt pairs are opposite sign; non-prompt pairs are opposite sign with
@@ -355,9 +356,13 @@ def _draw_mass(rng: np.random.Generator, prompt: BoolArray, cfg: IsolationConfig
     return _redraw_outside(draw, prompt.size, cfg.mass_min, cfg.mass_max)
 
 
-def _lomax(rng: np.random.Generator, scale: float, tail: float, n: int) -> FloatArray:
-    """Draw a Lomax (Pareto II) variate: density ∝ (1 + x/scale)^-(tail + 1), x ≥ 0."""
-    x: FloatArray = scale * ((1.0 - rng.random(n)) ** (-1.0 / tail) - 1.0)
+def _lomax(
+    rng: np.random.Generator, scale: float, tail: float, n: int, maximum: float
+) -> FloatArray:
+    """Draw a Lomax (Pareto II) variate truncated to [0, maximum]: density ∝ (1 +
+    x/scale)^-(tail + 1). Untruncated, its tail reaches tens of TeV in a sample of 10⁵."""
+    below_maximum = 1.0 - (1.0 + maximum / scale) ** -tail
+    x: FloatArray = scale * ((1.0 - below_maximum * rng.random(n)) ** (-1.0 / tail) - 1.0)
     return x
 
 
@@ -380,7 +385,9 @@ def _draw_muon_pt(
         gamma_beta = recoil[idx] / mass[idx]
         along = np.sqrt(1.0 + gamma_beta**2) * rest_pt * np.cos(azimuth) + gamma_beta * half
         boosted = np.hypot(along, rest_pt * np.sin(azimuth))
-        hard = cfg.min_muon_pt + _lomax(rng, cfg.nonprompt_pt_scale, cfg.nonprompt_pt_tail, n)
+        hard = cfg.min_muon_pt + _lomax(
+            rng, cfg.nonprompt_pt_scale, cfg.nonprompt_pt_tail, n, cfg.tail_max_pt
+        )
         soft_pt = cfg.soft_muon_min_pt + rng.exponential(cfg.soft_muon_pt_scale, n)
         return np.where(soft[idx], soft_pt, np.where(prompt[idx], boosted, hard))
 
@@ -410,7 +417,7 @@ def _draw_muons(
     flav = np.where(prompt[event], FLAV_PROMPT, heavy[event])
     flav = np.where(soft & prompt[event], heavy_soft, flav).astype(np.int64)
 
-    recoil = _lomax(rng, cfg.recoil_pt_scale, cfg.recoil_pt_tail, n_events)
+    recoil = _lomax(rng, cfg.recoil_pt_scale, cfg.recoil_pt_tail, n_events, cfg.tail_max_pt)
     pt = _draw_muon_pt(rng, flav, soft, mass[event], recoil[event], cfg)
     width = np.where(flav == FLAV_PROMPT, cfg.prompt_eta_width, cfg.nonprompt_eta_width)
     eta = _redraw_outside(

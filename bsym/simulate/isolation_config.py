@@ -39,6 +39,7 @@ class IsolationConfig(Settings):
     recoil_pt_tail: float = Field(default=1.7, gt=0)
     nonprompt_pt_scale: float = Field(default=18.0, gt=0)
     nonprompt_pt_tail: float = Field(default=2.2, gt=0)
+    tail_max_pt: float = Field(default=1500.0, gt=0)
     max_abs_eta: float = Field(default=2.4, gt=0)
     prompt_eta_width: float = Field(default=1.4, gt=0)
     nonprompt_eta_width: float = Field(default=1.1, gt=0)

@@ -22,6 +22,7 @@ from bsym.simulate.isolation_check import (
     read_muons,
     summarise,
 )
+from bsym.simulate.isolation_config import IsolationConfig
 
 N_EVENTS = 4_000
 
@@ -86,6 +87,15 @@ def test_pt_reaches_hundreds_of_gev(summaries: dict[str, MuonSummary]) -> None:
         p50, _, p99 = summaries[muon_class].pt_percentiles
         assert p99 > 100.0, muon_class
         assert p50 < 50.0, muon_class
+
+
+def test_pt_tails_stop_at_their_maximum() -> None:
+    """The Lomax tails are truncated: untruncated, 20,000 events reach 12 TeV."""
+    config = IsolationConfig()
+    training, _ = simulate_isolation(20_000, seed=3)
+    pt = training.Muon_pt.to_numpy()
+    assert np.percentile(pt, 99.9) > 300.0
+    assert pt.max() < config.tail_max_pt + config.mass_max
 
 
 def test_nonprompt_muons_are_not_isolated(summaries: dict[str, MuonSummary]) -> None:
