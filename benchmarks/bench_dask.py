@@ -97,7 +97,7 @@ def main() -> None:
             f"{serial.seconds / seconds:.2f}",
             f"{before:.2f} / {after:.2f}",
         )
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 def parse_args() -> argparse.Namespace:

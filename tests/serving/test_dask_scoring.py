@@ -21,6 +21,7 @@ from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from bsym.serving.cli import score_command
+from bsym.serving.defaults import DEFAULT_STEP_SIZE
 from bsym.serving.distributed import (
     BackendSettings,
     ScoreSettings,
@@ -78,11 +79,12 @@ def client() -> Iterator[Client]:
         yield running
 
 
-def pfn_settings(model_repository: Path, **options: object) -> ScoreSettings:
+def pfn_settings(
+    model_repository: Path, *, step_size: int | str = DEFAULT_STEP_SIZE
+) -> ScoreSettings:
     backend = BackendSettings(str(model_repository / PFN / "1" / "model.onnx"), threads=1)
     with backend.open() as opened:
-        sha = model_file_identity(opened)[1]
-    return ScoreSettings(backend, sha, **options)  # type: ignore[arg-type]
+        return ScoreSettings(backend, model_file_identity(opened)[1], step_size=step_size)
 
 
 def score_on(
