@@ -193,3 +193,21 @@ def test_workers_send_to_one_triton_server(
     assert score_on(client, inputs, settings, tmp_path / "dask") == (4, 0, [])
     assert 1 <= sum(client.run(models_opened).values()) - before <= 2  # once a worker, 4 files
     assert_same_outputs(tmp_path / "serial", tmp_path / "dask")
+
+
+@pytest.mark.parametrize("dask", ["local:0", "local:two", "scheduler:8786"])
+def test_a_malformed_dask_address_is_refused(
+    dask: str, model_repository: Path, isolation_sample: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        cli_app(),
+        [
+            "score",
+            str(isolation_sample / "isolation_muons_000.root"),
+            *("--model", PFN, "--repository", str(model_repository)),
+            *("--out", str(tmp_path / "out"), "--dask", dask),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert f"'{dask}': expected" in result.output.replace("\n", "")
+    assert not (tmp_path / "out").exists()
