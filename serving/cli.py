@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,6 +14,7 @@ from bsym.errors import ConfigError
 from bsym.export.triton.common import DEFAULT_CPU_INSTANCES
 from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IN_FLIGHT,
     DEFAULT_RETRY_TIMEOUT,
     DEFAULT_STEP_SIZE,
@@ -27,7 +26,7 @@ from bsym.serving.triton_server import DEFAULT_STARTUP_TIMEOUT, HOST
 LOG_NAME = "bsym-score.log"
 
 if TYPE_CHECKING:
-    from bsym.serving.backend import Backend
+    from bsym.serving.distributed import BackendSettings
     from bsym.serving.scorer import ScoreSummary
 
 
@@ -130,33 +129,76 @@ def score_command(
             rich_help_panel="Triton",
         ),
     ] = DEFAULT_RETRY_TIMEOUT,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            help="Spread the files over Dask workers: 'local' or 'local:N' (a LocalCluster of "
+            "N single-threaded worker processes, default one per core) or a scheduler address "
+            "'tcp://HOST:PORT' (inputs and --out must be visible to its workers).",
+            rich_help_panel="Dask",
+        ),
+    ] = None,
+    dask_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds to wait for the scheduler at --dask to answer.",
+            rich_help_panel="Dask",
+        ),
+    ] = DEFAULT_CONNECT_TIMEOUT,
 ) -> None:
     """Score ROOT files with a model; write one friend tree per file into --out."""
-    from bsym.serving.scorer import score_files
+    from bsym.serving.scorer import model_file_identity, score_files
 
-    with (
-        user_errors(),
-        _backend(
-            model,
-            repository,
-            batch_size=batch_size,
-            threads=threads,
-            server=server,
-            model_version=model_version,
-            in_flight=in_flight,
-            timeout=timeout,
-            retry_timeout=retry_timeout,
-        ) as backend,
-    ):
-        summary = score_files(
-            files,
-            backend,
-            out,
-            step_size=_step_size(step_size),
-            force=force,
-            progress=progress,
-            strict_inputs=strict_inputs,
+    if dask is not None and threads is not None:
+        raise typer.BadParameter(
+            "with --dask every worker runs one ONNX Runtime thread", param_hint="'--threads'"
         )
+    settings = _backend_settings(
+        model,
+        repository,
+        batch_size=batch_size,
+        threads=1 if dask is not None else threads,
+        server=server,
+        model_version=model_version,
+        in_flight=in_flight,
+        timeout=timeout,
+        retry_timeout=retry_timeout,
+    )
+    with user_errors(), settings.open() as backend:
+        if dask is None:
+            summary = score_files(
+                files,
+                backend,
+                out,
+                step_size=_step_size(step_size),
+                force=force,
+                progress=progress,
+                strict_inputs=strict_inputs,
+            )
+        else:
+            from bsym.serving.distributed import (
+                ScoreSettings,
+                dask_client,
+                parse_address,
+                score_files_distributed,
+            )
+
+            try:
+                parse_address(dask)
+            except ValueError as error:
+                raise typer.BadParameter(str(error), param_hint="'--dask'") from error
+            scoring = ScoreSettings(
+                settings,
+                model_file_identity(backend)[1],
+                step_size=_step_size(step_size),
+                force=force,
+                strict_inputs=strict_inputs,
+            )
+            with dask_client(dask, connect_timeout=dask_timeout) as client:
+                summary = score_files_distributed(
+                    files, backend, scoring, out, client, progress=progress
+                )
     print_summary(summary, log=write_tracebacks(summary, out, debug=debug))
     if summary.failed:
         raise typer.Exit(code=1)
@@ -176,8 +218,7 @@ def write_tracebacks(summary: ScoreSummary, out: Path, *, debug: bool) -> Path |
     return log
 
 
-@contextmanager
-def _backend(
+def _backend_settings(
     model: str,
     repository: Path,
     *,
@@ -188,35 +229,29 @@ def _backend(
     in_flight: int,
     timeout: float,
     retry_timeout: float,
-) -> Iterator[Backend]:
-    """The embedded ONNX Runtime backend, or the Triton one with ``server``."""
-    if server is None:
-        from bsym.serving.onnx_backend import OnnxRuntimeBackend
+) -> BackendSettings:
+    """The embedded ONNX Runtime backend's settings, or the Triton one's with ``server``."""
+    from bsym.serving.distributed import BackendSettings
 
+    if server is None:
         if model_version is not None:
             raise typer.BadParameter("needs --server", param_hint="'--model-version'")
-        with OnnxRuntimeBackend(
-            resolve_model(model, repository), threads=threads, batch_size=batch_size
-        ) as embedded:
-            yield embedded
-        return
-    from bsym.serving.triton_client import RetryPolicy, TritonBackend
-
+        path = resolve_model(model, repository).absolute()
+        return BackendSettings(str(path), threads=threads, batch_size=batch_size)
     if model.endswith(".onnx") or "/" in model:
         raise typer.BadParameter(
             f"with --server, give the model's name on the server, not a path ('{model}')",
             param_hint="'--model'",
         )
-    with TritonBackend(
-        server,
+    return BackendSettings(
         model,
-        version=model_version,
+        server=server,
+        model_version=model_version,
         batch_size=batch_size,
-        max_in_flight=in_flight,
+        in_flight=in_flight,
         timeout=timeout,
-        retry=RetryPolicy(total=retry_timeout),
-    ) as remote:
-        yield remote
+        retry_timeout=retry_timeout,
+    )
 
 
 def print_summary(summary: ScoreSummary, *, log: Path | None = None) -> None:
@@ -250,7 +285,8 @@ def print_summary(summary: ScoreSummary, *, log: Path | None = None) -> None:
     stdout.print(
         f"{len(summary.scored)} scored, {len(summary.skipped)} skipped, "
         f"{len(summary.failed)} failed; {summary.entries:,} entries, {summary.objects:,} objects "
-        f"in {summary.seconds:.1f} s ({summary.objects_per_second:,.0f} objects/s)",
+        f"in {summary.seconds:.1f} s ({summary.objects_per_second:,.0f} objects/s)"
+        + (f" on {summary.workers} Dask workers" if summary.workers else ""),
         highlight=False,
     )
     if not summary.monitored:

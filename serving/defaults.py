@@ -11,3 +11,5 @@ DEFAULT_TIMEOUT = 60.0
 """Seconds to wait for one answer from a Triton server."""
 DEFAULT_RETRY_TIMEOUT = 30.0
 """Seconds to keep retrying, with backoff, while a Triton server is unavailable."""
+DEFAULT_CONNECT_TIMEOUT = 10.0
+"""Seconds ``bsym score --dask tcp://...`` waits for the Dask scheduler to answer."""

@@ -85,6 +85,20 @@ class FileResult:
     """Which tree was read: 'f.root: reading Events (RNTuple, event layout, 40 entries)'."""
 
 
+@dataclass(frozen=True)
+class FileOutcome:
+    """What scoring one source gave: its result or its (source, message) failure, and its
+    inputs counted against the training ranges; a picklable value a Dask worker returns."""
+
+    source: str
+    result: FileResult | None = None
+    failure: tuple[str, str] | None = None
+    tracebacks: list[tuple[str, str]] = field(default_factory=list)
+    counts: InputCounts | None = None
+    server_error: bool = False
+    """The failure was the server's: every later file would fail the same way."""
+
+
 @dataclass
 class ScoreSummary:
     """What a scoring run did; ``failed`` holds (source, message) for every bad input and
@@ -101,6 +115,18 @@ class ScoreSummary:
     input_counts: dict[str, InputCounts] = field(default_factory=dict)
     """Per source read in this run, its inputs counted against the training ranges."""
     input_report: Path | None = None
+    workers: int = 0
+    """Dask workers the run was spread over (0: scored in this process)."""
+
+    def add(self, outcome: FileOutcome) -> None:
+        """Record what scoring one source gave."""
+        if outcome.result is not None:
+            self.results.append(outcome.result)
+        if outcome.failure is not None:
+            self.failed.append(outcome.failure)
+        self.tracebacks += outcome.tracebacks
+        if outcome.counts is not None:
+            self.input_counts[outcome.source] = outcome.counts
 
     @property
     def overall_inputs(self) -> InputCounts | None:
@@ -166,33 +192,64 @@ def score_files(
     (:mod:`bsym.input_ranges`), and the report goes to ``<out_dir>/<model>.inputs.json``;
     with ``strict_inputs`` a file with a flagged feature fails and keeps no output.
     """
-    summary = ScoreSummary(model=backend.name, removed_partials=remove_stale_partials(out_dir))
-    summary.monitored = backend.feature_spec.input_ranges is not None
-    if strict_inputs and not summary.monitored:
+    summary = new_summary(backend, out_dir, strict_inputs=strict_inputs)
+    scorer = _Scorer(
+        backend, step_size=step_size, force=force, progress=progress, strict=strict_inputs
+    )
+    start = time.perf_counter()
+    queue = plan_outputs(inputs, backend.feature_spec, backend.name, out_dir, summary)
+    for number, (source, target) in enumerate(queue, start=1):
+        outcome = scorer.outcome(source, target, f"[{number}/{len(queue)}]")
+        summary.add(outcome)
+        if outcome.server_error:
+            # Every later file would fail the same way; say so once instead.
+            summary.failed += [
+                (str(rest), "not scored: the run stopped at the server error above")
+                for rest, _ in queue[number:]
+            ]
+            break
+    summary.seconds = time.perf_counter() - start
+    if summary.input_counts:
+        summary.input_report = write_input_report(summary, out_dir)
+    return summary
+
+
+def new_summary(backend: Backend, out_dir: Path, *, strict_inputs: bool) -> ScoreSummary:
+    """The summary of a run starting now, after removing the partials of ended processes."""
+    monitored = backend.feature_spec.input_ranges is not None
+    if strict_inputs and not monitored:
         raise ConfigError(
             f"--strict-inputs: model '{backend.name}' records no input ranges (it was exported "
             "before bsym recorded them); retrain and export it to check its inputs"
         )
-    scorer = _Scorer(
-        backend, step_size=step_size, force=force, progress=progress, strict=strict_inputs
+    return ScoreSummary(
+        model=backend.name, removed_partials=remove_stale_partials(out_dir), monitored=monitored
     )
+
+
+def plan_outputs(
+    inputs: list[str], spec: FeatureSpec, model: str, out_dir: Path, summary: ScoreSummary
+) -> list[tuple[TreeSource, Path]]:
+    """(source, output) for every input whose tree opens; the others go to ``summary.failed``.
+
+    Only inputs whose tree opens claim an output name, so a bad one never blocks a good one.
+    """
     sources: list[TreeSource] = []
     for pattern in inputs:
         try:
-            sources += parse_inputs([pattern], backend.feature_spec.tree)
+            sources += parse_inputs([pattern], spec.tree)
         except BsymError as error:
             summary.failed.append((pattern, str(error)))
-    start = time.perf_counter()
-    # Only inputs whose tree opens claim an output name, so a bad one never blocks a good one.
     targets: dict[Path, TreeSource] = {}
     for source in dict.fromkeys(sources):
         try:
-            resolved = scorer.resolve(source)
-        except _Failure as failure:
+            resolved = find_tree(source, spec.count_branch)
+        except Exception as error:
+            failure = _Failure.of(source, error)
             summary.failed.append((failure.source, failure.message))
             summary.tracebacks += failure.details
             continue
-        target = output_path(out_dir, resolved, backend.name)
+        target = output_path(out_dir, resolved, model)
         claimed = targets.setdefault(target, resolved)
         if claimed != resolved:
             summary.failed.append(
@@ -202,25 +259,7 @@ def score_files(
                     "score them into separate output directories",
                 )
             )
-    queue = [(source, target) for target, source in targets.items()]
-    for number, (source, target) in enumerate(queue, start=1):
-        try:
-            summary.results.append(scorer.score(source, target, f"[{number}/{len(queue)}]"))
-        except _Failure as failure:
-            summary.failed.append((failure.source, failure.message))
-            summary.tracebacks += failure.details
-            if isinstance(failure.__cause__, ServerError):
-                # Every later file would fail the same way; say so once instead.
-                summary.failed += [
-                    (str(rest), "not scored: the run stopped at the server error above")
-                    for rest, _ in queue[number:]
-                ]
-                break
-    summary.seconds = time.perf_counter() - start
-    summary.input_counts = scorer.input_counts
-    if summary.input_counts:
-        summary.input_report = write_input_report(summary, out_dir)
-    return summary
+    return [(source, target) for target, source in targets.items()]
 
 
 def input_report(summary: ScoreSummary) -> dict[str, Any]:
@@ -287,14 +326,23 @@ class _Scorer:
         self.model_version, self.model_sha256 = model_file_identity(backend)
         self.spec_sha256 = hashlib.sha256(self.spec.to_json().encode()).hexdigest()
         self.strict = strict
-        self.input_counts: dict[str, InputCounts] = {}
+        self.counts: InputCounts | None = None
+        """The inputs of the source being scored, counted against the training ranges."""
 
-    def resolve(self, source: TreeSource) -> TreeSource:
-        """The source with the tree it will read; a file without one raises _Failure."""
+    def outcome(self, source: TreeSource, target: Path, label: str) -> FileOutcome:
+        """Score one source into ``target``; what went wrong is in the outcome, not raised."""
+        self.counts = None
         try:
-            return find_tree(source, self.spec.count_branch)
-        except Exception as error:
-            raise _Failure.of(source, error) from error
+            result = self.score(source, target, label)
+        except _Failure as failure:
+            return FileOutcome(
+                failure.source,
+                failure=(failure.source, failure.message),
+                tracebacks=failure.details,
+                counts=self.counts,
+                server_error=isinstance(failure.__cause__, ServerError),
+            )
+        return FileOutcome(result.source, result=result, counts=self.counts)
 
     def score(self, source: TreeSource, target: Path, label: str) -> FileResult:
         """Score one source; any error raises :class:`_Failure` naming the tree it read."""
@@ -375,8 +423,7 @@ class _Scorer:
         objects = 0
         ranges = self.spec.input_ranges
         counts = None if ranges is None else InputCounts.of(ranges)
-        if counts is not None:
-            self.input_counts[str(source)] = counts
+        self.counts = counts
         with atomic_output(target) as temporary:
             writer = FriendTreeWriter(
                 temporary,
