@@ -152,7 +152,7 @@ def read_rows(
         try:
             layout = detect_layout(tree.keys(), spec)
             branches = required_branches(spec, layout, with_label=with_label)
-            records.append(SourceRecord(str(source.path.resolve()), source.tree, tree.num_entries))
+            records.append(SourceRecord(source.location, source.tree, tree.num_entries))
             for chunk in iterate_chunks(tree, source, branches):
                 batches.append(build_features(chunk, spec, layout, with_label=with_label))
                 n_rows += batches[-1].n_rows
