@@ -67,6 +67,11 @@ def is_url(spec: str) -> bool:
     return _URL.match(spec) is not None
 
 
+def input_path(text: str) -> Path | str:
+    """A recorded input location back as a :attr:`TreeSource.path`: a URL stays a string."""
+    return text if is_url(text) else Path(text)
+
+
 def parse_inputs(specs: Sequence[str], default_tree: str) -> list[TreeSource]:
     """Expand ``file.root``, ``dir/*.root`` and ``file.root:dir/tree`` (uproot's syntax).
 
