@@ -11,6 +11,7 @@ import socket
 import stat
 import struct
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -270,6 +271,8 @@ def require_remote(url: str) -> None:
     for module, extra in REMOTE_MODULES.get(scheme, []):
         require(module, extra, purpose=f"reading {url}")
     if scheme == "root":
+        # At exit XRootD looks at every live object, torch's deprecated attributes included.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="XRootD.client.finalize")
         client = importlib.import_module("XRootD.client")
         for name, value in XROOTD_CONNECTION.items():
             if f"XRD_{name.upper()}" not in os.environ:
