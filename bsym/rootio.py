@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import re
 import secrets
@@ -10,39 +11,80 @@ import socket
 import stat
 import struct
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import awkward as ak
 import numpy as np
 
 from bsym.errors import InputFileError, MissingBranchError, did_you_mean
+from bsym.extras import require
 
 
 @dataclass(frozen=True)
 class TreeSource:
     """One input: a ROOT file and the tree in it.
 
+    ``path`` is a local file, or a URL (``root://``, ``https://``, ``s3://``...) as a string:
+    :class:`~pathlib.Path` would fold the ``//`` of ``root://host//file.root``.
     ``explicit`` is False while ``tree`` is only the default a command would try first
     (nothing named one): :func:`find_tree` then picks the tree by the discovery rule.
     """
 
-    path: Path
+    path: Path | str
     tree: str
     explicit: bool = field(default=True, compare=False)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.tree}" if self.explicit else str(self.path)
 
+    @property
+    def name(self) -> str:
+        """The file name: the last part of the path or of the URL's path."""
+        if isinstance(self.path, Path):
+            return self.path.name
+        return PurePosixPath(urlsplit(self.path).path).name
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    @property
+    def location(self) -> str:
+        """The absolute path of a local file, or the URL."""
+        return str(self.path.resolve()) if isinstance(self.path, Path) else self.path
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(spec: str) -> bool:
+    """Whether an input names a URL (``scheme://...``) rather than a local path."""
+    return _URL.match(spec) is not None
+
+
+def input_path(text: str) -> Path | str:
+    """A recorded input location back as a :attr:`TreeSource.path`: a URL stays a string."""
+    return text if is_url(text) else Path(text)
+
 
 def parse_inputs(specs: Sequence[str], default_tree: str) -> list[TreeSource]:
-    """Expand ``file.root``, ``dir/*.root`` and ``file.root:dir/tree`` (uproot's syntax)."""
+    """Expand ``file.root``, ``dir/*.root`` and ``file.root:dir/tree`` (uproot's syntax).
+
+    A URL (``root://host//store/f.root:Events``) is one input, never a glob: ``?`` and ``*``
+    may be part of it, and remote storage has no listing in common.
+    """
     sources: list[TreeSource] = []
     for spec in specs:
         pattern, tree = _split_tree(spec)
+        if is_url(pattern):
+            sources.append(TreeSource(pattern, tree or default_tree, explicit=tree is not None))
+            continue
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise InputFileError(f"no file matches '{pattern}'")
@@ -57,6 +99,8 @@ def _split_tree(spec: str) -> tuple[str, str | None]:
     head, sep, tail = spec.rpartition(".root:")
     if sep and head and tail:
         return head + ".root", tail  # uproot's rule: the object path may hold directories
+    if is_url(spec) and urlsplit(spec).query:
+        return spec, None  # a query's colons are its own: name the tree as 'f.root:tree'
     head, sep, tail = spec.rpartition(":")
     if sep and head and tail and "/" not in tail and not tail.endswith(".root"):
         return head, tail
@@ -162,14 +206,16 @@ def reading(source: TreeSource, tree: Any, count_branch: str) -> str:
     """'nano_dy.root: reading Events (RNTuple, event layout, 40 entries)'."""
     layout = "event" if count_branch in set(tree.keys()) else "object"
     return (
-        f"{source.path.name}: reading {source.tree} ({tree_kind(tree)}, {layout} layout, "
+        f"{source.name}: reading {source.tree} ({tree_kind(tree)}, {layout} layout, "
         f"{tree.num_entries:,} entries)"
     )
 
 
-def _open_file(path: Path) -> Any:
+def _open_file(path: Path | str) -> Any:
     import uproot
 
+    if isinstance(path, str):
+        return _open_remote(path)
     if not path.is_file():
         raise InputFileError(f"{path}: no such file")
     check_complete(path)
@@ -205,6 +251,86 @@ def _tree_in(source: TreeSource, file: Any) -> Any:
             f"{source}: cannot read the tree ({_without(error, source.path)})"
         ) from error
     return tree
+
+
+# What reading each URL scheme needs: (module, the extra that provides it).
+REMOTE_MODULES = {
+    "root": [("XRootD", "xrootd")],
+    "http": [("aiohttp", "remote")],
+    "https": [("aiohttp", "remote")],
+    "s3": [("s3fs", "remote")],
+}
+# XRootD's own defaults retry a server that refuses for ten minutes; XRD_* variables win.
+XROOTD_CONNECTION = {"ConnectionRetry": 2, "ConnectionWindow": 10}
+
+
+def require_remote(url: str) -> None:
+    """Raise :class:`MissingExtraError` with the install hint if reading ``url`` needs a
+    package that is missing (XRootD for ``root://``, aiohttp for HTTP, s3fs for ``s3://``)."""
+    scheme = urlsplit(url).scheme.lower()
+    for module, extra in REMOTE_MODULES.get(scheme, []):
+        require(module, extra, purpose=f"reading {url}")
+    if scheme == "root":
+        # At exit XRootD looks at every live object, torch's deprecated attributes included.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="XRootD.client.finalize")
+        client = importlib.import_module("XRootD.client")
+        for name, value in XROOTD_CONNECTION.items():
+            if f"XRD_{name.upper()}" not in os.environ:
+                client.EnvPutInt(name, value)
+
+
+def _open_remote(url: str) -> Any:
+    """Open a file at a URL, with what a remote file allows of the local checks: its size
+    as the server reports it against the end its header records (fEND)."""
+    import uproot
+
+    require_remote(url)
+    options: dict[str, Any] = {}
+    if urlsplit(url).scheme.lower() == "root":
+        # uproot's own XRootD source: through fsspec-xrootd, XRootD 6 refuses the numpy
+        # offsets uproot reads baskets with ("integer argument expected for offset").
+        options["handler"] = uproot.source.xrootd.XRootDSource
+    try:
+        header = uproot.reading.ReadOnlyFile(url, **options)
+    except FileNotFoundError as error:
+        said = " ".join(str(error).split())
+        said = said.split(" Files may be specified as")[0]  # uproot's help on paths
+        said = said.replace(repr(url), "").removeprefix("file not found").strip(" ()")
+        raise InputFileError(
+            f"{url}: no such file on the server" + (f" ({said})" if said else "")
+        ) from error
+    except Exception as error:  # OSError, ValueError, timeouts...
+        raise InputFileError(f"{url}: cannot open it ({_without(error, url)})") from error
+    try:
+        size = remote_size(header)
+        end = int(header.fEND)
+        if size is not None and size < end:
+            raise InputFileError(f"{url}: truncated: {size} of {end} bytes")
+        return header.root_directory
+    except InputFileError:
+        header.close()
+        raise
+    except Exception as error:
+        header.close()
+        raise InputFileError(f"{url}: not a readable ROOT file ({_without(error, url)})") from error
+
+
+def remote_size(file: Any) -> int | None:
+    """The size in bytes that the server reports for an open uproot file, or None."""
+    try:
+        size = file.source.num_bytes
+    except Exception:  # a server that does not say
+        return None
+    return None if size is None else int(size)
+
+
+def input_identity(source: TreeSource, file: Any) -> tuple[int, int]:
+    """(bytes, mtime in ns) of an input for its provenance; a remote file has no mtime (0),
+    so its UUID and size stand for it."""
+    if isinstance(source.path, Path):
+        status = source.path.stat()
+        return status.st_size, status.st_mtime_ns
+    return remote_size(file) or 0, 0  # 0: not reported
 
 
 def check_complete(path: Path) -> None:
@@ -248,10 +374,11 @@ def _recorded_end(path: Path) -> int | None:
     return int(struct.unpack(">i", head[12:16])[0])
 
 
-def _without(error: Exception, path: Path) -> str:
+def _without(error: Exception, path: Path | str) -> str:
     """uproot's message without its own mention of the file, which the caller names once."""
     text = " ".join(str(error).split())
-    names = "|".join(re.escape(str(name)) for name in (path, path.resolve()))
+    forms = (path, path.resolve()) if isinstance(path, Path) else (path,)
+    names = "|".join(re.escape(str(name)) for name in forms)
     return re.sub(rf"\s*(?:(?:in|for) )?file(?: path)?:? (?:{names})", "", text).strip(" :")
 
 

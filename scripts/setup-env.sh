@@ -11,6 +11,6 @@ stamp=.venv/.bsym-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints-cpu.txt -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade "pip>=25.1"
   .venv/bin/python -m pip install --quiet -c constraints-cpu.txt torch
-  .venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e ".[triton,coffea,dask]" --group dev
+  .venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e ".[triton,coffea,dask,remote]" --group dev
   touch "$stamp"
 fi

@@ -59,7 +59,10 @@ def _step_size(text: str) -> int | str:
 def score_command(
     files: Annotated[
         list[str],
-        typer.Argument(help="ROOT files: paths, globs ('dir/*.root') or 'file.root:tree'."),
+        typer.Argument(
+            help="ROOT files: paths, globs ('dir/*.root'), URLs (root://, https://, s3://) "
+            "or 'file.root:tree'."
+        ),
     ],
     model: Annotated[
         str,

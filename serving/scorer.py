@@ -42,6 +42,7 @@ from bsym.rootio import (
     check_branches,
     counter_dtype,
     find_tree,
+    input_identity,
     iterate_chunks,
     open_input,
     parse_inputs,
@@ -169,7 +170,7 @@ class ScoreSummary:
 
 def output_path(out_dir: Path, source: TreeSource, model: str) -> Path:
     """Where the friend tree of ``source`` goes: ``<out_dir>/<input stem>.<model>.root``."""
-    return out_dir / f"{source.path.stem}.{model}.root"
+    return out_dir / f"{source.stem}.{model}.root"
 
 
 def score_files(
@@ -364,7 +365,7 @@ class _Scorer:
         entries = int(tree.num_entries)
         if entries == 0:
             raise InputFileError(f"{source} is empty (0 entries)")
-        provenance = self._provenance(source, tree.file.uuid, entries, layout)
+        provenance = self._provenance(source, tree.file, entries, layout)
         read = reading(source, tree, self.spec.count_branch)
         note = ""
         if target.exists() and not self.force:
@@ -376,15 +377,15 @@ class _Scorer:
         return FileResult(str(source), target, "scored", entries, objects, note, read)
 
     def _provenance(
-        self, source: TreeSource, uuid: object, entries: int, layout: Layout
+        self, source: TreeSource, file: Any, entries: int, layout: Layout
     ) -> Provenance:
         metadata = self.backend.metadata
-        stat = source.path.stat()
+        size, mtime_ns = input_identity(source, file)
         return Provenance(
-            source_file=str(source.path.resolve()),
-            source_uuid=str(uuid),
-            source_bytes=stat.st_size,
-            source_mtime_ns=stat.st_mtime_ns,
+            source_file=source.location,
+            source_uuid=str(file.uuid),
+            source_bytes=size,
+            source_mtime_ns=mtime_ns,
             source_tree=source.tree,
             source_entries=entries,
             layout=layout,
@@ -428,7 +429,7 @@ class _Scorer:
             writer = FriendTreeWriter(
                 temporary,
                 tree=source.tree,
-                title=f"{self.backend.name} scores, friend of {source.path.name}:{source.tree}",
+                title=f"{self.backend.name} scores, friend of {source.name}:{source.tree}",
                 columns=self.columns,
                 objects=self.spec.objects if layout == "event" else None,
                 counter_dtype=(
@@ -442,7 +443,7 @@ class _Scorer:
                     prefetched(produce, depth=PREFETCH_DEPTH) as chunks,
                     tqdm(
                         total=provenance.source_entries,
-                        desc=f"{label} {source.path.name}",
+                        desc=f"{label} {source.name}",
                         unit=" entries",
                         unit_scale=True,
                         leave=False,

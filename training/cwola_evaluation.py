@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from bsym.rootio import TreeSource, parse_inputs
+from bsym.rootio import TreeSource, input_path, parse_inputs
 from bsym.training.cwola import CwolaRows, read_cwola_rows
 from bsym.training.sweights import MassFit, sweighted_auc, sweighted_roc_inputs, sweights
 
@@ -46,7 +45,7 @@ def evaluation_rows(loaded: LoadedModel, data: Sequence[str] | None) -> CwolaRow
     """The CWoLa rows a model is evaluated on, aligned with ``bsym evaluate``'s feature rows."""
     config = loaded.config
     if not data:
-        sources = [TreeSource(Path(r.path), r.tree) for r in loaded.split.sources]
+        sources = [TreeSource(input_path(r.path), r.tree) for r in loaded.split.sources]
         rows = read_cwola_rows(
             sources, config.features, config.supervision, max_rows=config.data.max_rows
         )

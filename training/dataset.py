@@ -11,7 +11,6 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -25,7 +24,14 @@ from bsym.features import (
     detect_layout,
     required_branches,
 )
-from bsym.rootio import TreeSource, iterate_chunks, open_input, parse_inputs, reading
+from bsym.rootio import (
+    TreeSource,
+    input_path,
+    iterate_chunks,
+    open_input,
+    parse_inputs,
+    reading,
+)
 from bsym.training.config import TrainConfig
 from bsym.training.cwola import apply_cwola, read_cwola_rows
 
@@ -95,7 +101,7 @@ def held_out_test(config: TrainConfig, split: Split) -> FeatureBatch:
     """Re-read the recorded training inputs and return the test rows of ``split``."""
     if len(split.test) == 0:
         raise ConfigError("this model was trained with data.test_fraction=0: it has no test rows")
-    sources = [TreeSource(Path(record.path), record.tree) for record in split.sources]
+    sources = [TreeSource(input_path(record.path), record.tree) for record in split.sources]
     batch, records = read_training_rows(sources, config, max_rows=config.data.max_rows)
     for before, now in zip(split.sources, records, strict=True):
         if before.entries != now.entries:
@@ -152,7 +158,7 @@ def read_rows(
         try:
             layout = detect_layout(tree.keys(), spec)
             branches = required_branches(spec, layout, with_label=with_label)
-            records.append(SourceRecord(str(source.path.resolve()), source.tree, tree.num_entries))
+            records.append(SourceRecord(source.location, source.tree, tree.num_entries))
             for chunk in iterate_chunks(tree, source, branches):
                 batches.append(build_features(chunk, spec, layout, with_label=with_label))
                 n_rows += batches[-1].n_rows

@@ -368,9 +368,9 @@ def _rows(model: LoadedModel, rows: npt.NDArray[np.int64]) -> FeatureBatch:
 def _read(
     config: TrainConfig, spec: FeatureSpec, split: Split, rows: npt.NDArray[np.int64]
 ) -> FeatureBatch:
-    from bsym.rootio import TreeSource
+    from bsym.rootio import TreeSource, input_path
 
-    sources = [TreeSource(Path(s.path), s.tree) for s in split.sources]
+    sources = [TreeSource(input_path(s.path), s.tree) for s in split.sources]
     batch, _ = read_rows(sources, spec, max_rows=config.data.max_rows)
     if batch.n_rows != split.n_rows:
         raise SpecMismatchError(

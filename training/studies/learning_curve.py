@@ -353,7 +353,7 @@ def _cut(
 def file_names(sources: Sequence[TreeSource]) -> str:
     """'a.root' or 'a.root + 2 more', for titles."""
     more = f" + {len(sources) - 1} more" if len(sources) > 1 else ""
-    return f"{sources[0].path.name}{more}"
+    return f"{sources[0].name}{more}"
 
 
 def describe(sources: Sequence[TreeSource]) -> str:
