@@ -249,8 +249,12 @@ def score_files_distributed(
 
 
 def _absolute(source: TreeSource) -> TreeSource:
-    """The source with an absolute path: a worker's working directory is not the client's."""
-    return replace(source, path=source.path.resolve()) if source.path.exists() else source
+    """The source with an absolute path: a worker's working directory is not the client's.
+    URLs are left as they are."""
+    path = source.path
+    return (
+        replace(source, path=path.resolve()) if isinstance(path, Path) and path.exists() else source
+    )
 
 
 def _named(outcome: FileOutcome, source: TreeSource) -> FileOutcome:
