@@ -196,16 +196,15 @@ def plan(proto: Any, spec: FeatureSpec, adoption: Adoption, where: str) -> Plan:
         found = read_weaver(adoption.weaver.preprocess, adoption.weaver.data_config)
     elif adoption.salt:
         trainer = "salt"
-        found = read_salt(
-            {p.key: p.value for p in proto.metadata_props}, list(model_inputs), where
-        )
+        found = read_salt({p.key: p.value for p in proto.metadata_props}, list(model_inputs), where)
     unmapped = [name for name in model_inputs if name not in mappings]
     unknown = [name for name in mappings if name not in model_inputs]
     if unmapped or unknown:
+        mapped = ", ".join(f"{k} <- {v.tensor}" for k, v in mappings.items()) or "none"
         raise SpecMismatchError(
             f"{where}: the adoption does not fit the model's inputs.\n"
             f"  model inputs: {_describe_inputs(model_inputs)}\n"
-            f"  mapped:       {', '.join(f'{k} <- {v.tensor}' for k, v in mappings.items()) or 'none'}"
+            f"  mapped:       {mapped}"
             f"\n  bsym tensors: {', '.join(f'{k}{_show(v)}' for k, v in available.items())}"
             + (f"\n  not mapped: {', '.join(unmapped)}" if unmapped else "")
             + (f"\n  not model inputs: {', '.join(unknown)}" if unknown else "")
@@ -214,8 +213,9 @@ def plan(proto: Any, spec: FeatureSpec, adoption: Adoption, where: str) -> Plan:
     if not per_row:
         fixed = [n for n, v in model_inputs.items() if (_dims(v) or [1])[0] is not None]
         if fixed:
+            shown = ", ".join(f"{n}{_show(_dims(model_inputs[n]))}" for n in fixed)
             raise SpecMismatchError(
-                f"{where}: input(s) {', '.join(f'{n}{_show(_dims(model_inputs[n]))}' for n in fixed)}"
+                f"{where}: input(s) {shown}"
                 " have no dynamic batch axis; export with a dynamic axis 0, or set "
                 "'adopt.batch: per_row' to run the model row by row inside the graph"
             )
@@ -249,7 +249,9 @@ def plan(proto: Any, spec: FeatureSpec, adoption: Adoption, where: str) -> Plan:
         )
     if labels is None and found.labels is not None:
         labels = list(found.labels)
-    return Plan(resolved, list(score), list(keep), list(labels or []), per_row, trainer, found.source)
+    return Plan(
+        resolved, list(score), list(keep), list(labels or []), per_row, trainer, found.source
+    )
 
 
 def _fixed_row(graph: Any, name: str, per_row: bool) -> bool:
@@ -350,9 +352,13 @@ def _check_input(
             produced[0] = None
         if len(dims) == len(produced) + 1 and dims[0] == 1:
             produced = [1, *produced]
-    if len(dims) != len(produced) or any(
-        d is not None and p is not None and d != p for d, p in zip(dims, produced, strict=True)
-    ) or any(d is not None and p is None for d, p in zip(dims, produced, strict=False)):
+    if (
+        len(dims) != len(produced)
+        or any(
+            d is not None and p is not None and d != p for d, p in zip(dims, produced, strict=True)
+        )
+        or any(d is not None and p is None for d, p in zip(dims, produced, strict=False))
+    ):
         raise SpecMismatchError(
             f"{where}: input '{name}' is {_show(dims)}, but '{mapping.tensor}' as mapped "
             f"(layout {mapping.layout}, {'per row' if per_row else 'batched'}) gives "
@@ -399,7 +405,9 @@ def reference_outputs(
     import onnx
     import onnxruntime as ort
 
-    session = ort.InferenceSession(proto.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        proto.SerializeToString(), _options(), providers=["CPUExecutionProvider"]
+    )
     graph = proto.graph
     types = {
         v.name: (onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type), _dims(v))
@@ -420,9 +428,7 @@ def reference_outputs(
                 parts[name].append(np.asarray(result))
     else:
         prepared = {
-            name: (
-                foreign_input(m, inputs, types[name][0]) if m.tensor != "constant" else None
-            )
+            name: (foreign_input(m, inputs, types[name][0]) if m.tensor != "constant" else None)
             for name, m in plan_.inputs.items()
         }
         for row in range(rows):
@@ -431,7 +437,7 @@ def reference_outputs(
                 dtype, dims = types[name]
                 value = prepared[name]
                 if value is None:
-                    feed[name] = np.full(dims, mapping.value, dtype=dtype)
+                    feed[name] = np.full([d or 0 for d in dims], mapping.value, dtype=dtype)
                     continue
                 one = value[row]
                 if mapping.drop_padding:
@@ -452,7 +458,7 @@ def _reference_feed(
     mapping: InputMapping, chunk: dict[str, Tensor], dtype: Any, dims: list[int | None], n: int
 ) -> Tensor:
     if mapping.tensor == "constant":
-        return np.full([n, *dims[1:]], mapping.value, dtype=dtype)
+        return np.full([n, *(d or 0 for d in dims[1:])], mapping.value, dtype=dtype)
     return np.ascontiguousarray(_layout(foreign_input(mapping, chunk, dtype), mapping, len(dims)))
 
 
@@ -495,7 +501,12 @@ class _Front:
         return out
 
     def build(
-        self, target: str, mapping: InputMapping, dtype: Any, dims: list[int | None], source: dict[str, str]
+        self,
+        target: str,
+        mapping: InputMapping,
+        dtype: Any,
+        dims: list[int | None],
+        source: dict[str, str],
     ) -> None:
         """Write ``target`` from ``source`` (bsym tensor name → graph value)."""
         import onnx
@@ -507,14 +518,21 @@ class _Front:
                 shape = self.node(
                     "Concat", [batch, self.const("dims", dims[1:], np.int64)], "full", axis=0
                 )
-                value = onnx.helper.make_tensor("value", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [1], [mapping.value])
+                fill = onnx.helper.make_tensor(
+                    "value",
+                    onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                    [1],
+                    [mapping.value],
+                )
                 self.nodes.append(
-                    onnx.helper.make_node("ConstantOfShape", [shape], [target], value=value)
+                    onnx.helper.make_node("ConstantOfShape", [shape], [target], value=fill)
                 )
             else:
                 self.nodes.append(
                     onnx.helper.make_node(
-                        "Identity", [self.const("constant", np.full(dims, mapping.value), dtype)], [target]
+                        "Identity",
+                        [self.const("constant", np.full([d or 0 for d in dims], mapping.value), dtype)],
+                        [target],
                     )
                 )
             return
@@ -527,31 +545,57 @@ class _Front:
             value = self.node("Cast", [source[mapping.tensor]], "cast", to=onnx.TensorProto.FLOAT)
             if mapping.columns is not None:
                 index = self.const("columns", mapping.columns, np.int64)
-                value = self.node("Gather", [value, index], "columns", axis=axis + 1 if mapping.tensor == contract.CONSTITUENTS else (1 if self.batched else 0))
-            for key, op in (("centre", "Sub"), ("scale", "Mul"), ("lower", "Max"), ("upper", "Min")):
+                value = self.node(
+                    "Gather",
+                    [value, index],
+                    "columns",
+                    axis=axis + 1
+                    if mapping.tensor == contract.CONSTITUENTS
+                    else (1 if self.batched else 0),
+                )
+            for key, op in (
+                ("centre", "Sub"),
+                ("scale", "Mul"),
+                ("lower", "Max"),
+                ("upper", "Min"),
+            ):
                 numbers = getattr(mapping, key)
                 if numbers is not None:
                     value = self.node(op, [value, self.const(key, numbers, np.float32)], key)
             if mapping.tensor == contract.CONSTITUENTS:
                 assert mask is not None
                 as_float = self.node("Cast", [mask], "mask_float", to=onnx.TensorProto.FLOAT)
-                column = self.node("Unsqueeze", [as_float, self.const("axis", [axis + 1], np.int64)], "mask_column")
+                column = self.node(
+                    "Unsqueeze", [as_float, self.const("axis", [axis + 1], np.int64)], "mask_column"
+                )
                 value = self.node("Mul", [value, column], "masked")
             value = self.node("Cast", [value], "typed", to=elem)
         if not self.batched and mapping.drop_padding:
             assert mask is not None
             count = self.node(
                 "ReduceSum",
-                [self.node("Cast", [mask], "count_of", to=onnx.TensorProto.INT64), self.const("all", [0], np.int64)],
+                [
+                    self.node("Cast", [mask], "count_of", to=onnx.TensorProto.INT64),
+                    self.const("all", [0], np.int64),
+                ],
                 "count",
                 keepdims=1,
             )
             value = self.node(
-                "Slice", [value, self.const("start", [0], np.int64), count, self.const("axis", [0], np.int64)], "real"
+                "Slice",
+                [
+                    value,
+                    self.const("start", [0], np.int64),
+                    count,
+                    self.const("axis", [0], np.int64),
+                ],
+                "real",
             )
         elif mapping.tensor == contract.MASK and self.batched and len(dims) == 3:
             where = axis if mapping.layout == "NFP" else axis + 1
-            value = self.node("Unsqueeze", [value, self.const("axis", [where], np.int64)], "mask_axis")
+            value = self.node(
+                "Unsqueeze", [value, self.const("axis", [where], np.int64)], "mask_axis"
+            )
         elif mapping.tensor == contract.CONSTITUENTS and mapping.layout == "NFP":
             perm = [0, 2, 1] if self.batched else [1, 0]
             value = self.node("Transpose", [value], "nfp", perm=perm)
@@ -576,18 +620,19 @@ def adapted_graph(proto: Any, spec: FeatureSpec, plan_: Plan, name: str) -> Any:
     foreign = compose.add_prefix(proto, PREFIX)
     graph = foreign.graph
     shapes = bsym_shapes(spec)
-    used = {m.tensor for m in plan_.inputs.values() if m.tensor != "constant"}
+    used: set[str] = {m.tensor for m in plan_.inputs.values() if m.tensor != "constant"}
     if any(m.tensor == contract.CONSTITUENTS or m.drop_padding for m in plan_.inputs.values()):
         used.add(contract.MASK)
     if not used:
         used = {next(iter(shapes))}
     order = [t for t in (contract.CONSTITUENTS, contract.MASK, contract.GLOBALS) if t in used]
     elem = {t: helper.np_dtype_to_tensor_dtype(np.dtype(contract.INPUTS[t].dtype)) for t in order}
-    inputs = [
-        helper.make_tensor_value_info(t, elem[t], ["N", *shapes[t][1:]]) for t in order
-    ]
+    inputs = [helper.make_tensor_value_info(t, elem[t], ["N", *shapes[t][1:]]) for t in order]
     types = {
-        v.name[len(PREFIX):]: (onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type), _dims(v))
+        v.name[len(PREFIX) :]: (
+            onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
+            _dims(v),
+        )
         for v in graph.input
     }
     initialisers = {i.name for i in graph.initializer}
@@ -602,7 +647,7 @@ def adapted_graph(proto: Any, spec: FeatureSpec, plan_: Plan, name: str) -> Any:
         produced = {n: PREFIX + n for n in wanted}
     else:
         front = _Front(batched=False)
-        row_names = {t: f"{FRONT}row/{t}" for t in order}
+        row_names: dict[str, str] = {t: f"{FRONT}row/{t}" for t in order}
         for target, mapping in plan_.inputs.items():
             dtype, dims = types[target]
             front.build(PREFIX + target, mapping, dtype, dims, row_names)
@@ -610,10 +655,16 @@ def adapted_graph(proto: Any, spec: FeatureSpec, plan_: Plan, name: str) -> Any:
             helper.make_tensor_value_info(row_names[t], elem[t], shapes[t][1:]) for t in order
         ]
         body_outputs = [
-            helper.make_tensor_value_info(f"{FRONT}row_out/{n}", next(v for v in graph.output if v.name == PREFIX + n).type.tensor_type.elem_type, None)
+            helper.make_tensor_value_info(
+                f"{FRONT}row_out/{n}",
+                next(v for v in graph.output if v.name == PREFIX + n).type.tensor_type.elem_type,
+                None,
+            )
             for n in wanted
         ]
-        identities = [helper.make_node("Identity", [PREFIX + n], [f"{FRONT}row_out/{n}"]) for n in wanted]
+        identities = [
+            helper.make_node("Identity", [PREFIX + n], [f"{FRONT}row_out/{n}"]) for n in wanted
+        ]
         body = helper.make_graph(
             [*front.nodes, *graph.node, *identities],
             f"{name}_row",
@@ -638,12 +689,18 @@ def adapted_graph(proto: Any, spec: FeatureSpec, plan_: Plan, name: str) -> Any:
     )
     for n in plan_.keep:
         tail.nodes.append(helper.make_node("Identity", [produced[n]], [n]))
-    outputs = [helper.make_tensor_value_info(contract.SCORE, onnx.TensorProto.FLOAT, ["N", len(plan_.score)])]
+    outputs = [
+        helper.make_tensor_value_info(
+            contract.SCORE, onnx.TensorProto.FLOAT, ["N", len(plan_.score)]
+        )
+    ]
     for n in plan_.keep:
         value = next(v for v in graph.output if v.name == PREFIX + n)
         dims = _dims(value)
         row = dims if plan_.per_row else dims[1:]
-        outputs.append(helper.make_tensor_value_info(n, value.type.tensor_type.elem_type, ["N", *row]))
+        outputs.append(
+            helper.make_tensor_value_info(n, value.type.tensor_type.elem_type, ["N", *row])
+        )
     merged = helper.make_graph(
         [*nodes, *tail.nodes], name, inputs, outputs, initializer=[*inits, *tail.initialisers]
     )
@@ -657,7 +714,9 @@ def adapted_graph(proto: Any, spec: FeatureSpec, plan_: Plan, name: str) -> Any:
 def _score_width(model: Any, inputs: dict[str, Tensor]) -> int:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), _options(), providers=["CPUExecutionProvider"]
+    )
     feed = {v.name: inputs[v.name][:2] for v in session.get_inputs()}
     return int(session.run([contract.SCORE], feed)[0].shape[1])
 
@@ -715,13 +774,16 @@ def adopt(
     width = _score_width(adopted, inputs)
     if plan_.labels and len(plan_.labels) != width:
         raise SpecMismatchError(
-            f"{where}: {len(plan_.labels)} class labels {plan_.labels} for a score of {width} columns"
+            f"{where}: {len(plan_.labels)} class labels {plan_.labels} for a score of "
+            f"{width} columns"
         )
     adopted.graph.output[0].type.tensor_type.shape.dim[1].dim_value = width
     try:
         onnx.checker.check_model(adopted, full_check=True)
     except onnx.checker.ValidationError as error:
-        raise SpecMismatchError(f"{where}: the adopted graph fails onnx.checker: {error}") from error
+        raise SpecMismatchError(
+            f"{where}: the adopted graph fails onnx.checker: {error}"
+        ) from error
     expected = reference_outputs(proto, plan_, inputs)
     worst = _parity(adopted, inputs, expected, tolerance, ", ".join(map(str, sources)))
     labels = plan_.labels or ([] if width == 1 else [f"class{k}" for k in range(width)])
@@ -754,7 +816,9 @@ def adopt(
     with tempfile.TemporaryDirectory(prefix="bsym-adopt-") as tmp:
         staged = Path(tmp) / contract.MODEL_FILENAME
         onnx.save_model(adopted, str(staged))
-        version = write_model_version(staged, repository, name, version, flavour=flavour, force=force)
+        version = write_model_version(
+            staged, repository, name, version, flavour=flavour, force=force
+        )
     return AdoptReport(
         Path(repository) / name / str(version) / contract.MODEL_FILENAME,
         name,
@@ -780,7 +844,9 @@ def _parity(
 ) -> dict[str, float]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(adopted.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        adopted.SerializeToString(), _options(), providers=["CPUExecutionProvider"]
+    )
     names = [v.name for v in session.get_inputs()]
     rows = len(inputs[names[0]])
     worst = dict.fromkeys(expected, 0.0)
@@ -796,9 +862,13 @@ def _parity(
                         f"output '{output}': the adopted graph gives shape {np.shape(result)}, "
                         f"the original {reference.shape}"
                     )
-                deviation = float(np.max(np.abs(np.asarray(result, np.float64) - reference), initial=0.0))
+                deviation = float(
+                    np.max(np.abs(np.asarray(result, np.float64) - reference), initial=0.0)
+                )
                 if math.isnan(deviation):
-                    raise SpecMismatchError(f"output '{output}': NaN on rows {start}..{stop - 1} of {source}")
+                    raise SpecMismatchError(
+                        f"output '{output}': NaN on rows {start}..{stop - 1} of {source}"
+                    )
                 worst[output] = max(worst[output], deviation)
     for output, deviation in worst.items():
         if not deviation <= tolerance:

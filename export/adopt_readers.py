@@ -81,9 +81,7 @@ def read_weaver(preprocess: Path | None, data_config: Path | None) -> ForeignPre
                 f"weaver input '{name}': {data_config} lists vars {list(standard.variables)}, "
                 f"{preprocess} lists {list(inputs[name].variables)}"
             )
-        inputs[name] = Standardisation(
-            **{**inputs[name].__dict__, "pad_mode": standard.pad_mode}
-        )
+        inputs[name] = Standardisation(**{**inputs[name].__dict__, "pad_mode": standard.pad_mode})
     return ForeignPreprocessing(
         f"{preprocess} + {data_config}", inputs, from_json.labels or from_yaml.labels
     )
@@ -112,7 +110,9 @@ def _weaver_json(path: Path) -> ForeignPreprocessing:
                 int(group["var_length"]) if group.get("var_length") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as error:
-            raise ConfigError(f"{path}: input '{name}': bad or missing var_infos ({error})") from error
+            raise ConfigError(
+                f"{path}: input '{name}': bad or missing var_infos ({error})"
+            ) from error
     labels = data.get("output_names")
     return ForeignPreprocessing(
         str(path), inputs, tuple(map(str, labels)) if isinstance(labels, list) else None

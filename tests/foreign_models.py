@@ -42,7 +42,9 @@ class WeaverPFN(torch.nn.Module):
         self.phi = torch.nn.Sequential(
             torch.nn.Conv1d(features, 16, 1), torch.nn.ReLU(), torch.nn.Conv1d(16, 16, 1)
         )
-        self.f = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes))
+        self.f = torch.nn.Sequential(
+            torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes)
+        )
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         pooled = (self.phi(features) * mask).sum(dim=2)
@@ -81,7 +83,9 @@ class UserNet(torch.nn.Module):
         return torch.sigmoid(self.out(hidden)), self.aux(hidden)
 
 
-def _export(model: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, **kwargs: Any) -> None:
+def _export(
+    model: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, **kwargs: Any
+) -> None:
     model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -94,9 +98,23 @@ def weaver_model(folder: Path) -> tuple[Path, Path, Path]:
     path = folder / "model.onnx"
     example = (torch.rand(2, 3, WEAVER_LENGTH), torch.ones(2, 1, WEAVER_LENGTH))
     axes = {"pf_features": {0: "N", 2: "n_pf"}, "pf_mask": {0: "N", 2: "n_pf"}, "softmax": {0: "N"}}
-    _export(WeaverPFN(), example, path, input_names=["pf_features", "pf_mask"], output_names=["softmax"], dynamic_axes=axes)
+    _export(
+        WeaverPFN(),
+        example,
+        path,
+        input_names=["pf_features", "pf_mask"],
+        output_names=["softmax"],
+        dynamic_axes=axes,
+    )
     infos = {
-        name: {"median": c, "norm_factor": s, "replace_inf_value": 0, "lower_bound": -5.0, "upper_bound": 5.0, "pad": 0}
+        name: {
+            "median": c,
+            "norm_factor": s,
+            "replace_inf_value": 0,
+            "lower_bound": -5.0,
+            "upper_bound": 5.0,
+            "pad": 0,
+        }
         for name, c, s in zip(WEAVER_VARS, WEAVER_CENTRE, WEAVER_SCALE, strict=True)
     }
     preprocess = {
@@ -105,7 +123,16 @@ def weaver_model(folder: Path) -> tuple[Path, Path, Path]:
         "pf_features": {"var_names": WEAVER_VARS, "var_infos": infos, "var_length": WEAVER_LENGTH},
         "pf_mask": {
             "var_names": ["part_mask"],
-            "var_infos": {"part_mask": {"median": 0, "norm_factor": 1, "replace_inf_value": 0, "lower_bound": -1e32, "upper_bound": 1e32, "pad": 0}},
+            "var_infos": {
+                "part_mask": {
+                    "median": 0,
+                    "norm_factor": 1,
+                    "replace_inf_value": 0,
+                    "lower_bound": -1e32,
+                    "upper_bound": 1e32,
+                    "pad": 0,
+                }
+            },
             "var_length": WEAVER_LENGTH,
         },
     }
@@ -115,9 +142,16 @@ def weaver_model(folder: Path) -> tuple[Path, Path, Path]:
             "pf_features": {
                 "length": WEAVER_LENGTH,
                 "pad_mode": "constant",
-                "vars": [[n, c, s, -5.0, 5.0] for n, c, s in zip(WEAVER_VARS, WEAVER_CENTRE, WEAVER_SCALE, strict=True)],
+                "vars": [
+                    [n, c, s, -5.0, 5.0]
+                    for n, c, s in zip(WEAVER_VARS, WEAVER_CENTRE, WEAVER_SCALE, strict=True)
+                ],
             },
-            "pf_mask": {"length": WEAVER_LENGTH, "pad_mode": "constant", "vars": [["part_mask", None]]},
+            "pf_mask": {
+                "length": WEAVER_LENGTH,
+                "pad_mode": "constant",
+                "vars": [["part_mask", None]],
+            },
         },
         "labels": {"type": "simple", "value": ["label_prompt", "label_nonprompt"]},
     }
@@ -157,9 +191,19 @@ def salt_model(folder: Path, name: str = "Toy") -> Path:
         dynamic_axes={"track_features": {0: "n_tracks"}},
     )
     config = {
-        "inputs": [{"name": "jet_var", "variables": [{"name": "pt", "offset": SALT_OFFSETS[0], "scale": SALT_SCALES[0]}]}],
+        "inputs": [
+            {
+                "name": "jet_var",
+                "variables": [{"name": "pt", "offset": SALT_OFFSETS[0], "scale": SALT_SCALES[0]}],
+            }
+        ],
         "input_sequences": [
-            {"name": "tracks_r22default_sd0sort", "variables": [{"name": v, "offset": 0.0, "scale": 1.0} for v in ("logEt", "deta", "dphi")]}
+            {
+                "name": "tracks_r22default_sd0sort",
+                "variables": [
+                    {"name": v, "offset": 0.0, "scale": 1.0} for v in ("logEt", "deta", "dphi")
+                ],
+            }
         ],
         "onnx_model_version": "v1",
     }
@@ -174,7 +218,10 @@ def salt_adoption(folder: Path) -> Path:
         "features": ISOLATION_FEATURES,
         "adopt": {
             "salt": True,
-            "inputs": {"jet_features": {"tensor": "globals"}, "track_features": {"tensor": "constituents"}},
+            "inputs": {
+                "jet_features": {"tensor": "globals"},
+                "track_features": {"tensor": "constituents"},
+            },
         },
     }
     path = folder / "adopt.yaml"
@@ -191,7 +238,12 @@ def user_model(folder: Path) -> Path:
         path,
         input_names=["cells", "x"],
         output_names=["prob", "embedding"],
-        dynamic_axes={"cells": {0: "batch"}, "x": {0: "batch"}, "prob": {0: "batch"}, "embedding": {0: "batch"}},
+        dynamic_axes={
+            "cells": {0: "batch"},
+            "x": {0: "batch"},
+            "prob": {0: "batch"},
+            "embedding": {0: "batch"},
+        },
     )
     return path
 
@@ -200,7 +252,10 @@ def user_adoption(folder: Path) -> Path:
     spec = {
         "features": ISOLATION_FEATURES,
         "adopt": {
-            "inputs": {"cells": {"tensor": "constituents"}, "x": {"tensor": "globals", "centre": [3.0]}},
+            "inputs": {
+                "cells": {"tensor": "constituents"},
+                "x": {"tensor": "globals", "centre": [3.0]},
+            },
             "score": ["prob"],
             "class_labels": ["prompt"],
         },
