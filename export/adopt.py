@@ -531,7 +531,11 @@ class _Front:
                 self.nodes.append(
                     onnx.helper.make_node(
                         "Identity",
-                        [self.const("constant", np.full([d or 0 for d in dims], mapping.value), dtype)],
+                        [
+                            self.const(
+                                "constant", np.full([d or 0 for d in dims], mapping.value), dtype
+                            )
+                        ],
                         [target],
                     )
                 )
