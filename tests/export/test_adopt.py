@@ -294,3 +294,22 @@ def test_weaver_wrap_padding_is_refused(
         adopt(
             adopted["weaver"], tmp_path / "adopt.yaml", "bad", [muons(isolation_sample)], tmp_path
         )
+
+
+def test_a_missing_input_is_fed_as_a_constant(
+    adopted: dict[str, Any], isolation_sample: Path, tmp_path: Path
+) -> None:
+    def constant_x(data: dict[str, Any]) -> None:
+        data["adopt"]["inputs"]["x"] = {"tensor": "constant", "value": 1.5}
+
+    spec = edited(adopted["root"] / "user" / "adopt.yaml", constant_x)
+    report = adopt(adopted["user"], spec, "user_const", [muons(isolation_sample)], tmp_path)
+    backend = OnnxRuntimeBackend(report.onnx_path)
+    assert set(backend.input_names) == {"constituents", "mask"}
+    inputs = bsym_inputs(muons(isolation_sample), backend.feature_spec)
+    found = backend.predict({n: inputs[n] for n in backend.input_names})["score"]
+    feed = {
+        "cells": inputs["constituents"],
+        "x": np.full((len(found), 1), 1.5, dtype=np.float32),
+    }
+    np.testing.assert_allclose(found, session(adopted["user"]).run(["prob"], feed)[0], atol=1e-5)
