@@ -17,7 +17,6 @@ a difference above the tolerance refuses the adoption and writes nothing.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from bsym.export.adopt_readers import (
     salt_outputs,
 )
 from bsym.export.defaults import DEFAULT_TOLERANCE
-from bsym.export.onnx_export import PARITY_BATCH_SIZES, PARITY_MAX_ROWS, SINGLE_ROW_CHECKS
+from bsym.export.onnx_export import PARITY_BATCH_SIZES, PARITY_MAX_ROWS, worst_differences
 from bsym.export.triton.common import Flavour
 from bsym.features import FeatureBatch, FeatureSpec
 from bsym.rootio import parse_inputs
@@ -853,27 +852,10 @@ def _parity(
     )
     names = [v.name for v in session.get_inputs()]
     rows = len(inputs[names[0]])
-    worst = dict.fromkeys(expected, 0.0)
-    for batch_size in PARITY_BATCH_SIZES:
-        limit = min(rows, SINGLE_ROW_CHECKS) if batch_size == 1 else rows
-        for start in range(0, limit, batch_size):
-            stop = min(start + batch_size, limit)
-            results = session.run(list(expected), {n: inputs[n][start:stop] for n in names})
-            for output, result in zip(expected, results, strict=True):
-                reference = expected[output][start:stop]
-                if np.shape(result) != reference.shape:
-                    raise SpecMismatchError(
-                        f"output '{output}': the adopted graph gives shape {np.shape(result)}, "
-                        f"the original {reference.shape}"
-                    )
-                deviation = float(
-                    np.max(np.abs(np.asarray(result, np.float64) - reference), initial=0.0)
-                )
-                if math.isnan(deviation):
-                    raise SpecMismatchError(
-                        f"output '{output}': NaN on rows {start}..{stop - 1} of {source}"
-                    )
-                worst[output] = max(worst[output], deviation)
+    feed = {n: inputs[n] for n in names}
+    worst = worst_differences(
+        session, feed, expected, source, candidate="the adopted graph", reference="the original"
+    )
     for output, deviation in worst.items():
         if not deviation <= tolerance:
             raise SpecMismatchError(
