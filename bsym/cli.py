@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from bsym.console import exit_on_sigterm
+from bsym.export.adopt_cli import adopt_command
 from bsym.export.cli import export_command, repository_app
 from bsym.serving.cli import score_command, serve_command
 from bsym.simulate.calo_rotation_cli import calo_rotation_command
@@ -26,6 +27,7 @@ app.add_typer(study_app, name="study")
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("export")(export_command)
+app.command("adopt")(adopt_command)
 app.add_typer(repository_app, name="repository")
 app.command("score")(score_command)
 app.command("serve")(serve_command)

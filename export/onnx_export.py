@@ -249,27 +249,7 @@ def check_parity(
     session = ort.InferenceSession(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    worst = dict.fromkeys(output_names, 0.0)
-    for batch_size in PARITY_BATCH_SIZES:
-        limit = min(rows, SINGLE_ROW_CHECKS) if batch_size == 1 else rows
-        for start in range(0, limit, batch_size):
-            stop = min(start + batch_size, limit)
-            feed = {key: value[start:stop] for key, value in inputs.items()}
-            results = session.run(list(output_names), feed)
-            for output, result in zip(output_names, results, strict=True):
-                reference = expected[output][start:stop]
-                if np.shape(result) != reference.shape:
-                    raise SpecMismatchError(
-                        f"output '{output}': ONNX Runtime gives shape {np.shape(result)}, "
-                        f"torch {reference.shape} (batch of {stop - start} rows)"
-                    )
-                deviation = float(np.max(np.abs(np.asarray(result, np.float64) - reference)))
-                if math.isnan(deviation):
-                    raise SpecMismatchError(
-                        f"output '{output}': NaN from torch or ONNX Runtime on rows "
-                        f"{start}..{stop - 1} of {source}"
-                    )
-                worst[output] = max(worst[output], deviation)
+    worst = worst_differences(session, inputs, expected, source, candidate="ONNX Runtime")
     for output, deviation in worst.items():
         if not deviation <= tolerance:
             raise SpecMismatchError(
@@ -277,6 +257,43 @@ def check_parity(
                 f"on {rows} rows from {source}, above the tolerance {tolerance:g}"
             )
     return ParityReport(rows, source, PARITY_BATCH_SIZES, worst, tolerance)
+
+
+def worst_differences(
+    session: Any,
+    inputs: dict[str, npt.NDArray[Any]],
+    expected: dict[str, npt.NDArray[np.float64]],
+    source: str,
+    *,
+    candidate: str,
+    reference: str = "torch",
+) -> dict[str, float]:
+    """The largest |``session`` - ``expected``| per output over :data:`PARITY_BATCH_SIZES`
+    (the first :data:`SINGLE_ROW_CHECKS` rows one by one); raises on a shape mismatch or NaN."""
+    rows = len(next(iter(inputs.values())))
+    worst = dict.fromkeys(expected, 0.0)
+    for batch_size in PARITY_BATCH_SIZES:
+        limit = min(rows, SINGLE_ROW_CHECKS) if batch_size == 1 else rows
+        for start in range(0, limit, batch_size):
+            stop = min(start + batch_size, limit)
+            feed = {key: value[start:stop] for key, value in inputs.items()}
+            results = session.run(list(expected), feed)
+            for output, result in zip(expected, results, strict=True):
+                wanted = expected[output][start:stop]
+                if np.shape(result) != wanted.shape:
+                    raise SpecMismatchError(
+                        f"output '{output}': {candidate} gives shape {np.shape(result)}, "
+                        f"{reference} {wanted.shape} (batch of {stop - start} rows)"
+                    )
+                difference = np.abs(np.asarray(result, np.float64) - wanted)
+                deviation = float(np.max(difference, initial=0.0))
+                if math.isnan(deviation):
+                    raise SpecMismatchError(
+                        f"output '{output}': NaN from {reference} or {candidate} on rows "
+                        f"{start}..{stop - 1} of {source}"
+                    )
+                worst[output] = max(worst[output], deviation)
+    return worst
 
 
 def _refuse_overwrite(out: Path, force: bool) -> None:
