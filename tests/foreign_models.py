@@ -4,6 +4,8 @@ theirs, with their preprocessing files, for the ``bsym adopt`` tests and benchma
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -263,3 +265,83 @@ def user_adoption(folder: Path) -> Path:
     path = folder / "adopt.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+WEAVER_NETWORK = """
+import torch
+
+
+class PFN(torch.nn.Module):
+    def __init__(self, features, classes):
+        super().__init__()
+        self.phi = torch.nn.Sequential(torch.nn.Conv1d(features, 16, 1), torch.nn.ReLU())
+        self.rho = torch.nn.Sequential(
+            torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes)
+        )
+        self.for_inference = False
+
+    def forward(self, features, mask):
+        out = self.rho((self.phi(features) * mask).sum(dim=2))
+        return torch.softmax(out, dim=1) if self.for_inference else out
+
+
+def get_model(data_config, **kwargs):
+    model = PFN(len(data_config.input_dicts["pf_features"]), len(data_config.label_value))
+    model.for_inference = kwargs.get("for_inference", False)
+    axes = {k: {0: "N", 2: "n_pf"} for k in data_config.input_names}
+    info = {
+        "input_names": list(data_config.input_names),
+        "input_shapes": {k: (1,) + s[1:] for k, s in data_config.input_shapes.items()},
+        "output_names": ["softmax"],
+        "dynamic_axes": {**axes, "softmax": {0: "N"}},
+    }
+    return model, info
+"""
+
+
+def weaver_core_export(folder: Path) -> list[str]:
+    """A data config, a network config and an untrained state dict, exported by weaver-core's
+    own ``weaver --export-onnx`` into ``folder/model.onnx`` and ``folder/preprocess.json``;
+    returns the command."""
+    import importlib.util
+
+    from weaver.utils.dataset import DataConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vars = [
+        [n, c, s, -5, 5] for n, c, s in zip(WEAVER_VARS, WEAVER_CENTRE, WEAVER_SCALE, strict=True)
+    ]
+    config = {
+        "new_variables": {"part_mask": "ak.ones_like(part_loget)"},
+        "preprocess": {"method": "manual"},
+        "inputs": {
+            "pf_features": {"length": WEAVER_LENGTH, "pad_mode": "constant", "vars": vars},
+            "pf_mask": {
+                "length": WEAVER_LENGTH,
+                "pad_mode": "constant",
+                "vars": [["part_mask", None]],
+            },
+        },
+        "labels": {"type": "simple", "value": ["label_prompt", "label_nonprompt"]},
+    }
+    (folder / "data_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / "network.py").write_text(WEAVER_NETWORK)
+    spec = importlib.util.spec_from_file_location("weaver_network", folder / "network.py")
+    assert spec is not None and spec.loader is not None
+    network = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(network)
+    data_config = DataConfig.load(
+        str(folder / "data_config.yaml"), load_observers=False, load_reweight_info=False
+    )
+    torch.manual_seed(5)
+    model, _ = network.get_model(data_config)
+    torch.save(model.state_dict(), folder / "state.pt")
+    command = [
+        str(Path(sys.executable).parent / "weaver"),
+        "--data-config", str(folder / "data_config.yaml"),
+        "--network-config", str(folder / "network.py"),
+        "--model-prefix", str(folder / "state.pt"),
+        "--export-onnx", str(folder / "model.onnx"),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return command

@@ -21,6 +21,7 @@ from foreign_models import (
     user_adoption,
     user_model,
     weaver_adoption,
+    weaver_core_export,
     weaver_model,
 )
 from typer.testing import CliRunner
@@ -46,6 +47,17 @@ def bsym_inputs(path: str, spec: FeatureSpec) -> dict[str, Any]:
 
 def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def weaver_feed(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """weaver's preprocessing in numpy: clip((x - center) * scale, -5, 5), zero padding,
+    (N, F, P), mask (N, 1, P)."""
+    mask = inputs["mask"]
+    x = np.clip((inputs["constituents"] - WEAVER_CENTRE) * WEAVER_SCALE, -5, 5) * mask[..., None]
+    return {
+        "pf_features": x.transpose(0, 2, 1).astype(np.float32),
+        "pf_mask": mask[:, None, :].astype(np.float32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +90,9 @@ def test_weaver_model_matches_weavers_preprocessing_done_here(
     backend = OnnxRuntimeBackend(report.onnx_path)
     inputs = bsym_inputs(muons(isolation_sample, "isolation_muons_001.root"), backend.feature_spec)
     scores = backend.predict({n: inputs[n] for n in backend.input_names})["score"]
-    # weaver: clip((x - center) * scale, -5, 5), zero padding, (N, F, P), mask (N, 1, P)
-    mask = inputs["mask"]
-    x = np.clip((inputs["constituents"] - WEAVER_CENTRE) * WEAVER_SCALE, -5, 5) * mask[..., None]
-    feed = {
-        "pf_features": x.transpose(0, 2, 1).astype(np.float32),
-        "pf_mask": mask[:, None, :].astype(np.float32),
-    }
+    feed = weaver_feed(inputs)
     (original,) = session(adopted["weaver"]).run(["softmax"], feed)
+    mask = inputs["mask"]
     assert scores.shape == (len(mask), 2) and len(mask) > 1000
     np.testing.assert_allclose(scores, original, atol=1e-5)
     # the standardisation matters: unstandardised features give other scores
@@ -205,6 +212,56 @@ def test_cli_adopts_and_prints_the_parity(
     assert result.exit_code == 0, result.output
     assert "parity: max |Δ| score" in result.output
     assert (tmp_path / "weaver_cli" / "1" / "model.onnx").is_file()
+
+
+def test_weaver_cores_own_export_is_adopted_and_scores(
+    isolation_sample: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("weaver", reason="weaver-core is not installed")
+    from bsym.cli import app
+
+    folder = tmp_path / "weaver_core"
+    weaver_core_export(folder)
+    spec = weaver_adoption(
+        folder, weaver={"preprocess": "preprocess.json", "data_config": "data_config.yaml"}
+    )
+    repo = tmp_path / "repository"
+    result = CliRunner().invoke(
+        app,
+        [
+            "adopt",
+            str(folder / "model.onnx"),
+            "--spec",
+            str(spec),
+            "--name",
+            "weaver_core_pfn",
+            "--repository",
+            str(repo),
+            "--parity-data",
+            muons(isolation_sample),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "parity: max |Δ| score" in result.output
+    backend = OnnxRuntimeBackend(repo / "weaver_core_pfn" / "1" / "model.onnx")
+    assert float(backend.metadata["bsym_parity_max_abs_diff"]) <= 1e-4
+    inputs = bsym_inputs(muons(isolation_sample, "isolation_muons_001.root"), backend.feature_spec)
+    scores = backend.predict({n: inputs[n] for n in backend.input_names})["score"]
+    (original,) = session(folder / "model.onnx").run(["softmax"], weaver_feed(inputs))
+    assert scores.shape == (len(inputs["mask"]), 2) and len(scores) > 1000
+    np.testing.assert_allclose(scores, original, atol=1e-5)
+    assert np.std(scores[:, 0]) > 1e-3
+    summary = score_files(
+        [muons(isolation_sample, "isolation_muons_001.root")],
+        backend,
+        tmp_path / "out",
+        progress=False,
+    )
+    assert not summary.failed and len(summary.scored) == 1
+    with uproot.open(summary.scored[0].output) as file:
+        (name,) = [k for k, v in file.classnames().items() if v == "TTree"]
+        friend = file[name].arrays(library="np")
+    np.testing.assert_allclose(friend["weaver_core_pfn_label_prompt"], scores[:, 0], atol=1e-6)
 
 
 # -- bad input --------------------------------------------------------------------------------
