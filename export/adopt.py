@@ -38,7 +38,12 @@ from bsym.export.adopt_readers import (
     salt_outputs,
 )
 from bsym.export.defaults import DEFAULT_TOLERANCE
-from bsym.export.onnx_export import PARITY_BATCH_SIZES, PARITY_MAX_ROWS, worst_differences
+from bsym.export.onnx_export import (
+    PARITY_BATCH_SIZES,
+    PARITY_MAX_ROWS,
+    check_graph,
+    worst_differences,
+)
 from bsym.export.triton.common import Flavour
 from bsym.features import FeatureBatch, FeatureSpec
 from bsym.rootio import parse_inputs
@@ -781,12 +786,7 @@ def adopt(
             f"{width} columns"
         )
     adopted.graph.output[0].type.tensor_type.shape.dim[1].dim_value = width
-    try:
-        onnx.checker.check_model(adopted, full_check=True)
-    except onnx.checker.ValidationError as error:
-        raise SpecMismatchError(
-            f"{where}: the adopted graph fails onnx.checker: {error}"
-        ) from error
+    check_graph(adopted, f"{where}: the adopted graph")
     expected = reference_outputs(proto, plan_, inputs)
     worst = _parity(adopted, inputs, expected, tolerance, ", ".join(map(str, sources)))
     labels = plan_.labels or ([] if width == 1 else [f"class{k}" for k in range(width)])

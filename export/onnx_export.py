@@ -193,12 +193,7 @@ def _export_loaded(
     inputs = _inputs(batch, input_names)
 
     proto = to_onnx(model, inputs, input_names, output_names, opset)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as error:
-        raise SpecMismatchError(
-            f"model '{model_name}': the exported graph fails onnx.checker: {error}"
-        ) from error
+    check_graph(proto, f"model '{model_name}': the exported graph")
     try:
         parity = check_parity(
             model, proto, inputs, output_names, tolerance=tolerance, source=source
@@ -257,6 +252,16 @@ def check_parity(
                 f"on {rows} rows from {source}, above the tolerance {tolerance:g}"
             )
     return ParityReport(rows, source, PARITY_BATCH_SIZES, worst, tolerance)
+
+
+def check_graph(proto: Any, what: str) -> None:
+    """Run onnx.checker (full check); a failure is a :class:`SpecMismatchError` naming ``what``."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise SpecMismatchError(f"{what} fails onnx.checker: {error}") from error
 
 
 def worst_differences(
