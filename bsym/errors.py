@@ -51,3 +51,7 @@ def did_you_mean(name: str, candidates: Iterable[str], *, limit: int = 3) -> str
     if not matches:
         return ""
     return "; did you mean " + " or ".join(f"'{m}'" for m in matches) + "?"
+
+
+class DeviceError(BsymError):
+    """A device that was asked for (``--device cuda:1``) is unknown, absent or out of range."""

@@ -11,7 +11,7 @@ import typer
 from bsym.console import stderr, stdout, user_errors
 from bsym.contract import DEFAULT_REPOSITORY, find_model
 from bsym.errors import ConfigError
-from bsym.export.triton.common import DEFAULT_CPU_INSTANCES
+from bsym.export.triton.common import DEFAULT_CPU_INSTANCES, DEFAULT_GPU_INSTANCES
 from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
@@ -97,6 +97,14 @@ def score_command(
         ),
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    device: Annotated[
+        str,
+        typer.Option(
+            metavar="DEVICE",
+            help="Where ONNX Runtime runs the model: cpu, cuda or cuda:N (CUDA needs "
+            "onnxruntime-gpu, bsym[gpu]).",
+        ),
+    ] = "cpu",
     debug: Annotated[
         bool,
         typer.Option(help=f"Print tracebacks of unexpected errors instead of writing {LOG_NAME}."),
@@ -167,6 +175,7 @@ def score_command(
         in_flight=in_flight,
         timeout=timeout,
         retry_timeout=retry_timeout,
+        device=device,
     )
     with user_errors(), settings.open() as backend:
         if dask is None:
@@ -232,6 +241,7 @@ def _backend_settings(
     in_flight: int,
     timeout: float,
     retry_timeout: float,
+    device: str = "cpu",
 ) -> BackendSettings:
     """The embedded ONNX Runtime backend's settings, or the Triton one's with ``server``."""
     from bsym.serving.distributed import BackendSettings
@@ -240,7 +250,12 @@ def _backend_settings(
         if model_version is not None:
             raise typer.BadParameter("needs --server", param_hint="'--model-version'")
         path = resolve_model(model, repository).absolute()
-        return BackendSettings(str(path), threads=threads, batch_size=batch_size)
+        return BackendSettings(str(path), threads=threads, batch_size=batch_size, device=device)
+    if device != "cpu":
+        raise typer.BadParameter(
+            "the Triton server chooses its own devices; --device is for the embedded backend",
+            param_hint="'--device'",
+        )
     if model.endswith(".onnx") or "/" in model:
         raise typer.BadParameter(
             f"with --server, give the model's name on the server, not a path ('{model}')",
@@ -321,19 +336,33 @@ def serve_command(
         int, typer.Option(min=0, max=65535, help="HTTP port (0: a free one).")
     ] = DEFAULT_HTTP_PORT,
     instances: Annotated[
-        int, typer.Option(min=1, help="CPU instances per model (one ONNX Runtime thread each).")
-    ] = DEFAULT_CPU_INSTANCES,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Instances per model (one ONNX Runtime thread each), per GPU with --gpu.",
+            show_default=f"{DEFAULT_CPU_INSTANCES}, {DEFAULT_GPU_INSTANCES} with --gpu",
+        ),
+    ] = None,
     startup_timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait for every model to be ready.")
     ] = DEFAULT_STARTUP_TIMEOUT,
+    gpu: Annotated[
+        bool,
+        typer.Option(
+            "--gpu",
+            help="Serve on GPUs: KIND_GPU Python-backend instances running ONNX Runtime's CUDA "
+            "provider (needs a GPU and onnxruntime-gpu where the server runs).",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the model repository with Triton (CPU here) until Ctrl-C or SIGTERM."""
+    """Serve the model repository with Triton (CPU, or GPU with --gpu) until Ctrl-C or SIGTERM."""
     from bsym.serving.serve import ServedRepository, serve_until_stopped
 
     def ready(served: ServedRepository) -> None:
         server = served.server
         stdout.print(
-            f"serving {', '.join(served.models)} from {served.repository} (cpu flavour)\n"
+            f"serving {', '.join(served.models)} from {served.repository} "
+            f"({served.flavour.value} flavour)\n"
             f"gRPC URL: {server.grpc_url}\nHTTP URL: {server.http_url}\n"
             "Ctrl-C or SIGTERM stops the server",
             highlight=False,
@@ -345,8 +374,9 @@ def serve_command(
         host=host,
         grpc_port=grpc_port,
         http_port=http_port,
-        instances=instances,
+        instances=instances or (DEFAULT_GPU_INSTANCES if gpu else DEFAULT_CPU_INSTANCES),
         startup_timeout=startup_timeout,
+        gpu=gpu,
     )
     try:
         with user_errors():

@@ -159,21 +159,32 @@ class OnnxModelWrapper(_ModelWrapper):
         output: str = "score",
         threads: int = 1,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        device: str = "cpu",
     ) -> None:
         super().__init__(output)
         path = Path(model)
         self.path = (find_model(path, name, version) if name is not None else path).resolve()
         self.threads = threads
         self.batch_size = batch_size
+        self.device = device
 
     def _key(self) -> Hashable:
         stat = self.path.stat()
-        return ("onnx", str(self.path), stat.st_mtime_ns, self.threads, self.batch_size)
+        return (
+            "onnx",
+            str(self.path),
+            stat.st_mtime_ns,
+            self.threads,
+            self.batch_size,
+            self.device,
+        )
 
     def _load(self) -> Backend:
         from bsym.serving.onnx_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(self.path, threads=self.threads, batch_size=self.batch_size)
+        return OnnxRuntimeBackend(
+            self.path, threads=self.threads, batch_size=self.batch_size, device=self.device
+        )
 
     def __repr__(self) -> str:
         return f"OnnxModelWrapper({str(self.path)!r}, output={self.output!r})"

@@ -57,6 +57,8 @@ class BackendSettings:
     in_flight: int = DEFAULT_IN_FLIGHT
     timeout: float = DEFAULT_TIMEOUT
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT
+    device: str = "cpu"
+    """Where the embedded backend runs the model: ``cpu``, ``cuda`` or ``cuda:N``."""
 
     @contextmanager
     def open(self) -> Iterator[Backend]:
@@ -65,7 +67,10 @@ class BackendSettings:
             from bsym.serving.onnx_backend import OnnxRuntimeBackend
 
             with OnnxRuntimeBackend(
-                Path(self.model), threads=self.threads, batch_size=self.batch_size
+                Path(self.model),
+                threads=self.threads,
+                batch_size=self.batch_size,
+                device=self.device,
             ) as embedded:
                 yield embedded
             return

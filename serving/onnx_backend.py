@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from bsym.errors import InputFileError, ServerError, SpecMismatchError
+from bsym.errors import DeviceError, InputFileError, ServerError, SpecMismatchError
 from bsym.features import FeatureSpec
 from bsym.serving.backend import Tensor, TensorSpec, check_inputs, model_identity
 from bsym.serving.defaults import DEFAULT_BATCH_SIZE
+from bsym.serving.providers import check_session_providers, execution_providers
 
 _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
@@ -27,7 +28,9 @@ class OnnxRuntimeBackend:
     """A :class:`~bsym.serving.backend.Backend` over an ONNX Runtime inference session.
 
     Large inputs are run in batches of ``batch_size`` rows, so a chunk of a ROOT file of any
-    size never makes ONNX Runtime allocate activations for all of it at once.
+    size never makes ONNX Runtime allocate activations for all of it at once. ``device``
+    (``cpu``, ``cuda``, ``cuda:N``) chooses the execution providers unless ``providers`` are
+    given; a session that does not run the device's provider is refused (DeviceError).
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        device: str = "cpu",
     ) -> None:
         import onnxruntime as ort
 
@@ -52,16 +56,21 @@ class OnnxRuntimeBackend:
         # Idle intra-op threads spin by default, stealing the cores that read and build the
         # next chunk while this one runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        chosen = list(providers) if providers else execution_providers(device)
         try:
             self._session: Any = ort.InferenceSession(
                 str(self.path),
                 sess_options=options,
-                providers=list(providers) if providers else ["CPUExecutionProvider"],
+                providers=chosen,
             )
         except Exception as error:  # onnxruntime raises its own pybind exception types
-            raise InputFileError(
-                f"{self.path}: ONNX Runtime cannot load the model ({error})"
+            on = "" if device == "cpu" else f" on device '{device}'"
+            raise (InputFileError if device == "cpu" else DeviceError)(
+                f"{self.path}: ONNX Runtime cannot load the model{on} ({error})"
             ) from error
+        if not providers:
+            check_session_providers(self._session.get_providers(), device, str(self.path))
+        self.device = device
         self._metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         self._name, self._spec = model_identity(self._metadata, str(self.path))
         self._inputs = [_tensor_spec(node) for node in self._session.get_inputs()]

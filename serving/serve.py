@@ -1,4 +1,4 @@
-"""``bsym serve``: a real Triton server on the model repository, on a machine without GPUs.
+"""``bsym serve``: a real Triton server on the model repository, on CPUs or (``--gpu``) GPUs.
 
 The repository that ``bsym export`` writes is the production one (Triton's ONNX Runtime
 backend, ``KIND_GPU``). The ``tritonserver`` binary of nvidia-pytriton has neither that backend
@@ -6,6 +6,8 @@ nor a GPU to use here, so :class:`ServedRepository` derives the ``cpu`` flavour 
 into a temporary directory, with :func:`bsym.export.triton.repository.derive_repository`: the same
 tensors, batching, versions, checksums and served metadata, regenerated from the production
 configs (not written twice) for the Python backend, and ``model.onnx`` linked, not copied.
+With ``gpu`` it derives the ``gpu`` flavour instead: ``KIND_GPU`` Python-backend instances
+whose ``model.py`` runs ONNX Runtime's CUDA provider, for the same server on a GPU host.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ _WATCH_SECONDS = 0.5
 
 
 class ServedRepository:
-    """Serve the ``cpu`` flavour of a model repository with the local ``tritonserver``.
+    """Serve the ``cpu`` (or, with ``gpu``, ``gpu``) flavour of a model repository with the
+    local ``tritonserver``; ``instances`` are per model (cpu) or per GPU (gpu).
 
     A context manager: entering derives the repository into a temporary directory and starts
     the server (waiting until every model is ready); leaving stops it and removes the copy.
@@ -44,8 +47,10 @@ class ServedRepository:
         instances: int = DEFAULT_CPU_INSTANCES,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         models: Sequence[str] | None = None,
+        gpu: bool = False,
     ) -> None:
         self.repository = Path(repository)
+        self.flavour = Flavour.gpu if gpu else Flavour.cpu
         self.host = host
         self.ports = (grpc_port, http_port)
         self.instances = instances
@@ -66,7 +71,7 @@ class ServedRepository:
         return self.server.grpc_url
 
     def start(self) -> None:
-        """Derive the cpu repository and start the server on it; stop everything on failure."""
+        """Derive the repository and start the server on it; stop everything on failure."""
         from bsym.export.triton.repository import derive_repository
 
         if not self.repository.is_dir():
@@ -75,7 +80,7 @@ class ServedRepository:
         try:
             derived = Path(self._tmp.name)
             self.models = derive_repository(
-                self.repository, derived, Flavour.cpu, cpu_instances=self.instances
+                self.repository, derived, self.flavour, cpu_instances=self.instances
             )
             if self.only is not None:
                 for name in set(self.models) - set(self.only):

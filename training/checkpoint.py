@@ -279,9 +279,23 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    """Write a checkpoint atomically: a crash never leaves a half-written file behind."""
+    """Write a checkpoint atomically: a crash never leaves a half-written file behind.
+
+    Tensors are written from the CPU, so a checkpoint of a GPU run loads on any machine.
+    """
     with atomic_output(path) as temporary:
-        torch.save(checkpoint.to_payload(), temporary)
+        torch.save(on_cpu(checkpoint.to_payload()), temporary)
+
+
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(on_cpu(item) for item in value)
+    return value
 
 
 def split_to_payload(split: Split) -> dict[str, Any]:

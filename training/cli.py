@@ -40,6 +40,14 @@ def train_command(
     force: Annotated[
         bool, typer.Option("--force", help="overwrite a trained model in the output directory")
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            metavar="DEVICE",
+            help="where the network trains: cpu, cuda, cuda:N, or auto (cuda if PyTorch sees "
+            "a GPU, else cpu); bf16 autocast is the config key optimizer.autocast",
+        ),
+    ] = "cpu",
 ) -> None:
     """Train a model from a config; writes checkpoint.pt, last.pt and config.yaml."""
     _log_to_stderr()
@@ -48,7 +56,7 @@ def train_command(
         from bsym.training.train import train
 
         settings = load_config(config, overrides or [])
-        result = train(settings, resume=resume, overwrite=force)
+        result = train(settings, resume=resume, overwrite=force, device=device)
     from bsym.training.dataset import describe_split
 
     stdout.print("\n".join(describe_split(result.split)), highlight=False, soft_wrap=True)

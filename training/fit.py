@@ -18,6 +18,12 @@ Small training sets: ``min_steps`` stretches the epoch limit and both patiences 
 that gives the run that many optimiser steps in full batches (a last, shorter batch of an
 epoch trains too but is not counted), between 1 and ``max_stretch``; a resumed run keeps its
 factor. ``max_steps`` caps the optimiser steps of the whole run.
+
+Devices: ``device`` runs the epochs there (the rows are moved to it once); the weights kept
+as the best, and the model that :func:`fit` returns, are on the CPU, so checkpoints load
+anywhere. ``optimizer.autocast: bf16`` runs the training forward passes under bf16 autocast
+(the losses, weights, optimiser state and validation stay float32). On CUDA, runs repeat
+only as far as deterministic CUDA kernels exist: an op without one warns instead of failing.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +73,9 @@ class OptimizerConfig(StrictModel):
     # a larger stretch would spend more time validating than training
     max_stretch: float = Field(default=4.0, ge=1, description="the largest such stretch")
     max_steps: int | None = Field(default=None, gt=0, description="optimiser steps at most")
+    autocast: Literal["none", "bf16"] = Field(
+        default="none", description="bf16 autocast of the training forward passes"
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,18 @@ class Rows:
     @property
     def n_rows(self) -> int:
         return len(self.label)
+
+    def to(self, device: torch.device) -> Rows:
+        """These rows with their tensors on ``device`` (labels and weights stay numpy)."""
+        if all(t.device == device for t in (*self.inputs, *self.extras.values())):
+            return self
+        return Rows(
+            tuple(t.to(device) for t in self.inputs),
+            self.label,
+            self.weight,
+            self.copies,
+            {name: t.to(device) for name, t in self.extras.items()},
+        )
 
     @property
     def n_events(self) -> int:
@@ -170,12 +191,14 @@ def fit(
     on_epoch: Callable[[FitState], None] | None = None,
     progress: bool = False,
     description: str = "train",
+    device: torch.device | None = None,
 ) -> FitState:
     """Train ``model`` (already built, seeded and fitted to the data) and return its state.
 
     ``loss_weight`` multiplies the classification loss (c1 of encouraged invariance); each
     of ``terms`` is added to it. ``state`` resumes a run; ``on_epoch`` sees the state after
-    every epoch, the model holding that epoch's weights (to save checkpoints).
+    every epoch, the model holding that epoch's weights (to save checkpoints). ``device``
+    (default the CPU) is where the epochs run; the model comes back on the CPU.
     """
     check_classes(train.label, "training", model.n_classes)
     check_classes(validation.label, "validation", model.n_classes)
@@ -192,6 +215,9 @@ def fit(
             state.budget.patience,
             schedule.min_steps,
         )
+    device = torch.device("cpu") if device is None else device
+    model.to(device)
+    train, validation = train.to(device), validation.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay
     )
@@ -202,8 +228,8 @@ def fit(
         scheduler.load_state_dict(state.scheduler_state)
     if not state.best_state:
         state.best_state = _copy_state(model)
-    label = torch.from_numpy(train.label)
-    weight = None if train.weight is None else torch.from_numpy(train.weight)
+    label = torch.from_numpy(train.label).to(device)
+    weight = None if train.weight is None else torch.from_numpy(train.weight).to(device)
     bar = tqdm(
         total=state.budget.epochs,
         initial=state.epoch,
@@ -212,7 +238,7 @@ def fit(
         disable=None if progress else True,
     )
     state.finished = _stop_reason(state, schedule) is not None
-    with bar, deterministic():
+    with bar, deterministic(warn_only=device.type != "cpu"):
         while not state.finished:
             state.epoch += 1
             order = shuffled_rows(
@@ -249,6 +275,7 @@ def fit(
                 )
             if on_epoch is not None:
                 on_epoch(state)
+    model.to("cpu")
     model.load_state_dict(state.best_state)
     model.eval()
     return state
@@ -285,7 +312,7 @@ def _epoch(
     for start in range(0, len(order), size):
         if schedule.max_steps is not None and state.steps >= schedule.max_steps:
             break
-        rows = torch.from_numpy(order[start : start + size])
+        rows = torch.from_numpy(order[start : start + size]).to(label.device)
         if len(rows) < 2:
             continue
         batch = LossBatch(
@@ -295,7 +322,9 @@ def _epoch(
             copies=train.copies,
             extras={name: values[rows] for name, values in train.extras.items()},
         )
-        logits = model.logits(*batch.inputs)
+        with autocast(label.device, schedule.autocast):
+            logits = model.logits(*batch.inputs)
+        logits = logits.float()
         loss = loss_weight * classification_loss(logits, batch.label, batch.weight)
         for term in terms:
             loss = loss + term(logits, batch)
@@ -312,7 +341,7 @@ def _epoch(
 
 def validate(model: NetworkModel, rows: Rows) -> tuple[float, float]:
     """Validation loss and AUC (weighted; mean one-vs-rest for several classes)."""
-    logits = predict_logits(model, rows.inputs)
+    logits = predict_logits(model, rows.inputs).cpu()
     weight = None if rows.weight is None else torch.from_numpy(rows.weight)
     loss = float(classification_loss(logits, torch.from_numpy(rows.label), weight))
     return loss, classifier_auc(rows.label, logits, rows.weight)
@@ -370,15 +399,21 @@ def shuffled_rows(rng: np.random.Generator, n_rows: int, n_copies: int) -> npt.N
 
 
 @contextmanager
-def deterministic() -> Iterator[None]:
-    """Deterministic torch algorithms for the duration, then the caller's setting back."""
+def deterministic(*, warn_only: bool = False) -> Iterator[None]:
+    """Deterministic torch algorithms for the duration, then the caller's setting back;
+    ``warn_only`` lets an op that has no deterministic kernel warn instead of raising."""
     enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.use_deterministic_algorithms(enabled, warn_only=was_warn_only)
+
+
+def autocast(device: torch.device, mode: str) -> torch.autocast:
+    """bf16 autocast on ``device`` for ``mode`` ``bf16``; a disabled one for ``none``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
 
 
 def _plateau_scheduler(
@@ -392,7 +427,8 @@ def _plateau_scheduler(
 
 
 def _copy_state(model: NetworkModel) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The model's weights and buffers, copied to the CPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _report(bar: tqdm[Any], state: FitState, record: EpochRecord, *, progress: bool) -> None:

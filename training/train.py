@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bsym.devices import torch_device
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
 from bsym.input_ranges import training_ranges
@@ -63,14 +64,17 @@ def train(
     resume: Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train the configured model; checkpoints go to ``config.output_dir``.
 
     ``resume`` continues from a ``last.pt`` (or ``checkpoint.pt``) of the same config; only
     ``optimizer.epochs``, ``optimizer.patience``, ``optimizer.max_steps`` and ``output_dir``
     may differ. Without it, an output directory that already holds a checkpoint is refused
-    unless ``overwrite``.
+    unless ``overwrite``. ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``) is where
+    the network trains; the checkpoints hold CPU tensors whatever it is.
     """
+    where = torch_device(device)
     best_path = config.output_dir / "checkpoint.pt"
     if resume is None and not overwrite and best_path.exists():
         raise ConfigError(
@@ -92,7 +96,7 @@ def train(
         train_rows, copies = augmented.rows, augmented.n_copies
         terms = [InvarianceTerm(augmentation.invariance.c2)]
         loss_weight = augmentation.invariance.c1
-    run = _Run(config, data.split)
+    run = _Run(config, data.split, where)
     with deterministic():
         torch.manual_seed(config.seed)
         model = build_model(config.model, config.features, train_rows)
@@ -116,9 +120,10 @@ def with_input_ranges(config: TrainConfig, train_rows: FeatureBatch) -> TrainCon
 class _Run:
     """Checkpoints of one ``bsym train`` run, and what it reports at the end."""
 
-    def __init__(self, config: TrainConfig, split: Split) -> None:
+    def __init__(self, config: TrainConfig, split: Split, device: torch.device) -> None:
         self.config = config
         self.split = split
+        self.device = device
         self.best_path = config.output_dir / "checkpoint.pt"
         self.last_path = config.output_dir / "last.pt"
         self.state = FitState()
@@ -149,6 +154,7 @@ class _Run:
             on_epoch=lambda state: self._save(model, state),
             progress=progress,
             description=f"train {self.config.name}",
+            device=self.device,
         )
 
     def fixed(

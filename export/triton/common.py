@@ -16,6 +16,15 @@ class Flavour(str, Enum):
     """Triton's ONNX Runtime backend on GPUs (``KIND_GPU``)."""
     cpu = "cpu"
     """The Python backend running the same ``model.onnx`` on ``KIND_CPU`` instances."""
+    gpu = "gpu"
+    """The Python backend on ``KIND_GPU`` instances, running ONNX Runtime's CUDA provider
+    (for nvidia-pytriton's ``tritonserver`` on a GPU host, which lacks the ONNX Runtime
+    backend)."""
+
+    @property
+    def python_backend(self) -> bool:
+        """Served by the Python backend, with ``model.py`` beside each ``model.onnx``."""
+        return self is not Flavour.production
 
 
 TRITON_DTYPES: dict[str, str] = {
@@ -38,6 +47,7 @@ TRITON_DTYPES: dict[str, str] = {
 DEFAULT_MAX_BATCH_SIZE = 4096
 DEFAULT_MAX_QUEUE_DELAY_MICROSECONDS = 500
 DEFAULT_CPU_INSTANCES = 2
+DEFAULT_GPU_INSTANCES = 1
 
 
 def config_type(dtype: str) -> str:

@@ -36,7 +36,8 @@ def render_config(model: TritonModelConfig, flavour: Flavour) -> str:
         instances = ("KIND_GPU", 1)
     else:
         head = ['backend: "python"']
-        instances = ("KIND_CPU", model.cpu_instances)
+        kind = "KIND_GPU" if flavour is Flavour.gpu else "KIND_CPU"
+        instances = (kind, model.cpu_instances)
     batching = model.batching
     lines = [
         f"name: {_quote(model.name)}",

@@ -153,7 +153,7 @@ def _stage(
     shutil.copyfile(onnx_path, version_dir / MODEL_FILENAME)
     if sha256_of(version_dir / MODEL_FILENAME) != model.checksums[version]:
         raise ConfigError(f"model '{model.name}': {onnx_path} changed while it was being copied")
-    if flavour is Flavour.cpu:
+    if flavour.python_backend:
         _write_backend(version_dir)
     (staged / LABELS_FILENAME).write_text("\n".join(model.labels) + "\n", encoding="utf-8")
     (staged / CONFIG_FILENAME).write_text(render_config(model, flavour), encoding="utf-8")
@@ -244,7 +244,7 @@ def _derive_model(model_dir: Path, target: Path, flavour: Flavour, cpu_instances
         version_dir = destination / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         (version_dir / MODEL_FILENAME).symlink_to(onnx_path.resolve())
-        if flavour is Flavour.cpu:
+        if flavour.python_backend:
             _write_backend(version_dir)
     destination.mkdir(parents=True, exist_ok=True)
     (destination / LABELS_FILENAME).write_text("\n".join(labels) + "\n", encoding="utf-8")

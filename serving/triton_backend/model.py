@@ -1,7 +1,10 @@
-"""Triton Python-backend model that serves ``model.onnx`` with ONNX Runtime on CPU.
+"""Triton Python-backend model that serves ``model.onnx`` with ONNX Runtime.
 
 Copied by :func:`bsym.export.triton.repository.write_model_repository` into each version
-directory of a ``cpu``-flavour model. It runs inside Triton's ``triton_python_backend_stub``, so
+directory of a ``cpu``- or ``gpu``-flavour model. A ``KIND_CPU`` instance runs ONNX Runtime's
+CPU provider with one thread; a ``KIND_GPU`` instance runs its CUDA provider on the GPU
+Triton gave it (onnxruntime-gpu in the stub's environment), and refuses to load rather than
+fall back to the CPU. It runs inside Triton's ``triton_python_backend_stub``, so
 it imports nothing from ``bsym``: only the standard library, numpy (< 2, which the stub needs)
 and onnxruntime. It keeps its own copy of the contract it needs (:data:`MODEL_FILENAME`,
 :data:`CHECKSUM_PREFIX`, :data:`REJECT_NONFINITE_KEY`, :func:`checksum_key`, :func:`sha256_of`);
@@ -30,6 +33,8 @@ except ImportError:  # imported outside the stub: only the pure helpers are usab
 Array = npt.NDArray[Any]
 
 MODEL_FILENAME = "model.onnx"
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 CHECKSUM_PREFIX = "sha256:"
 REJECT_NONFINITE_KEY = "reject_nonfinite"
 _HASH_CHUNK = 1 << 20
@@ -152,12 +157,40 @@ def run_batched(
     ]
 
 
-def make_session(path: Path) -> ort.InferenceSession:
-    """A CPU session with one thread each: Triton runs several instances side by side."""
+def session_providers(kind: str, device_id: int) -> list[Any]:
+    """ONNX Runtime providers of a Triton instance kind (``CPU``, ``GPU``) and device id."""
+    if kind == "GPU":
+        return [(CUDA_PROVIDER, {"device_id": str(device_id)}), CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def check_gpu_session(providers: Sequence[str], available: Sequence[str], device_id: int) -> None:
+    """Refuse a GPU instance whose session does not run the CUDA provider."""
+    if CUDA_PROVIDER in providers:
+        return
+    if CUDA_PROVIDER not in available:
+        reason = (
+            f"the onnxruntime {ort.__version__} of the Python backend has no {CUDA_PROVIDER} "
+            f"(it has {', '.join(available)}); install onnxruntime-gpu there"
+        )
+    else:
+        reason = (
+            f"ONNX Runtime could not start {CUDA_PROVIDER} on GPU {device_id} (the session "
+            f"runs {', '.join(providers)}); check the CUDA and cuDNN libraries"
+        )
+    raise RuntimeError(f"KIND_GPU instance: {reason}; refusing to serve on the CPU")
+
+
+def make_session(path: Path, kind: str = "CPU", device_id: int = 0) -> ort.InferenceSession:
+    """A session with one thread each (Triton runs several instances side by side), on the
+    CPU or, for a ``GPU`` instance, with the CUDA provider on GPU ``device_id``."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=session_providers(kind, device_id))
+    if kind == "GPU":
+        check_gpu_session(session.get_providers(), ort.get_available_providers(), device_id)
+    return session
 
 
 class TritonPythonModel:
@@ -177,7 +210,11 @@ class TritonPythonModel:
             version=version,
         )
         self._reject_nonfinite = rejects_nonfinite(config, self._model)
-        self._session = make_session(path)
+        self._session = make_session(
+            path,
+            args.get("model_instance_kind", "CPU"),
+            int(args.get("model_instance_device_id", "0") or 0),
+        )
         self._input_names = [node.name for node in self._session.get_inputs()]
         self._output_names = [node.name for node in self._session.get_outputs()]
         self._check_config(config, path)

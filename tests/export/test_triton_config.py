@@ -199,7 +199,7 @@ def test_write_model_repository_layout(tmp_path: Path, flavour: Flavour) -> None
     model_dir = write_model_repository(onnx_path, repository, "tagger", 1, flavour=flavour)
     assert model_dir == repository / "tagger"
     expected = {"config.pbtxt", "labels.txt", "1", "1/model.onnx"}
-    if flavour is Flavour.cpu:
+    if flavour.python_backend:
         expected.add("1/model.py")
         backend = resources.files("bsym.serving.triton_backend").joinpath("model.py")
         assert (model_dir / "1" / "model.py").read_bytes() == backend.read_bytes()
