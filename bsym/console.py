@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bsym.errors import BsymError
 
@@ -30,7 +31,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except BsymError as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        # escaped: messages name extras like bsym[gpu], which rich would read as markup
+        stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         raise typer.Exit(code=1) from error
 
 
