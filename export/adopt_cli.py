@@ -37,7 +37,7 @@ def adopt_command(
         int | None, typer.Option(min=1, help="Model version (default: the next free one).")
     ] = None,
     flavour: Annotated[
-        Flavour, typer.Option(help="Triton config: 'production' (GPU) or 'cpu'.")
+        Flavour, typer.Option(help="Triton config: 'production' (GPU), 'cpu' or 'gpu'.")
     ] = Flavour.production,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing version of the model.")

@@ -32,8 +32,9 @@ def export_command(
     flavour: Annotated[
         Flavour,
         typer.Option(
-            help="Triton config: 'production' (ONNX Runtime backend, GPU) or 'cpu' "
-            "(Python backend running the same model.onnx on CPUs)."
+            help="Triton config: 'production' (ONNX Runtime backend, GPU), 'cpu' "
+            "(Python backend running the same model.onnx on CPUs) or 'gpu' (Python backend "
+            "on GPUs, ONNX Runtime's CUDA provider)."
         ),
     ] = Flavour.production,
     force: Annotated[

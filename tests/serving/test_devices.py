@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from bsym.configs import shipped_config
 from bsym.contract import CONFIG_FILENAME, MODEL_FILENAME
-from bsym.errors import DeviceError
+from bsym.errors import DeviceError, ServerError
 from bsym.export.onnx_export import export_to_repository
 from bsym.export.triton.common import Flavour
 from bsym.export.triton.parse import parse_config
@@ -38,6 +39,14 @@ from bsym.training.train import train
 
 NAME = "isolation_pfn"
 ORT_CUDA = CUDA_PROVIDER in ort.get_available_providers()
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 without_ort_cuda = pytest.mark.skipif(ORT_CUDA, reason="checks the refusal without CUDA in ORT")
 
 
@@ -196,3 +205,54 @@ def test_scores_on_the_gpu_match_the_cpu(
         np.testing.assert_allclose(branches["cuda"][name], values, atol=1e-4, err_msg=name)
     session = backend_model.make_session(model_path, "GPU", 0)
     assert session.get_providers()[0] == CUDA_PROVIDER
+
+
+def _require_tritonserver() -> None:
+    from bsym.errors import BsymError
+    from bsym.serving.triton_server import find_tritonserver
+
+    try:
+        find_tritonserver()
+    except BsymError as error:
+        pytest.skip(f"tritonserver unavailable: {error}")
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(torch_cuda(), reason="checks the refusal on a host without GPUs")
+def test_serve_gpu_on_a_host_without_gpus_does_not_start(repository: Path) -> None:
+    _require_tritonserver()
+    served = ServedRepository(repository, grpc_port=0, http_port=0, instances=1, gpu=True)
+    with pytest.raises(ServerError, match=r"has kind KIND_GPU but no GPUs are available"):
+        served.start()
+    assert served._server is None and served._tmp is None
+
+
+@pytest.mark.triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not ORT_CUDA, reason="onnxruntime has no CUDAExecutionProvider")
+def test_serve_gpu_answers_like_the_embedded_backend(repository: Path, model_path: Path) -> None:
+    from bsym.serving.triton_client import TritonBackend
+
+    _require_tritonserver()
+    rng = np.random.default_rng(5)
+    with OnnxRuntimeBackend(model_path) as embedded:
+        inputs = {
+            spec.name: _random_input(rng, spec.dtype, spec.shape, 300)
+            for spec in embedded.input_specs
+        }
+        expected = embedded.predict(inputs)["score"]
+    with (
+        ServedRepository(repository, grpc_port=0, http_port=0, instances=1, gpu=True) as served,
+        TritonBackend(served.grpc_url, NAME) as client,
+    ):
+        found = client.predict(inputs)["score"]
+    np.testing.assert_allclose(found, expected, atol=1e-4)
+
+
+def _random_input(
+    rng: np.random.Generator, dtype: np.dtype[Any], shape: tuple[int | None, ...], rows: int
+) -> np.ndarray[Any, Any]:
+    full = (rows, *(dim or 1 for dim in shape[1:]))
+    if dtype == np.bool_:
+        return rng.random(full) < 0.7
+    return rng.normal(0, 1, full).astype(dtype)
