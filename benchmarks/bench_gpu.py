@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bsym.configs import shipped_config
+from bsym.devices import torch_device
 from bsym.simulate.isolation import write_isolation
 from bsym.training.config import TrainConfig, load_config
 from bsym.training.dataset import load_training_data
@@ -84,7 +85,7 @@ def parse_args() -> argparse.Namespace:
 def devices() -> list[torch.device]:
     found = [torch.device("cpu")]
     if torch.cuda.is_available():
-        found.append(torch.device("cuda", 0))
+        found.append(torch_device("cuda:0"))
         console.print(f"CUDA device: {torch.cuda.get_device_name(0)}", highlight=False)
     else:
         console.print(

@@ -16,7 +16,6 @@ import typer
 import uproot
 from typer.testing import CliRunner
 
-from bsym.configs import shipped_config
 from bsym.contract import CONFIG_FILENAME, MODEL_FILENAME
 from bsym.errors import DeviceError, ServerError
 from bsym.export.onnx_export import export_to_repository
@@ -34,8 +33,6 @@ from bsym.serving.providers import (
 )
 from bsym.serving.serve import ServedRepository
 from bsym.serving.triton_backend import model as backend_model
-from bsym.training.config import load_config
-from bsym.training.train import train
 
 NAME = "isolation_pfn"
 ORT_CUDA = CUDA_PROVIDER in ort.get_available_providers()
@@ -51,22 +48,10 @@ without_ort_cuda = pytest.mark.skipif(ORT_CUDA, reason="checks the refusal witho
 
 
 @pytest.fixture(scope="module")
-def repository(isolation_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The production repository of a small PFN trained for one epoch."""
-    config = load_config(
-        shipped_config(NAME),
-        [
-            f"data.train=['{isolation_sample}/isolation_muons_*.root']",
-            f"output_dir={tmp_path_factory.mktemp('runs') / NAME}",
-            "data.test_fraction=0.4",
-            "optimizer.epochs=1",
-            "optimizer.batch_size=256",
-            "model.phi_sizes=[16, 16]",
-            "model.f_sizes=[16]",
-        ],
-    )
+def repository(trained_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The production repository of the session's small PFN."""
     repository = tmp_path_factory.mktemp("repository")
-    export_to_repository(train(config, progress=False).checkpoint, repository)
+    export_to_repository(trained_models["pfn"], repository)
     return repository
 
 
