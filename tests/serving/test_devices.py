@@ -210,6 +210,10 @@ def test_serve_gpu_on_a_host_without_gpus_does_not_start(repository: Path) -> No
     with pytest.raises(ServerError, match=r"has kind KIND_GPU but no GPUs are available"):
         served.start()
     assert served._server is None and served._tmp is None
+    args = ["serve", "--repository", str(repository), "--grpc-port", "0", "--http-port", "0"]
+    result = CliRunner().invoke(app(), [*args, "--gpu"])
+    assert result.exit_code == 1, result.output
+    assert "has kind KIND_GPU but no GPUs are available" in result.output
 
 
 @pytest.mark.triton
