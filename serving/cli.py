@@ -251,7 +251,7 @@ def _backend_settings(
             raise typer.BadParameter("needs --server", param_hint="'--model-version'")
         path = resolve_model(model, repository).absolute()
         return BackendSettings(str(path), threads=threads, batch_size=batch_size, device=device)
-    if device != "cpu":
+    if device.strip().lower() != "cpu":
         raise typer.BadParameter(
             "the Triton server chooses its own devices; --device is for the embedded backend",
             param_hint="'--device'",

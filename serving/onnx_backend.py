@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from bsym.devices import parse_device
 from bsym.errors import DeviceError, InputFileError, ServerError, SpecMismatchError
 from bsym.features import FeatureSpec
 from bsym.serving.backend import Tensor, TensorSpec, check_inputs, model_identity
@@ -56,6 +57,7 @@ class OnnxRuntimeBackend:
         # Idle intra-op threads spin by default, stealing the cores that read and build the
         # next chunk while this one runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        device = str(parse_device(device))
         chosen = list(providers) if providers else execution_providers(device)
         try:
             self._session: Any = ort.InferenceSession(
