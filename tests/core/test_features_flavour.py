@@ -369,7 +369,23 @@ def test_column_names_and_their_lookup() -> None:
         ({"index": "Other_idx"}, "one collection"),
         (
             {"features": [{"branch": "Jet_pt", "from_object": True, "ratio_to": "Jet_pt"}]},
-            "from_object",
+            "from_object takes the object's value as is, without ratio_to",
+        ),
+        (
+            {
+                "features": [
+                    {
+                        "branch": "PFCands_eta",
+                        "divide_by": "PFCands_etaErr",
+                        "delta_r": {
+                            "phi": "PFCands_phi",
+                            "axis_eta": "Jet_eta",
+                            "axis_phi": "Jet_phi",
+                        },
+                    }
+                ]
+            },
+            "delta_r replaces the value",
         ),
     ],
 )
