@@ -186,6 +186,17 @@ def test_same_seed_same_jets_and_bad_requests() -> None:
         FlavourConfig(jet_pt_min=100, jet_pt_max=50)
 
 
+def test_the_shared_sample_reads_through_every_flavour_spec(flavour_sample: Path) -> None:
+    files = sorted(p.name for p in flavour_sample.iterdir())
+    assert files == [f"flavour_{kind}_00{k}.root" for kind in ("events", "jets") for k in range(3)]
+    for name in ("flavour_dips", "flavour_dips_linear", "flavour_pfn12", "flavour_vector"):
+        spec = FeatureSpec.model_validate(yaml.safe_load(shipped_features(name).read_text()))
+        with uproot.open(flavour_sample / "flavour_events_002.root") as file:
+            arrays = file["Events"].arrays(required_branches(spec, "event", with_label=True))
+        batch = build_features(arrays, spec, "event", with_label=True)
+        assert batch.n_rows == 2000 and batch.label is not None and 0 < batch.label.mean() < 1
+
+
 def test_command_writes_both_layouts_with_pfnano_types(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
