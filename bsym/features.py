@@ -5,12 +5,14 @@ inputs in both. The spec speaks in branch names; the same branch names serve two
 
 - *object layout*: one tree entry per object (``Muon_pt`` scalar, ``CaloCell_et`` jagged);
 - *event layout* (NanoAOD): one entry per event, ``nMuon`` and jagged ``Muon_*``, with
-  constituents linked to their object by an index branch (``CaloCell_muonIdx``).
+  constituents linked to their object by an index branch (``CaloCell_muonIdx``), or through
+  a link collection (PFNano: jet → ``JetPFCands_jetIdx`` / ``JetPFCands_pFCandsIdx`` →
+  ``PFCands_*``).
 
 The layout is read off the tree (is there an ``n<objects>`` branch?), so a model trained on
 one layout scores the other.
 
-One module, near 500 lines, on purpose: the spec and the builder change together, and
+One module, over 800 lines, on purpose: the spec and the builder change together, and
 keeping every branch-to-tensor step here is what makes training and scoring agree.
 """
 
