@@ -230,6 +230,39 @@ def test_command_writes_both_layouts_with_pfnano_types(tmp_path: Path) -> None:
         types = {name: events[name].typename for name in names}
     with uproot.open(tmp_path / "flavour_jets_000.root") as file:
         assert file["Jets"].num_entries == 500
+    light_only = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "flavour",
+            "-n",
+            "200",
+            "-o",
+            str(tmp_path / "light"),
+            "--b-fraction",
+            "0",
+            "--c-fraction",
+            "0",
+        ],
+    )
+    assert light_only.exit_code == 0, light_only.output
+    with uproot.open(tmp_path / "light" / "flavour_jets_000.root") as file:
+        assert set(file["Jets"]["Jet_hadronFlavour"].array(library="np")) == {0}
+    too_many = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "flavour",
+            "-o",
+            str(tmp_path / "bad"),
+            "--b-fraction",
+            "0.7",
+            "--c-fraction",
+            "0.7",
+        ],
+    )
+    assert too_many.exit_code == 1 and "b_fraction + c_fraction" in too_many.output
+    assert not (tmp_path / "bad").exists()
     expected = {
         "Jet_pt": "float[]",
         "Jet_hadronFlavour": "int32_t[]",
