@@ -92,7 +92,7 @@ class GradientReversal(torch.autograd.Function):
 
 
 def reverse_gradient(values: Tensor) -> Tensor:
-    reversed_: Tensor = GradientReversal.apply(values)
+    reversed_: Tensor = GradientReversal.apply(values)  # type: ignore[no-untyped-call]
     return reversed_
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from bsym.training.studies.augmentation import StudyResult as AugmentationResult
+    from bsym.training.studies.decorrelation import StudyResult as DecorrelationResult
     from bsym.training.studies.isolation import StudyResult as IsolationResult
     from bsym.training.studies.learning_curve import StudyResult as LearningCurveResult
 
@@ -144,3 +145,53 @@ def isolation_plots(result: IsolationResult, out_dir: Path) -> list[Path]:
         axes.legend(fontsize="small")
     panels[0].set_ylabel("non-prompt efficiency $\\varepsilon_B$")
     return [_save(figure, out_dir / "roc_isolation.png", tight=False)]
+
+
+def decorrelation_plots(result: DecorrelationResult, out_dir: Path) -> list[Path]:
+    """``rejection_vs_jsd.png``: R50 against 1/JSD for each method's λ scan (supervised, from
+    the plain model at λ = 0) and the CWoLa runs."""
+    figure = _figure(6.4, 4.8)
+    axes = figure.add_subplot()
+    plain = [r for r in result.runs if r.supervision == "truth" and r.strength == 0]
+    for method, marker in (("disco", "o"), ("adversary", "s")):
+        scan = plain + sorted(
+            (r for r in result.runs if r.supervision == "truth" and r.method == method
+             and r.strength > 0),
+            key=lambda r: r.strength,
+        )  # fmt: skip
+        axes.errorbar(
+            [r.inverse_jsd.value for r in scan],
+            [r.rejection50.value for r in scan],
+            xerr=[r.inverse_jsd.error for r in scan],
+            yerr=[r.rejection50.error for r in scan],
+            marker=marker,
+            capsize=3,
+            label=f"supervised, {method}",
+        )
+        for run in scan:
+            axes.annotate(
+                f"λ={run.strength:g}",
+                (run.inverse_jsd.value, run.rejection50.value),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize="x-small",
+            )
+    for run in (r for r in result.runs if r.supervision == "cwola"):
+        kind = "plain" if run.strength == 0 else f"{run.method} λ={run.strength:g}"
+        axes.errorbar(
+            run.inverse_jsd.value,
+            run.rejection50.value,
+            xerr=run.inverse_jsd.error,
+            yerr=run.rejection50.error,
+            marker="^",
+            ls="none",
+            capsize=3,
+            label=f"CWoLa, {kind}",
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("1 / JSD (non-prompt mass, passing vs failing)")
+    axes.set_ylabel("non-prompt rejection at 50% prompt efficiency")
+    axes.set_title("mass decorrelation, isolation task")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small")
+    return [_save(figure, out_dir / "rejection_vs_jsd.png")]
