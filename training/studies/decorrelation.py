@@ -65,7 +65,7 @@ class StudySettings(Settings):
     config: str = Field(default="isolation_cones_sumpt", description="shipped config")
     variable: str = "dimuon_mass"
     disco_strengths: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
-    adversary_strengths: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0)
+    adversary_strengths: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0, 300.0)
     cwola_disco: float = Field(default=1.0, ge=0)
     cwola_adversary: float = Field(default=10.0, ge=0)
     max_epochs: int = Field(default=20, ge=1)
@@ -102,6 +102,8 @@ class RunResult:
     rejection50: Figure
     inverse_jsd: Figure
     sweighted_bias: Figure
+    bias_change: Figure
+    """sweighted_bias minus that of the plain run of the same labels (paired bootstrap)."""
     epochs: int
     seconds: float
 
@@ -177,7 +179,9 @@ def run_study(
         trained.append((epochs, time.perf_counter() - began))
         if on_run is not None:
             on_run(run, trained[-1][1])
-    figures = bootstrapped_figures(scores, truth, mass, settings)
+    plain = {run.supervision: i for i, run in enumerate(runs) if run.strength == 0}
+    references = [plain[run.supervision] for run in runs]
+    figures = bootstrapped_figures(scores, truth, mass, settings, references)
     result = StudyResult(settings, n_test=int(truth.size))
     for run, run_figures, (epochs, seconds) in zip(runs, figures, trained, strict=True):
         result.runs.append(
@@ -263,9 +267,11 @@ def bootstrapped_figures(
     truth: npt.NDArray[np.int64],
     mass: FloatArray,
     settings: StudySettings,
-) -> list[tuple[Figure, Figure, Figure, Figure]]:
-    """AUC, R50, 1/JSD and sWeighted − true AUC of each run, ± the spread over the same
-    resamplings of the test rows for every run (the mass refitted in each)."""
+    references: Sequence[int],
+) -> list[tuple[Figure, Figure, Figure, Figure, Figure]]:
+    """AUC, R50, 1/JSD, sWeighted − true AUC, and that bias minus the bias of the run
+    ``references[i]``, of each run i, ± the spread over the same resamplings of the test
+    rows for every run (the mass refitted in each)."""
     from bsym.training.sweights import fit_mass, sweighted_roc_inputs, sweights
 
     window = SupervisionConfig(type="cwola").window
@@ -280,6 +286,8 @@ def bootstrapped_figures(
             )
             labels, doubled, weights = sweighted_roc_inputs(s[rows], signal, background)
             values.append([auc, rejection, inverse_jsd, roc_auc(labels, doubled, weights) - auc])
+        for value, reference in zip(values, references, strict=True):
+            value.append(value[3] - values[reference][3])
         return values
 
     every = np.arange(truth.size, dtype=np.int64)
@@ -299,6 +307,7 @@ def bootstrapped_figures(
             Figure(float(c[1]), float(e[1])),
             Figure(float(c[2]), float(e[2])),
             Figure(float(c[3]), float(e[3])),
+            Figure(float(c[4]), float(e[4])),
         )
         for c, e in zip(central, errors, strict=True)
     ]
