@@ -104,6 +104,8 @@ class RunResult:
     sweighted_bias: Figure
     bias_change: Figure
     """sweighted_bias minus that of the plain run of the same labels (paired bootstrap)."""
+    inverse_jsd_random: float
+    """1/JSD of a random cut passing as many non-prompt muons: the finite-sample ceiling."""
     epochs: int
     seconds: float
 
@@ -183,9 +185,19 @@ def run_study(
     references = [plain[run.supervision] for run in runs]
     figures = bootstrapped_figures(scores, truth, mass, settings, references)
     result = StudyResult(settings, n_test=int(truth.size))
+    window = SupervisionConfig(type="cwola").window
     for run, run_figures, (epochs, seconds) in zip(runs, figures, trained, strict=True):
+        ceiling = random_cut_inverse_jsd(
+            mass[truth == 0],
+            1 / run_figures[1].value,
+            window=window,
+            bins=settings.jsd_bins,
+            rng=np.random.default_rng([settings.seed, 10]),
+        )
         result.runs.append(
-            RunResult(run.supervision, run.method, run.strength, *run_figures, epochs, seconds)
+            RunResult(
+                run.supervision, run.method, run.strength, *run_figures, ceiling, epochs, seconds
+            )
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -244,6 +256,27 @@ def rejection_and_inverse_jsd(
     rejection = 1.0 / efficiency if efficiency > 0 else math.inf
     jsd = jensen_shannon(mass[background][passing], mass[background][~passing], window, bins)
     return rejection, 1.0 / jsd if jsd > 0 else math.inf
+
+
+def random_cut_inverse_jsd(
+    background_mass: FloatArray,
+    efficiency: float,
+    *,
+    window: tuple[float, float],
+    bins: int,
+    rng: np.random.Generator,
+    repeats: int = 10,
+) -> float:
+    """Mean 1/JSD of random cuts passing the fraction ``efficiency`` of the background: what
+    a score independent of the mass reaches on this many rows."""
+    n_pass = round(efficiency * background_mass.size)
+    values = []
+    for _ in range(repeats):
+        passing = np.zeros(background_mass.size, dtype=np.bool_)
+        passing[rng.permutation(background_mass.size)[:n_pass]] = True
+        jsd = jensen_shannon(background_mass[passing], background_mass[~passing], window, bins)
+        values.append(1.0 / jsd if jsd > 0 else math.inf)
+    return float(np.mean(values))
 
 
 def jensen_shannon(a: FloatArray, b: FloatArray, window: tuple[float, float], bins: int) -> float:
