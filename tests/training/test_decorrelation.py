@@ -14,8 +14,11 @@ from test_train import SMALL, assert_same_state, small_config, state
 
 from bsym.errors import ConfigError
 from bsym.export.onnx_export import export_onnx
+from bsym.rootio import TreeSource
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint, predict, read_checkpoint
+from bsym.training.cwola import SupervisionConfig, read_cwola_rows
+from bsym.training.dataset import load_training_data
 from bsym.training.decorrelation import (
     AdversaryConfig,
     AdversaryTerm,
@@ -214,3 +217,26 @@ def test_a_decorrelated_model_exports_with_parity(
     feed = {name: batch.inputs()[name] for name in loaded.model.input_names}
     (score,) = session.run(["score"], feed)
     np.testing.assert_allclose(score[:, 0], predict(loaded, batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("supervision", ["truth", "select", "cwola"])
+def test_the_variable_is_read_for_the_training_rows_in_their_order(
+    data_dir: Path, tmp_path: Path, supervision: str
+) -> None:
+    labels = {
+        "truth": ["supervision.type=truth"],
+        "select": ["supervision.type=truth", "supervision.select=true"],
+        "cwola": ["supervision.type=cwola"],
+    }[supervision]
+    values = {}
+    for layout, tree in (("muons", "Muons"), ("events", "Events")):
+        inputs = [f"data.train=['{data_dir}/isolation_{layout}_000.root']", f"data.tree={tree}"]
+        config = small_config("isolation_cones", data_dir, tmp_path, *ADVERSARY, *labels, *inputs)
+        data = load_training_data(config)
+        values[layout] = data.extras["dimuon_mass"]
+        assert values[layout].shape == (data.batch.n_rows,)
+    np.testing.assert_array_equal(values["muons"], values["events"])
+    if supervision != "truth":  # the CWoLa rows: their masses, read on their own path
+        sources = [TreeSource(data_dir / "isolation_muons_000.root", "Muons")]
+        rows = read_cwola_rows(sources, config.features, SupervisionConfig(type="cwola"))
+        np.testing.assert_array_equal(values["muons"], rows.mass)
