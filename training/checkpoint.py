@@ -21,6 +21,8 @@ is a :class:`Checkpoint`. The dict's keys:
 ``split``               ``seed``, ``n_rows``, ``sources``, int64 ``train``/``validation``/
                         ``test`` and ``summary`` (rows and weight sums per subset and class)
 ``torch_rng_state``     for resuming
+``term_states``         (``last.pt``) the state of each loss term with parameters of its
+                        own, as an adversary's weights and optimiser (version 2)
 ``versions``            bsym and torch
 ======================  ==============================================================
 
@@ -134,6 +136,7 @@ class Checkpoint:
     best_state_dict: dict[str, torch.Tensor] | None = None
     torch_rng_state: torch.Tensor | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    term_states: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(
@@ -162,6 +165,7 @@ class Checkpoint:
             best_state_dict=None if best else state.best_state,
             torch_rng_state=torch.get_rng_state(),
             versions={"bsym": bsym.__version__, "torch": str(torch.__version__)},
+            term_states=[] if best else list(state.term_states),
         )
 
     def fit_state(self) -> FitState:
@@ -179,6 +183,7 @@ class Checkpoint:
             stopped_early=self.stopped_early,
             finished=self.finished,
             stretch=self.stretch,
+            term_states=list(self.term_states),
         )
 
     def to_payload(self) -> dict[str, Any]:
@@ -208,6 +213,8 @@ class Checkpoint:
         }
         if self.best_state_dict is not None:
             payload["best_state_dict"] = self.best_state_dict
+        if self.term_states:
+            payload["term_states"] = self.term_states
         return payload
 
     @classmethod
@@ -239,6 +246,7 @@ class Checkpoint:
                 best_state_dict=payload.get("best_state_dict"),
                 torch_rng_state=payload.get("torch_rng_state"),
                 versions=dict(payload.get("versions", {})),
+                term_states=list(payload.get("term_states", [])),
             )
         except KeyError as error:
             raise InputFileError(f"{path}: the checkpoint has no '{error.args[0]}'") from error

@@ -15,6 +15,7 @@ from bsym.features import FeatureSpec
 from bsym.rootio import atomic_output
 from bsym.settings import StrictModel
 from bsym.training.cwola import SupervisionConfig
+from bsym.training.decorrelation import DecorrelationConfig
 from bsym.training.fit import OptimizerConfig
 from bsym.training.models.base import ModelSettings
 from bsym.training.models.registry import model_config_annotation, model_types
@@ -86,6 +87,9 @@ class TrainConfig(StrictModel):
     augmentation: AugmentationConfig | None = Field(
         default=None, description="training-only rotated copies (calo-rotation task)"
     )
+    decorrelation: DecorrelationConfig | None = Field(
+        default=None, description="training-only decorrelation of the score from a variable"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -107,6 +111,16 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _model_fits_features(self) -> TrainConfig:
         self.model.check_features(self.features)
+        return self
+
+    @model_validator(mode="after")
+    def _decorrelation_without_copies(self) -> TrainConfig:
+        augmented = self.augmentation is not None and self.augmentation.mode != "none"
+        if self.decorrelation is not None and augmented:
+            raise ValueError(
+                "decorrelation and augmentation do not combine: the rotated copies carry no "
+                "decorrelation variable; drop one of them"
+            )
         return self
 
 

@@ -236,36 +236,49 @@ def _read_columns(
     wanted += [axis.branch for axis in config.reweight]
     if spec.weight is not None:
         wanted.append(spec.weight)
-    wanted = list(dict.fromkeys(wanted))
     truth = spec.label.branch if spec.label is not None else None
+    return read_columns(sources, spec, wanted, max_rows=max_rows, if_everywhere=truth)
+
+
+def read_columns(
+    sources: Sequence[TreeSource],
+    spec: FeatureSpec,
+    branches: Sequence[str],
+    *,
+    max_rows: int | None,
+    if_everywhere: str | None = None,
+) -> dict[str, FloatArray]:
+    """One value per row (as ``read_rows`` counts rows) of each branch, and of
+    ``if_everywhere`` too where every file has it."""
+    wanted = list(dict.fromkeys(branches))
     parts: dict[str, list[FloatArray]] = {}
     n_rows = 0
-    with_truth = truth is not None
+    with_optional = if_everywhere is not None
     for unresolved in sources:
         if max_rows is not None and n_rows >= max_rows:
             break
         source, tree = open_input(unresolved, spec.count_branch)
         try:
             keys = set(tree.keys())
-            with_truth = with_truth and truth in keys
+            with_optional = with_optional and if_everywhere in keys
             layout = detect_layout(keys, spec)
             count = spec.count_branch if layout == "event" else None
-            extra = [truth] if with_truth and truth is not None else []
-            branches = list(dict.fromkeys([*wanted, *extra, *([count] if count else [])]))
-            for chunk in iterate_chunks(tree, source, branches):
+            extra = [if_everywhere] if with_optional and if_everywhere is not None else []
+            read = list(dict.fromkeys([*wanted, *extra, *([count] if count else [])]))
+            for chunk in iterate_chunks(tree, source, read):
                 counts = None if count is None else np.asarray(chunk[count], dtype=np.int64)
-                for branch in branches:
+                for branch in read:
                     parts.setdefault(branch, []).append(_per_row(chunk[branch], counts))
-                n_rows += len(parts[config.mass][-1])
+                n_rows += len(parts[wanted[0]][-1])
                 if max_rows is not None and n_rows >= max_rows:
                     break
         finally:
             tree.file.close()
     if not parts:
-        raise ConfigError("no rows were read for CWoLa labels")
+        raise ConfigError(f"no rows were read for the branches {', '.join(wanted)}")
     columns = {k: np.concatenate(v)[:max_rows] for k, v in parts.items()}
-    if not with_truth and truth is not None:
-        columns.pop(truth, None)
+    if not with_optional and if_everywhere is not None:
+        columns.pop(if_everywhere, None)
     return columns
 
 

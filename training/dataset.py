@@ -33,7 +33,7 @@ from bsym.rootio import (
     reading,
 )
 from bsym.training.config import TrainConfig
-from bsym.training.cwola import apply_cwola, read_cwola_rows
+from bsym.training.cwola import apply_cwola, read_columns, read_cwola_rows
 
 log = logging.getLogger(__name__)
 Indices = npt.NDArray[np.int64]
@@ -71,11 +71,18 @@ class TrainingData:
 
     batch: FeatureBatch
     split: Split
+    extras: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
+    """Per-row values beside the features (the decorrelation variable), by branch."""
 
     def subset(self, name: str) -> FeatureBatch:
         """The ``train``, ``validation`` or ``test`` rows."""
         rows: Indices = getattr(self.split, name)
         return take(self.batch, rows)
+
+    def subset_extras(self, name: str) -> dict[str, npt.NDArray[np.float64]]:
+        """The extras of the ``train``, ``validation`` or ``test`` rows."""
+        rows: Indices = getattr(self.split, name)
+        return {branch: values[rows] for branch, values in self.extras.items()}
 
 
 def load_training_data(config: TrainConfig) -> TrainingData:
@@ -94,7 +101,34 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     split = replace(split, summary=split_summary(batch, split))
     for line in describe_split(split):
         log.info("%s", line)
-    return TrainingData(batch, split)
+    extras = {}
+    if config.decorrelation is not None:
+        variable = config.decorrelation.variable
+        values = read_row_values(sources, config, variable, max_rows=config.data.max_rows)
+        if values.size != batch.n_rows:
+            raise SpecMismatchError(
+                f"the decorrelation variable '{variable}' gives {values.size} rows, the "
+                f"features {batch.n_rows}; it needs one value per row (docs/decorrelation.md)"
+            )
+        extras[variable] = values
+    return TrainingData(batch, split, extras)
+
+
+def read_row_values(
+    sources: Sequence[TreeSource], config: TrainConfig, branch: str, *, max_rows: int | None
+) -> npt.NDArray[np.float64]:
+    """``branch``'s value of every row :func:`read_training_rows` gives, in its order."""
+    spec, supervision = config.features, config.supervision
+    label = spec.label
+    by_truth = supervision.type == "truth" and label is not None and label.negative is not None
+    label_branch = [label.branch] if by_truth and label is not None else []
+    columns = read_columns(sources, spec, [branch, *label_branch], max_rows=max_rows)
+    keep = np.arange(columns[branch].size, dtype=np.int64)
+    if supervision.type == "cwola" or supervision.select:
+        keep = read_cwola_rows(sources, spec, supervision, max_rows=max_rows).keep
+    if by_truth and label is not None:
+        keep = keep[label.classify(columns[label.branch][keep].astype(np.int64)) >= 0]
+    return columns[branch][keep]
 
 
 def held_out_test(config: TrainConfig, split: Split) -> FeatureBatch:

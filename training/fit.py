@@ -45,7 +45,7 @@ from tqdm import tqdm
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
 from bsym.settings import StrictModel
-from bsym.training.losses import LossBatch, LossTerm, classification_loss
+from bsym.training.losses import LossBatch, LossTerm, TrainedTerm, classification_loss
 from bsym.training.metrics import roc_auc
 from bsym.training.models.base import BsymModel, NetworkModel, model_inputs
 
@@ -152,6 +152,8 @@ class FitState:
     stretch: float | None = None
     """The small-sample factor on epochs and patiences, fixed when the run starts."""
     budget: Budget | None = None
+    term_states: list[dict[str, Any]] = field(default_factory=list)
+    """The state of each :class:`TrainedTerm` among the terms (an adversary), in order."""
 
 
 def batch_rows(batch_size: int, copies: int) -> int:
@@ -192,6 +194,7 @@ def fit(
     progress: bool = False,
     description: str = "train",
     device: torch.device | None = None,
+    keep_last: bool = False,
 ) -> FitState:
     """Train ``model`` (already built, seeded and fitted to the data) and return its state.
 
@@ -199,6 +202,10 @@ def fit(
     of ``terms`` is added to it. ``state`` resumes a run; ``on_epoch`` sees the state after
     every epoch, the model holding that epoch's weights (to save checkpoints). ``device``
     (default the CPU) is where the epochs run; the model comes back on the CPU.
+    Terms with parameters of their own (:class:`TrainedTerm`) are pre-trained before the
+    first epoch, updated before every step and restored from ``state``. ``keep_last`` makes
+    every epoch the best one, so the run ends with its last weights and never stops early
+    (decorrelation: the validation AUC would prefer the least decorrelated epoch).
     """
     check_classes(train.label, "training", model.n_classes)
     check_classes(validation.label, "validation", model.n_classes)
@@ -230,6 +237,12 @@ def fit(
         state.best_state = _copy_state(model)
     label = torch.from_numpy(train.label).to(device)
     weight = None if train.weight is None else torch.from_numpy(train.weight).to(device)
+    trained = _trained_terms(terms, state)
+    if trained and state.epoch == 0:
+        everything = LossBatch(train.inputs, label, weight, train.copies, dict(train.extras))
+        logits = predict_logits(model, train.inputs).clone()  # not an inference tensor
+        for term in trained:
+            term.pretrain(logits, everything)
     bar = tqdm(
         total=state.budget.epochs,
         initial=state.epoch,
@@ -258,13 +271,14 @@ def fit(
                 "lr": float(optimizer.param_groups[0]["lr"]),
             }
             state.history.append(record)
-            if val_auc > state.best_auc:
+            if keep_last or val_auc > state.best_auc:
                 state.best_auc, state.best_epoch = val_auc, state.epoch
                 state.best_state = _copy_state(model)
             reason = _stop_reason(state, schedule)
             state.finished, state.stopped_early = reason is not None, reason == "patience"
             state.optimizer_state = optimizer.state_dict()
             state.scheduler_state = None if scheduler is None else scheduler.state_dict()
+            state.term_states = [term.state_dict() for term in trained]
             bar.update()
             _report(bar, state, record, progress=progress)
             if state.stopped_early:
@@ -279,6 +293,20 @@ def fit(
     model.load_state_dict(state.best_state)
     model.eval()
     return state
+
+
+def _trained_terms(terms: Sequence[LossTerm], state: FitState) -> list[TrainedTerm]:
+    """The terms with parameters of their own, restored from ``state`` where it has them."""
+    trained = [term for term in terms if isinstance(term, TrainedTerm)]
+    if state.term_states:
+        if len(state.term_states) != len(trained):
+            raise SpecMismatchError(
+                f"the training state holds {len(state.term_states)} trained loss terms, the "
+                f"run has {len(trained)}"
+            )
+        for term, term_state in zip(trained, state.term_states, strict=True):
+            term.load_state_dict(term_state)
+    return trained
 
 
 def _stop_reason(state: FitState, schedule: OptimizerConfig) -> str | None:
@@ -325,6 +353,9 @@ def _epoch(
         with autocast(label.device, schedule.autocast):
             logits = model.logits(*batch.inputs)
         logits = logits.float()
+        for term in terms:
+            if isinstance(term, TrainedTerm):
+                term.update(logits, batch)
         loss = loss_weight * classification_loss(logits, batch.label, batch.weight)
         for term in terms:
             loss = loss + term(logits, batch)

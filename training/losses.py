@@ -11,7 +11,7 @@ the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,27 @@ class LossTerm(Protocol):
     """An extra term of the training loss, evaluated on every training batch."""
 
     def __call__(self, logits: Tensor, batch: LossBatch) -> Tensor: ...
+
+
+@runtime_checkable
+class TrainedTerm(Protocol):
+    """A loss term with parameters of its own (an adversary), trained by its own optimiser.
+
+    The training loop calls :meth:`pretrain` once before the first epoch (with the logits of
+    the untrained, frozen classifier on every training row), :meth:`update` with each batch's
+    logits before the classifier's step, and keeps :meth:`state_dict` in the training state
+    after every epoch so that a resumed run restores it.
+    """
+
+    def __call__(self, logits: Tensor, batch: LossBatch) -> Tensor: ...
+
+    def pretrain(self, logits: Tensor, batch: LossBatch) -> None: ...
+
+    def update(self, logits: Tensor, batch: LossBatch) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def classification_loss(logits: Tensor, label: Tensor, weight: Tensor | None) -> Tensor:

@@ -10,7 +10,7 @@ module adds what a training run on user files needs around it: the split of the 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from bsym.input_ranges import training_ranges
 from bsym.training.augmentation import augment_training_rows
 from bsym.training.checkpoint import Checkpoint, predict, read_checkpoint, save_checkpoint
 from bsym.training.config import TrainConfig, save_config
-from bsym.training.dataset import Split, load_training_data
+from bsym.training.dataset import Split, TrainingData, load_training_data
+from bsym.training.decorrelation import decorrelation_term, unit_scale
 from bsym.training.fit import (
     EpochRecord,
     FitState,
@@ -101,7 +102,24 @@ def train(
         torch.manual_seed(config.seed)
         model = build_model(config.model, config.features, train_rows)
     if isinstance(model, NetworkModel):
-        run.fit(model, train_rows, validation_rows, copies, terms, loss_weight, previous, progress)
+        extras = {}
+        if config.decorrelation is not None:
+            extras = _scaled_extras(config, data)
+            term = decorrelation_term(
+                config.decorrelation, seed=config.seed, n_classes=model.n_classes
+            )
+            terms = [*terms, term]
+        run.fit(
+            model,
+            train_rows,
+            validation_rows,
+            copies,
+            terms,
+            loss_weight,
+            previous,
+            progress,
+            extras,
+        )
     elif previous is None:
         run.fixed(model, train_rows, validation_rows)
     else:
@@ -138,14 +156,16 @@ class _Run:
         loss_weight: float,
         previous: Checkpoint | None,
         progress: bool,
+        extras: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         state = None
         if previous is not None:
             state = self._restore(model, previous)
+        extras = extras or {}
         self.state = fit(
             model,
-            Rows.of(model, train_rows, copies=copies),
-            Rows.of(model, validation_rows),
+            replace(Rows.of(model, train_rows, copies=copies), extras=extras.get("train", {})),
+            replace(Rows.of(model, validation_rows), extras=extras.get("validation", {})),
             self.config.optimizer,
             seed=self.config.seed,
             terms=terms,
@@ -155,6 +175,7 @@ class _Run:
             progress=progress,
             description=f"train {self.config.name}",
             device=self.device,
+            keep_last=self.config.decorrelation is not None,
         )
 
     def fixed(
@@ -213,6 +234,16 @@ class _Run:
             history=list(self.state.history),
             split=self.split,
         )
+
+
+def _scaled_extras(config: TrainConfig, data: TrainingData) -> dict[str, dict[str, torch.Tensor]]:
+    """The decorrelation variable of the training and validation rows, scaled to [0, 1] by
+    its range on the training rows."""
+    train, validation = data.subset_extras("train"), data.subset_extras("validation")
+    return {
+        subset: {name: unit_scale(values[name], train[name], name) for name in train}
+        for subset, values in (("train", train), ("validation", validation))
+    }
 
 
 def _resumable(path: Path, config: TrainConfig) -> Checkpoint:

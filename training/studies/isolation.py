@@ -390,7 +390,9 @@ def _trained(
     last = config.output_dir / "last.pt"
     if last.is_file() and (config.output_dir / "checkpoint.pt").is_file():
         previous = read_checkpoint(last)
-        if previous.finished and previous.config == config:
+        recorded = previous.config.features.without_ranges()
+        same = previous.config.model_copy(update={"features": recorded}) == config
+        if previous.finished and same:
             loaded = load_checkpoint(config.output_dir / "checkpoint.pt")
             return loaded, previous.best_epoch, previous.epoch
     result = train(config, overwrite=True, progress=False)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from bsym.training.studies.augmentation import StudyResult as AugmentationResult
+    from bsym.training.studies.decorrelation import StudyResult as DecorrelationResult
     from bsym.training.studies.isolation import StudyResult as IsolationResult
     from bsym.training.studies.learning_curve import StudyResult as LearningCurveResult
 
@@ -144,3 +145,68 @@ def isolation_plots(result: IsolationResult, out_dir: Path) -> list[Path]:
         axes.legend(fontsize="small")
     panels[0].set_ylabel("non-prompt efficiency $\\varepsilon_B$")
     return [_save(figure, out_dir / "roc_isolation.png", tight=False)]
+
+
+def decorrelation_plots(result: DecorrelationResult, out_dir: Path) -> list[Path]:
+    """``rejection_vs_jsd.png``: left, R50 against 1/JSD for each method's λ scan
+    (supervised, from the plain model at λ = 0), the CWoLa runs and the random-cut ceiling;
+    right, the sWeighted AUC's bias against the true AUC."""
+    figure = _figure(12.0, 4.8, layout="constrained")
+    left, right = figure.subplots(1, 2)
+    plain = [r for r in result.runs if r.supervision == "truth" and r.strength == 0]
+    for method, marker in (("disco", "o"), ("adversary", "s")):
+        scan = plain + sorted(
+            (r for r in result.runs if r.supervision == "truth" and r.method == method
+             and r.strength > 0),
+            key=lambda r: r.strength,
+        )  # fmt: skip
+        for axes, x, y in ((left, "inverse_jsd", "rejection50"), (right, "auc", "sweighted_bias")):
+            axes.errorbar(
+                [getattr(r, x).value for r in scan],
+                [getattr(r, y).value for r in scan],
+                xerr=[getattr(r, x).error for r in scan],
+                yerr=[getattr(r, y).error for r in scan],
+                marker=marker,
+                capsize=3,
+                label=f"supervised, {method}",
+            )
+            for run in scan:
+                axes.annotate(
+                    f"λ={run.strength:g}",
+                    (getattr(run, x).value, getattr(run, y).value),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize="x-small",
+                )
+    for run in (r for r in result.runs if r.supervision == "cwola"):
+        kind = "plain" if run.strength == 0 else f"{run.method} λ={run.strength:g}"
+        for axes, x, y in ((left, "inverse_jsd", "rejection50"), (right, "auc", "sweighted_bias")):
+            axes.errorbar(
+                getattr(run, x).value,
+                getattr(run, y).value,
+                xerr=getattr(run, x).error,
+                yerr=getattr(run, y).error,
+                marker="^",
+                ls="none",
+                capsize=3,
+                label=f"CWoLa, {kind}",
+            )
+    left.scatter(
+        [r.inverse_jsd_random for r in result.runs],
+        [r.rejection50.value for r in result.runs],
+        marker="x",
+        color="grey",
+        label="random cut, same ε_B",
+    )
+    left.set_xscale("log")
+    left.set_xlabel("1 / JSD (non-prompt mass, passing vs failing)")
+    left.set_ylabel("non-prompt rejection at 50% prompt efficiency")
+    left.set_title("rejection against mass sculpting")
+    right.axhline(0.0, color="grey", lw=0.8, ls=":")
+    right.set_xlabel("true AUC")
+    right.set_ylabel("sWeighted − true AUC")
+    right.set_title("bias of the sWeighted AUC")
+    for axes in (left, right):
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize="x-small")
+    return [_save(figure, out_dir / "rejection_vs_jsd.png", tight=False)]
