@@ -21,6 +21,9 @@ the loss, and the largest |Δ score|, with the measured speed-up.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import tempfile
 import time
@@ -175,19 +178,21 @@ def quantize_int8(
     formats = {QuantFormat.qdq: q.QuantFormat.QDQ, QuantFormat.qoperator: q.QuantFormat.QOperator}
     named = onnx.ModelProto()
     named.CopyFrom(proto)
+    excluded = float_nodes(named)
     with tempfile.TemporaryDirectory(prefix="bsym-int8-") as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(named, str(source))
-        q.quantize_static(
-            str(source),
-            str(target),
-            _Calibration(calibration),
-            quant_format=formats[quant_format],
-            activation_type=q.QuantType.QUInt8,
-            weight_type=q.QuantType.QInt8,
-            nodes_to_exclude=float_nodes(named),
-            calibrate_method=q.CalibrationMethod.Percentile,
-        )
+        with _quiet():
+            q.quantize_static(
+                str(source),
+                str(target),
+                _Calibration(calibration),
+                quant_format=formats[quant_format],
+                activation_type=q.QuantType.QUInt8,
+                weight_type=q.QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                calibrate_method=q.CalibrationMethod.Percentile,
+            )
         quantized = onnx.load_model(str(target))
     # the quantizer drops metadata_props; the exporter writes them afterwards
     return quantized
@@ -333,6 +338,20 @@ def _named_nodes(proto: onnx.ModelProto) -> Sequence[onnx.NodeProto]:
             node.name = f"{node.op_type}_{k}"
         seen.add(node.name)
     return proto.graph.node
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The quantizer prints its progress and logs advice on the root logger; keep bsym's
+    output its own."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 class _Calibration:
