@@ -27,7 +27,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,7 +107,7 @@ class HeldOut:
 
     inputs: dict[str, npt.NDArray[Any]]
     label: npt.NDArray[np.int64]
-    weight: npt.NDArray[np.float64] | None
+    weight: npt.NDArray[np.floating[Any]] | None
     source: str
 
 
@@ -330,14 +330,15 @@ def _batches(
         yield {name: value[start : start + batch_size] for name, value in inputs.items()}
 
 
-def _named_nodes(proto: onnx.ModelProto) -> Sequence[onnx.NodeProto]:
+def _named_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The graph's nodes, each given a unique name where it has none (exclusion goes by name)."""
+    nodes: list[onnx.NodeProto] = list(proto.graph.node)
     seen: set[str] = set()
-    for k, node in enumerate(proto.graph.node):
+    for k, node in enumerate(nodes):
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{k}"
         seen.add(node.name)
-    return proto.graph.node
+    return nodes
 
 
 @contextlib.contextmanager
