@@ -1,15 +1,15 @@
 """fp32 against int8 and bf16 for every shipped isolation network: inference rate and AUC.
 
-    .venv/bin/python benchmarks/bench_precision.py [--events 10000] [--epochs 5]
+    .venv/bin/python benchmarks/bench_precision.py [--events 8000] [--epochs 4]
 
 Simulates ``--events`` isolation events once (cached under --data-dir), trains each shipped
 ``isolation_*`` config whose model is a network (its architecture as shipped, a few epochs),
-and exports it through ``bsym export``'s own path in fp32, int8 and bf16. Each variant's
-held-out AUC is the exporter's parity figure (the checkpoint's test split); the inference
-rate is ONNX Runtime on the CPU over the same ``--rows`` rows (the test rows, repeated) in
-batches of ``--batch-size``, the variants interleaved, best of ``--repeat``. Prints one table
-with the ratios to fp32, the load average before and after, and the target: int8 or bf16 at
-least 2x fp32 with an AUC loss below 0.002.
+and exports it through ``bsym export``'s own path in fp32, int8 (QDQ and QOperator) and
+bf16. Each variant's held-out AUC is the exporter's parity figure (the checkpoint's test
+split); the inference rate is ONNX Runtime on the CPU over the same ``--rows`` rows (the test
+rows, repeated) in batches of ``--batch-size``, the variants interleaved, best of
+``--repeat``. Prints one table with the ratios to fp32, the load average before and after,
+and the target: int8 or bf16 at least 2x fp32 with an AUC loss below 0.002.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bsym.configs import shipped_config
-from bsym.export.defaults import Precision
+from bsym.export.defaults import Precision, QuantFormat
 from bsym.export.onnx_export import ExportReport, export_onnx
 from bsym.export.precision import cpu_session
 from bsym.simulate.isolation import write_isolation
@@ -41,15 +41,14 @@ console = Console(stderr=True)
 HERE = Path(__file__).resolve().parent
 TARGET_SPEEDUP = 2.0
 TARGET_AUC_LOSS = 0.002
-REDUCED = (Precision.int8, Precision.bf16)
+FP32 = "fp32"
 
 
 @dataclass(frozen=True)
 class Row:
     config: str
     model_type: str
-    precision: Precision
-    format: str
+    variant: str
     rate: float
     auc: float
     auc_loss: float
@@ -91,13 +90,25 @@ def trained(data: Path, data_dir: Path, name: str, epochs: int) -> Path | None:
     return checkpoint if is_network else None
 
 
-def exports(checkpoint: Path, out_dir: Path) -> dict[Precision, ExportReport]:
+VARIANTS: dict[str, tuple[Precision, QuantFormat]] = {
+    "int8 QDQ": (Precision.int8, QuantFormat.qdq),
+    "int8 QOperator": (Precision.int8, QuantFormat.qoperator),
+    "bf16": (Precision.bf16, QuantFormat.auto),
+}
+"""Both int8 formats, so the table shows the choice ``--quant-format auto`` makes."""
+
+
+def exports(checkpoint: Path, out_dir: Path) -> dict[str, ExportReport]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    reports = {Precision.fp32: export_onnx(checkpoint, out_dir / "fp32.onnx", force=True)}
-    for precision in REDUCED:
+    reports = {FP32: export_onnx(checkpoint, out_dir / "fp32.onnx", force=True)}
+    for label, (precision, quant_format) in VARIANTS.items():
         # forced, so the table shows a variant the exporter would refuse as well
-        reports[precision] = export_onnx(
-            checkpoint, out_dir / f"{precision.value}.onnx", precision=precision, force=True
+        reports[label] = export_onnx(
+            checkpoint,
+            out_dir / f"{label.replace(' ', '_')}.onnx",
+            precision=precision,
+            quant_format=quant_format,
+            force=True,
         )
     return reports
 
@@ -112,13 +123,13 @@ def timing_rows(checkpoint: Path, rows: int) -> dict[str, npt.NDArray[Any]]:
 
 
 def rates(
-    paths: dict[Precision, Path],
+    paths: dict[str, Path],
     inputs: dict[str, npt.NDArray[Any]],
     *,
     batch_size: int,
     repeat: int,
     threads: int,
-) -> dict[Precision, float]:
+) -> dict[str, float]:
     """Rows/s of each model, the models interleaved in every repeat, best of ``repeat``."""
     sessions = {p: cpu_session(str(path), threads=threads) for p, path in paths.items()}
     rows = len(next(iter(inputs.values())))
@@ -130,12 +141,12 @@ def rates(
         session.run(None, feeds[0])
     best = dict.fromkeys(sessions, math.inf)
     for _ in range(repeat):
-        for precision, session in sessions.items():
+        for variant, session in sessions.items():
             start = time.perf_counter()
             for feed in feeds:
                 session.run(["score"], feed)
-            best[precision] = min(best[precision], time.perf_counter() - start)
-    return {precision: rows / seconds for precision, seconds in best.items()}
+            best[variant] = min(best[variant], time.perf_counter() - start)
+    return {variant: rows / seconds for variant, seconds in best.items()}
 
 
 def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, ...], tuple[float, ...]]:
@@ -150,27 +161,25 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, ...], tup
         reports = exports(checkpoint, args.data_dir / "onnx" / name)
         inputs = timing_rows(checkpoint, args.rows)
         measured = rates(
-            {p: r.onnx_path for p, r in reports.items()},
+            {variant: r.onnx_path for variant, r in reports.items()},
             inputs,
             batch_size=args.batch_size,
             repeat=args.repeat,
             threads=args.threads,
         )
-        model_type = reports[Precision.fp32].model_type
-        int8 = reports[Precision.int8].precision
-        assert int8 is not None
-        fp32_rate = measured[Precision.fp32]
-        rows.append(Row(name, model_type, Precision.fp32, "", fp32_rate, int8.auc_fp32, 0.0, 0.0))
-        for precision in REDUCED:
-            report = reports[precision].precision
+        model_type = reports[FP32].model_type
+        first = reports["bf16"].precision
+        assert first is not None
+        rows.append(Row(name, model_type, FP32, measured[FP32], first.auc_fp32, 0.0, 0.0))
+        for variant in VARIANTS:
+            report = reports[variant].precision
             assert report is not None
             rows.append(
                 Row(
                     name,
                     model_type,
-                    precision,
-                    report.format,
-                    measured[precision],
+                    variant,
+                    measured[variant],
                     report.auc,
                     report.auc_loss,
                     report.max_abs_diff,
@@ -185,8 +194,7 @@ def table(rows: list[Row]) -> Table:
     for column in (
         "config",
         "type",
-        "precision",
-        "format",
+        "model",
         "rows/s",
         "× fp32",
         "AUC",
@@ -196,18 +204,17 @@ def table(rows: list[Row]) -> Table:
     ):
         out.add_column(
             column,
-            justify="left" if column in {"config", "type", "precision", "format"} else "right",
+            justify="left" if column in {"config", "type", "model"} else "right",
         )
-    fp32_rate = {row.config: row.rate for row in rows if row.precision is Precision.fp32}
+    fp32_rate = {row.config: row.rate for row in rows if row.variant == FP32}
     for row in rows:
         ratio = row.rate / fp32_rate[row.config]
-        reduced = row.precision is not Precision.fp32
+        reduced = row.variant != FP32
         met = ratio >= TARGET_SPEEDUP and row.auc_loss < TARGET_AUC_LOSS
         out.add_row(
             row.config if not reduced else "",
             row.model_type if not reduced else "",
-            row.precision.value,
-            row.format,
+            row.variant,
             f"{row.rate:,.0f}",
             f"{ratio:.2f}",
             f"{row.auc:.4f}",
@@ -220,11 +227,11 @@ def table(rows: list[Row]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=10_000, help="simulated events")
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs of each model")
+    parser.add_argument("--events", type=int, default=8_000, help="simulated events")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs of each model")
     parser.add_argument("--rows", type=int, default=20_000, help="rows timed per model")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best kept)")
+    parser.add_argument("--repeat", type=int, default=5, help="timing repeats (best kept)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     parser.add_argument("--configs", nargs="*", help="shipped configs (default: every isolation_*)")
     parser.add_argument("--data-dir", type=Path, default=HERE / ".data" / "precision")

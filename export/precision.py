@@ -64,6 +64,8 @@ class PrecisionReport:
     rate_fp32: float
     rate: float
     """Rows/s on one ONNX Runtime CPU thread, in batches of :data:`TIMING_BATCH`."""
+    format_rates: dict[str, float]
+    """Rows/s of every format built (both int8 formats with ``auto``); the fastest is kept."""
 
     @property
     def auc_loss(self) -> float:
@@ -92,12 +94,16 @@ class PrecisionReport:
         }
 
     def summary(self) -> str:
+        built = ""
+        if len(self.format_rates) > 1:
+            rates = ", ".join(f"{name} {rate:,.0f}" for name, rate in self.format_rates.items())
+            built = f"; built {rates} rows/s, kept the faster"
         return (
             f"{self.precision.value} ({self.format}): held-out AUC {self.auc:.5f} against "
             f"{self.auc_fp32:.5f} in fp32 (loss {self.auc_loss:+.5f}, tolerance "
             f"{self.auc_tolerance:g}), max |Δ score| {self.max_abs_diff:.3g} over {self.rows} "
             f"rows of {self.source}; {self.rate:,.0f} rows/s against {self.rate_fp32:,.0f} "
-            f"in fp32 ({self.speedup:.2f}×, one thread, measured at export)"
+            f"in fp32 ({self.speedup:.2f}×, one thread, measured at export){built}"
         )
 
 
@@ -162,6 +168,7 @@ def reduce_precision(
         calibration_rows=calibration_rows,
         rate_fp32=rate_fp32,
         rate=rates[chosen],
+        format_rates=rates,
     )
     return reduced, report
 

@@ -55,6 +55,10 @@ def test_int8_exports_records_its_parity_and_scores_a_root_file(
     )
 
     assert report.precision is not None and report.precision.format in {"QDQ", "QOperator"}
+    rates = report.precision.format_rates
+    assert set(rates) == {"QDQ", "QOperator"} and rates[report.precision.format] == max(
+        rates.values()
+    )
     assert op_types(int8) & {"QuantizeLinear", "QLinearMatMul", "MatMulInteger"}
     assert "QuantizeLinear" not in op_types(fp32)
     fp32_scores, fp32_auc = held_out_scores(fp32, trained_models["pfn"])
