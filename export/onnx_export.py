@@ -293,6 +293,7 @@ def _reduce(
         quant_format=reduced.quant_format,
         auc_tolerance=reduced.auc_tolerance,
     )
+    check_graph(variant, f"model '{model_name}': the {reduced.precision.value} graph")
     if not report.acceptable and not reduced.force:
         raise SpecMismatchError(
             f"model '{model_name}': {report.summary()}; the AUC loss exceeds the tolerance, so "
