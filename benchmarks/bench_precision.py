@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from rich.table import Table
 from bsym.configs import shipped_config
 from bsym.export.defaults import Precision, QuantFormat
 from bsym.export.onnx_export import ExportReport, export_onnx
-from bsym.export.precision import cpu_session
+from bsym.export.precision import cpu_session, timed_rate
 from bsym.simulate.isolation import write_isolation
 from bsym.training.checkpoint import load_checkpoint
 from bsym.training.config import load_config
@@ -132,8 +131,7 @@ def rates(
     min_seconds: float,
 ) -> dict[str, float]:
     """Rows/s of each model, the models interleaved in every repeat, best of ``repeat``; each
-    measurement cycles through the batches for at least ``min_seconds`` (small networks run
-    20,000 rows in milliseconds, too short to time on a shared machine)."""
+    measurement cycles through the batches for at least ``min_seconds``."""
     sessions = {p: cpu_session(str(path), threads=threads) for p, path in paths.items()}
     rows = len(next(iter(inputs.values())))
     feeds = [
@@ -145,13 +143,7 @@ def rates(
     best = dict.fromkeys(sessions, 0.0)
     for _ in range(repeat):
         for variant, session in sessions.items():
-            done, start, elapsed = 0, time.perf_counter(), 0.0
-            while elapsed < min_seconds:
-                for feed in feeds:
-                    session.run(["score"], feed)
-                done += rows
-                elapsed = time.perf_counter() - start
-            best[variant] = max(best[variant], done / elapsed)
+            best[variant] = max(best[variant], timed_rate(session, feeds, min_seconds))
     return best
 
 

@@ -188,7 +188,13 @@ def export_to_repository(
             tolerance=tolerance,
             opset=opset,
             name=model_name,
-            reduced=_Reduced(Precision(precision), auc_tolerance, QuantFormat(quant_format), force),
+            reduced=_Reduced(
+                Precision(precision),
+                auc_tolerance,
+                QuantFormat(quant_format),
+                force,
+                destination=f"{repository / model_name}/<version>/{contract.MODEL_FILENAME}",
+            ),
         )
         version = write_model_version(
             report.onnx_path, repository, model_name, version, flavour=flavour, force=force
@@ -260,6 +266,8 @@ class _Reduced:
     auc_tolerance: float
     quant_format: QuantFormat
     force: bool
+    destination: str = ""
+    """What a refusal names as not written (default: the output file)."""
 
 
 def _reduce(
@@ -297,7 +305,8 @@ def _reduce(
     if not report.acceptable and not reduced.force:
         raise SpecMismatchError(
             f"model '{model_name}': {report.summary()}; the AUC loss exceeds the tolerance, so "
-            f"{out} was not written (pass --force to keep it, or raise --auc-tolerance)"
+            f"{reduced.destination or out} was not written (pass --force to keep it, or raise "
+            "--auc-tolerance)"
         )
     return variant, report
 

@@ -147,10 +147,13 @@ def test_a_variant_losing_more_than_the_tolerance_is_refused(
     assert list(tmp_path.iterdir()) == []
 
     repository = tmp_path / "repo"
-    with pytest.raises(SpecMismatchError, match="exceeds the tolerance"):
+    with pytest.raises(SpecMismatchError, match="exceeds the tolerance") as refused:
         export_to_repository(
             trained_models["pfn"], repository, precision=Precision.bf16, auc_tolerance=-1.0
         )
+    assert f"{repository / 'isolation_pfn'}/<version>/model.onnx was not written" in str(
+        refused.value
+    )
     assert not (repository / "isolation_pfn").exists()
 
     forced = export_onnx(
