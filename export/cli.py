@@ -76,6 +76,7 @@ def export_command(
     quant_format: Annotated[
         QuantFormat,
         typer.Option(
+            case_sensitive=False,
             help="int8 graph format: QDQ, QOperator, or auto (build both, keep the one that "
             "runs faster on this CPU).",
         ),

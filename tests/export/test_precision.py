@@ -241,10 +241,11 @@ def test_cli(trained_models: dict[str, Path], tmp_path: Path) -> None:
     args = [str(trained_models["dnn"]), "--repository", str(repository), "--name", "iso"]
 
     result = CliRunner().invoke(
-        app, [*args, "--precision", "int8", "--auc-tolerance", str(LENIENT)]
+        app,
+        [*args, "--precision", "int8", "--auc-tolerance", str(LENIENT), "--quant-format", "qdq"],
     )
     assert result.exit_code == 0, result.output
-    assert "precision: int8" in result.output and "held-out AUC" in result.output
+    assert "precision: int8 (QDQ)" in result.output and "held-out AUC" in result.output
 
     refused = CliRunner().invoke(app, [*args, "--precision", "bf16", "--auc-tolerance", "-1"])
     assert refused.exit_code == 1
