@@ -57,6 +57,19 @@ CLASS_LABELS_KEY = "bsym_class_labels"
 PARITY_MAX_ABS_DIFF_KEY = "bsym_parity_max_abs_diff"
 PARITY_TOLERANCE_KEY = "bsym_parity_tolerance"
 PARITY_ROWS_KEY = "bsym_parity_rows"
+PRECISION_KEY = "bsym_precision"
+"""``int8`` or ``bf16``; absent in an fp32 model. The ``bsym_precision_*`` keys below compare
+the model with the fp32 export of the same checkpoint on held-out rows."""
+PRECISION_FORMAT_KEY = "bsym_precision_format"
+PRECISION_AUC_KEY = "bsym_precision_auc"
+PRECISION_AUC_FP32_KEY = "bsym_precision_auc_fp32"
+PRECISION_AUC_LOSS_KEY = "bsym_precision_auc_loss"
+PRECISION_AUC_TOLERANCE_KEY = "bsym_precision_auc_tolerance"
+PRECISION_MAX_ABS_DIFF_KEY = "bsym_precision_max_abs_diff"
+PRECISION_ROWS_KEY = "bsym_precision_rows"
+PRECISION_CALIBRATION_ROWS_KEY = "bsym_precision_calibration_rows"
+PRECISION_SPEEDUP_KEY = "bsym_precision_speedup"
+"""Rows/s of the model over rows/s of fp32, one ONNX Runtime CPU thread, measured at export."""
 SPEC_VERSION_KEY = "bsym_spec_version"
 """Not in the ONNX file: added where the feature spec is served, so a client can refuse a spec
 newer than it reads before parsing it."""
@@ -69,9 +82,14 @@ SERVED_METADATA: tuple[str, ...] = (
     GIT_COMMIT_KEY,
     MODEL_TYPE_KEY,
     CLASS_LABELS_KEY,
+    PRECISION_KEY,
+    PRECISION_FORMAT_KEY,
+    PRECISION_AUC_LOSS_KEY,
+    PRECISION_MAX_ABS_DIFF_KEY,
 )
 """Metadata served in a Triton config, in this order (the training config and parity numbers
-stay in the file: clients do not need them)."""
+stay in the file: clients do not need them); the precision keys only where the model has
+them."""
 
 MODEL_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"

@@ -9,7 +9,7 @@ import typer
 
 from bsym.console import stderr, stdout, user_errors
 from bsym.contract import DEFAULT_REPOSITORY
-from bsym.export.defaults import DEFAULT_TOLERANCE
+from bsym.export.defaults import DEFAULT_AUC_TOLERANCE, DEFAULT_TOLERANCE, Precision, QuantFormat
 from bsym.export.triton.common import Flavour
 
 
@@ -38,7 +38,12 @@ def export_command(
         ),
     ] = Flavour.production,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing version of the model.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing version of the model; keep a bf16/int8 model that "
+            "loses more AUC than --auc-tolerance.",
+        ),
     ] = False,
     tolerance: Annotated[
         float,
@@ -54,6 +59,29 @@ def export_command(
             "checkpoint's held-out test rows. Repeatable.",
         ),
     ] = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help="Numeric precision of the written model: fp32, bf16 (bfloat16 weights, fp32 "
+            "arithmetic on CPU) or int8 (static quantization calibrated on training rows). "
+            "See docs/precision.md.",
+        ),
+    ] = Precision.fp32,
+    auc_tolerance: Annotated[
+        float,
+        typer.Option(
+            help="Largest allowed loss of held-out AUC of a bf16/int8 model against fp32; "
+            "a model that loses more is refused unless --force.",
+        ),
+    ] = DEFAULT_AUC_TOLERANCE,
+    quant_format: Annotated[
+        QuantFormat,
+        typer.Option(
+            case_sensitive=False,
+            help="int8 graph format: QDQ, QOperator, or auto (build both, keep the one that "
+            "runs faster on this CPU).",
+        ),
+    ] = QuantFormat.auto,
 ) -> None:
     """Export a checkpoint to ONNX, check it against torch, and add it to the model repository."""
     with user_errors():
@@ -68,6 +96,9 @@ def export_command(
             force=force,
             parity_data=parity_data or None,
             tolerance=tolerance,
+            precision=precision,
+            auc_tolerance=auc_tolerance,
+            quant_format=quant_format,
         )
     report = entry.export
     parity = report.parity
@@ -79,6 +110,8 @@ def export_command(
         highlight=False,
         soft_wrap=True,
     )
+    if report.precision is not None:
+        stdout.print(f"precision: {report.precision.summary()}", highlight=False, soft_wrap=True)
     stdout.print(
         f"repository: {entry.model_dir} version {entry.version} ({entry.flavour.value} config)",
         highlight=False,

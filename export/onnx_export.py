@@ -31,7 +31,15 @@ import bsym
 from bsym import contract
 from bsym.console import stderr
 from bsym.errors import ConfigError, SpecMismatchError
-from bsym.export.defaults import DEFAULT_OPSET, DEFAULT_TOLERANCE
+from bsym.export.defaults import (
+    CALIBRATION_ROWS,
+    DEFAULT_AUC_TOLERANCE,
+    DEFAULT_OPSET,
+    DEFAULT_TOLERANCE,
+    Precision,
+    QuantFormat,
+)
+from bsym.export.precision import HeldOut, PrecisionReport
 from bsym.export.triton.common import Flavour
 from bsym.features import FeatureBatch
 from bsym.rootio import atomic_output, parse_inputs
@@ -79,6 +87,8 @@ class ExportReport:
     opset: int
     parity: ParityReport
     metadata: dict[str, str]
+    precision: PrecisionReport | None = None
+    """The reduced-precision model against fp32; ``None`` for an fp32 export."""
 
 
 @dataclass(frozen=True)
@@ -101,19 +111,31 @@ def export_onnx(
     force: bool = False,
     opset: int = DEFAULT_OPSET,
     name: str | None = None,
+    precision: Precision = Precision.fp32,
+    auc_tolerance: float = DEFAULT_AUC_TOLERANCE,
+    quant_format: QuantFormat = QuantFormat.auto,
 ) -> ExportReport:
     """Export ``checkpoint`` to ``out`` after the checker and the parity check pass.
 
     ``name`` overrides the model name recorded in the metadata (it names output branches,
     so it must be an identifier). An existing ``out`` is replaced only with ``force``; the
     file is written beside ``out`` and renamed, so a failed export leaves nothing behind.
+    ``precision`` bf16 or int8 writes the reduced-precision variant of the verified fp32
+    graph (:mod:`bsym.export.precision`); one that loses more held-out AUC than
+    ``auc_tolerance`` is refused unless ``force``.
     """
     _refuse_overwrite(out, force)
     from bsym.training.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(Path(checkpoint))
     return _export_loaded(
-        loaded, Path(out), parity_data=parity_data, tolerance=tolerance, opset=opset, name=name
+        loaded,
+        Path(out),
+        parity_data=parity_data,
+        tolerance=tolerance,
+        opset=opset,
+        name=name,
+        reduced=_Reduced(Precision(precision), auc_tolerance, QuantFormat(quant_format), force),
     )
 
 
@@ -128,12 +150,16 @@ def export_to_repository(
     parity_data: Sequence[str] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     opset: int = DEFAULT_OPSET,
+    precision: Precision = Precision.fp32,
+    auc_tolerance: float = DEFAULT_AUC_TOLERANCE,
+    quant_format: QuantFormat = QuantFormat.auto,
 ) -> RepositoryEntry:
     """Export ``checkpoint`` as ``repository/<name>/<version>/model.onnx`` with its config.
 
     ``version`` defaults to the next free one; an existing version is replaced only with
     ``force``. ``flavour`` picks the Triton config (``production``: ONNX Runtime backend on
-    GPUs; ``cpu``: the Python backend on CPUs).
+    GPUs; ``cpu``: the Python backend on CPUs). ``precision`` as for :func:`export_onnx`
+    (``force`` also keeps a variant above ``auc_tolerance``).
     """
     from bsym.export.triton.description import check_model_name
     from bsym.export.triton.render import flavour_of
@@ -162,6 +188,13 @@ def export_to_repository(
             tolerance=tolerance,
             opset=opset,
             name=model_name,
+            reduced=_Reduced(
+                Precision(precision),
+                auc_tolerance,
+                QuantFormat(quant_format),
+                force,
+                destination=f"{repository / model_name}/<version>/{contract.MODEL_FILENAME}",
+            ),
         )
         version = write_model_version(
             report.onnx_path, repository, model_name, version, flavour=flavour, force=force
@@ -180,6 +213,7 @@ def _export_loaded(
     tolerance: float,
     opset: int,
     name: str | None,
+    reduced: _Reduced | None = None,
 ) -> ExportReport:
     import onnx
 
@@ -206,6 +240,10 @@ def _export_loaded(
             highlight=False,
         )
     metadata = _metadata(loaded, model_name, parity)
+    precision_report = None
+    if reduced is not None and reduced.precision is not Precision.fp32:
+        proto, precision_report = _reduce(loaded, model_name, proto, batch, source, reduced, out)
+        metadata |= precision_report.metadata()
     onnx.helper.set_model_props(proto, metadata)
     with atomic_output(out) as temporary:
         onnx.save_model(proto, str(temporary))
@@ -218,7 +256,69 @@ def _export_loaded(
         opset=opset,
         parity=parity,
         metadata=metadata,
+        precision=precision_report,
     )
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    precision: Precision
+    auc_tolerance: float
+    quant_format: QuantFormat
+    force: bool
+    destination: str = ""
+    """What a refusal names as not written (default: the output file)."""
+
+
+def _reduce(
+    loaded: LoadedModel,
+    model_name: str,
+    proto: onnx.ModelProto,
+    batch: FeatureBatch,
+    source: str,
+    reduced: _Reduced,
+    out: Path,
+) -> tuple[onnx.ModelProto, PrecisionReport]:
+    """The reduced-precision variant of the verified fp32 ``proto``, refused (before anything
+    is written) when it loses more AUC on ``batch`` than allowed, unless forced."""
+    from bsym.export.precision import reduce_precision
+
+    if batch.label is None or len(np.unique(batch.label)) < 2:
+        raise ConfigError(
+            f"model '{model_name}': the {reduced.precision.value} parity check needs labelled "
+            f"rows of both classes, and {source} has none"
+        )
+    held_out = HeldOut(_inputs(batch, loaded.model.input_names), batch.label, batch.weight, source)
+    calibration = None
+    if reduced.precision is Precision.int8:
+        calibration = _inputs(_calibration_batch(loaded), loaded.model.input_names)
+    stderr.print(f"building the {reduced.precision.value} model…", highlight=False)
+    variant, report = reduce_precision(
+        proto,
+        reduced.precision,
+        held_out,
+        calibration=calibration,
+        quant_format=reduced.quant_format,
+        auc_tolerance=reduced.auc_tolerance,
+    )
+    check_graph(variant, f"model '{model_name}': the {reduced.precision.value} graph")
+    if not report.acceptable and not reduced.force:
+        raise SpecMismatchError(
+            f"model '{model_name}': {report.summary()}; the AUC loss exceeds the tolerance, so "
+            f"{reduced.destination or out} was not written (pass --force to keep it, or raise "
+            "--auc-tolerance)"
+        )
+    return variant, report
+
+
+def _calibration_batch(loaded: LoadedModel) -> FeatureBatch:
+    """:data:`CALIBRATION_ROWS` rows of the training split (its first, in its random order)."""
+    from bsym.training.dataset import recorded_rows
+
+    train = loaded.split.train
+    if len(train) == 0:
+        raise ConfigError(f"{loaded.path} records no training rows to calibrate int8 on")
+    return recorded_rows(loaded.config, loaded.split, train[:CALIBRATION_ROWS])
 
 
 def check_parity(

@@ -135,6 +135,12 @@ def held_out_test(config: TrainConfig, split: Split) -> FeatureBatch:
     """Re-read the recorded training inputs and return the test rows of ``split``."""
     if len(split.test) == 0:
         raise ConfigError("this model was trained with data.test_fraction=0: it has no test rows")
+    return recorded_rows(config, split, split.test)
+
+
+def recorded_rows(config: TrainConfig, split: Split, rows: Indices) -> FeatureBatch:
+    """Re-read the recorded training inputs and return ``rows`` (indices into ``split``'s rows),
+    refusing inputs that changed since training."""
     sources = [TreeSource(input_path(record.path), record.tree) for record in split.sources]
     batch, records = read_training_rows(sources, config, max_rows=config.data.max_rows)
     for before, now in zip(split.sources, records, strict=True):
@@ -147,7 +153,7 @@ def held_out_test(config: TrainConfig, split: Split) -> FeatureBatch:
         raise SpecMismatchError(
             f"the training inputs now give {batch.n_rows} rows, not {split.n_rows} as in training"
         )
-    return take(batch, split.test)
+    return take(batch, rows)
 
 
 def read_training_rows(
