@@ -148,7 +148,7 @@ def test_irc_safe_variant_ignores_soft_and_collinear_splits() -> None:
 def test_dual_weights_sum_to_one_and_its_rpcn_latent_is_invariant() -> None:
     constituents, mask = cells()
     torch.manual_seed(5)
-    model = RotationDual(3, (1, 2), N_ANGLES, (16, 16), (16,), 3, "max", (16,))
+    model = RotationDual(3, 0, (1, 2), N_ANGLES, (16, 16), (16,), 3, "max", (16,))
     model.prepare(
         FeatureBatch(len(mask), constituents.float().numpy(), mask.numpy(), None, None, None, None)
     )
@@ -160,7 +160,7 @@ def test_dual_weights_sum_to_one_and_its_rpcn_latent_is_invariant() -> None:
         torch.testing.assert_close(weight.sum(dim=1), torch.ones(len(mask), dtype=torch.float64))
         quarter = rotate(constituents, math.pi / 2)
         torch.testing.assert_close(
-            model.invariant(quarter, mask), model.invariant(constituents, mask), rtol=0, atol=1e-7
+            model.subnet(quarter, mask), model.subnet(constituents, mask), rtol=0, atol=1e-7
         )
         # the PFN latent sees the orientation, and the gate with it
         assert (

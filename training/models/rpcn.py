@@ -41,7 +41,7 @@ from bsym.training.models.base import (
     n_globals_of,
     need,
 )
-from bsym.training.models.sets import ParticleSum, has_globals
+from bsym.training.models.sets import ParticleSum, check_globals
 
 Pooling = Literal["max", "mean"]
 
@@ -230,67 +230,45 @@ class RPCN(NetworkModel):
         return self.head(self.subnet(constituents, mask), rest)
 
 
-class RotationDual(DualNetwork):
-    """``F(w_u·z_u + w_i·z_i)``: a PFN latent z_u and an rPCN latent z_i of the same width,
-    ``w = softmax(G(z_u ⊕ z_i))`` (arXiv:2412.18773's symmetry factor, gated on the event)."""
+class RotationDual(DualNetwork, RPCN):
+    """``F(w_u·z_u + w_i·z_i)``: the rPCN latent z_i and a PFN latent z_u of the same width,
+    ``w = softmax(G(z_u ⊕ z_i))`` (arXiv:2412.18773's symmetry factor, gated on the event).
+
+    Built like :class:`RPCN` (the same arguments; the rPCN is ``subnet``), plus the PFN latent
+    Φ_u = ``phi_sizes`` + [C] and the gate G 2C→32→32→2.
+    """
 
     kind = "rotation_dual"
-    input_names = ("constituents", "mask")
     gate_sizes: ClassVar[tuple[int, ...]] = (32, 32)
 
-    def __init__(
-        self,
-        n_features: int,
-        position: Sequence[int] = (1, 2),
-        n_angles: int = 8,
-        phi_sizes: Sequence[int] = (64, 64, 64),
-        conv_sizes: Sequence[int] = (64,),
-        kernel: int = 3,
-        pool: Pooling = "max",
-        f_sizes: Sequence[int] = (64, 64),
-        energy: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.init_kwargs = {
-            "n_features": n_features,
-            "position": list(position),
-            "n_angles": n_angles,
-            "phi_sizes": list(phi_sizes),
-            "conv_sizes": list(conv_sizes),
-            "kernel": kernel,
-            "pool": pool,
-            "f_sizes": list(f_sizes),
-            "energy": energy,
-        }
-        x, y = position
-        self.invariant = RotationSubnet(
-            n_features, (x, y), n_angles, phi_sizes, conv_sizes, kernel, pool, energy
-        )
-        width = self.invariant.width
-        self.unconstrained = ParticleSum(n_features, [*phi_sizes, width])
+    def __init__(self, n_features: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(n_features, *args, **kwargs)
+        width = self.subnet.width
+        self.unconstrained = ParticleSum(n_features, [*self.init_kwargs["phi_sizes"], width])
         self.mix = SymmetryMix(2 * width, self.gate_sizes)
-        self.f = mlp(width, f_sizes)
-        self.out = nn.Linear(f_sizes[-1] if f_sizes else width, 1)
 
     def latents(self, constituents: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(gate input, z_u, z_i)."""
         z_u = self.unconstrained(constituents, mask)
-        z_i = self.invariant(constituents, mask)
+        z_i = self.subnet(constituents, mask)
         return torch.cat([z_u, z_i], dim=1), z_u, z_i
 
     def prepare(self, batch: FeatureBatch) -> None:
+        super().prepare(batch)
         constituents, mask = need(batch.constituents, "constituents"), need(batch.mask, "mask")
         self.unconstrained.fit(constituents, mask)
-        self.invariant.lift.fit(constituents, mask)
         with torch.no_grad():
             gate_input = self.latents(torch.from_numpy(constituents), torch.from_numpy(mask))[0]
         self.mix.fit(gate_input.numpy())
 
     def logits_and_weight(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
-        constituents, mask = self.unpack(inputs)
+        constituents, mask, *rest = self.unpack(inputs)
         pooled, weight = self.mix(*self.latents(constituents, mask))
-        logits: Tensor = self.out(self.f(pooled))
-        return logits, weight
+        return self.head(pooled, rest), weight
+
+
+# ``type`` is a field name of the configs, so their annotations name the class this way
+RotationNetwork = type[RPCN]
 
 
 def rotation_bound(model: RPCN, constituents: Tensor, mask: Tensor, delta: float) -> Tensor:
@@ -348,10 +326,13 @@ class _RotationSettings(ModelSettings):
         default=False, description="energy-fraction weights, Φ on the directions alone"
     )
     energy: int = Field(default=0, ge=0, description="the (linear) energy column, irc_safe")
+    use_globals: bool = Field(default=True, description="concatenate the globals to the pool")
+    network: ClassVar[RotationNetwork]
 
     def check_features(self, spec: FeatureSpec) -> None:
         if spec.constituents is None:
             raise ValueError(f"model type '{self.type}' needs features.constituents")
+        check_globals(self.use_globals, spec)
         features = spec.constituents.features
         n = len(features)
         used = (*self.position, self.energy) if self.irc_safe else self.position
@@ -369,49 +350,34 @@ class _RotationSettings(ModelSettings):
                 f"transform '{features[self.energy].transform}'"
             )
 
-    def common(self, n_features: int) -> dict[str, Any]:
-        return {
-            "n_features": n_features,
-            "position": self.position,
-            "n_angles": self.n_angles,
-            "phi_sizes": self.phi_sizes,
-            "conv_sizes": self.conv_sizes,
-            "kernel": self.kernel,
-            "pool": self.pool,
-            "f_sizes": self.f_sizes,
-            "energy": self.energy if self.irc_safe else None,
-        }
+    def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
+        return self.network(
+            need(batch.constituents, "constituents").shape[2],
+            n_globals_of(batch) if self.use_globals else 0,
+            position=self.position,
+            n_angles=self.n_angles,
+            phi_sizes=self.phi_sizes,
+            conv_sizes=self.conv_sizes,
+            kernel=self.kernel,
+            pool=self.pool,
+            f_sizes=self.f_sizes,
+            energy=self.energy if self.irc_safe else None,
+            use_globals=self.use_globals,
+        )
 
 
 class RPCNConfig(_RotationSettings):
     """Rotational particle convolution: lift to N angles, circular convolutions, pooling."""
 
     type: Literal["rpcn"] = "rpcn"
-    use_globals: bool = Field(default=True, description="concatenate the globals to the pool")
-
-    def check_features(self, spec: FeatureSpec) -> None:
-        super().check_features(spec)
-        if self.use_globals and not has_globals(spec):
-            raise ValueError(
-                "model.use_globals is true but features has no globals or cones; "
-                "add features.globals or set model.use_globals=false"
-            )
-
-    def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
-        constituents = need(batch.constituents, "constituents")
-        n_globals = n_globals_of(batch) if self.use_globals else 0
-        return RPCN(
-            n_globals=n_globals, use_globals=self.use_globals, **self.common(constituents.shape[2])
-        )
+    network: ClassVar[RotationNetwork] = RPCN
 
 
 class RotationDualConfig(_RotationSettings):
     """An rPCN and a PFN latent mixed by a learned, input-dependent symmetry factor."""
 
     type: Literal["rotation_dual"] = "rotation_dual"
-
-    def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
-        return RotationDual(**self.common(need(batch.constituents, "constituents").shape[2]))
+    network: ClassVar[RotationNetwork] = RotationDual
 
 
 CONFIGS = (RPCNConfig, RotationDualConfig)

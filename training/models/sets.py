@@ -36,6 +36,15 @@ def has_globals(spec: FeatureSpec) -> bool:
     return bool(spec.globals) or spec.cones is not None or spec.efps is not None
 
 
+def check_globals(use_globals: bool, spec: FeatureSpec) -> None:
+    """Raise ``ValueError`` where ``model.use_globals`` asks for globals ``spec`` lacks."""
+    if use_globals and not has_globals(spec):
+        raise ValueError(
+            "model.use_globals is true but features has no globals or cones; "
+            "add features.globals or set model.use_globals=false"
+        )
+
+
 class PFNConfig(ModelSettings):
     """Particle-flow network (Deep Sets): per-constituent map Φ, masked sum, head F."""
 
@@ -52,11 +61,7 @@ class PFNConfig(ModelSettings):
     def check_features(self, spec: FeatureSpec) -> None:
         if spec.constituents is None:
             raise ValueError("model type 'pfn' needs features.constituents")
-        if self.use_globals and not has_globals(spec):
-            raise ValueError(
-                "model.use_globals is true but features has no globals or cones; "
-                "add features.globals or set model.use_globals=false"
-            )
+        check_globals(self.use_globals, spec)
 
     def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
         constituents = need(batch.constituents, "constituents")

@@ -295,12 +295,9 @@ def build_network(name: str, settings: StudySettings) -> NetworkModel:
 
     if name == "pfn":
         return PFN(3, 0, PFN_PHI, PFN_F, use_globals=False)
-    if name == "rpcn":
-        return RPCN(
-            3, 0, (1, 2), RPCN_ANGLES, RPCN_PHI, RPCN_CONV, f_sizes=PFN_F, use_globals=False
-        )
-    if name == "dual":
-        return RotationDual(3, (1, 2), RPCN_ANGLES, RPCN_PHI, RPCN_CONV, f_sizes=PFN_F)
+    if name in ("rpcn", "dual"):
+        network = RPCN if name == "rpcn" else RotationDual
+        return network(3, 0, (1, 2), RPCN_ANGLES, RPCN_PHI, RPCN_CONV, f_sizes=PFN_F)
     from bsym.training.models.image import ImageFCN
 
     detector = preset_detector(settings.geometry)
