@@ -237,7 +237,8 @@ def augmentation_command(
 
     Trains an FCN on the image and a PFN on the cells with pre-detector (resimulation) and
     post-detector (image) rotation by multiples of 45°, each with and without the encouraged
-    invariance term, and without augmentation, at training sizes 480 to 2,400 with 5
+    invariance term, and without augmentation, and (cells only) an rPCN, an rPCN + PFN dual
+    and the dual with pre-detector rotation, at training sizes 480 to 2,400 with 5
     bootstraps; prints the test AUC and the signal efficiency at 50% background efficiency
     (mean ± std over bootstraps) in the paper's layout. Writes augmentation.json,
     auc_vs_size.png and signal_efficiency_vs_size.png (default folder
