@@ -194,14 +194,19 @@ def test_irc_safe_rpcn_onnx_parity() -> None:
     assert report.worst <= DEFAULT_TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["calo_rotation_rpcn", "calo_rotation_dual"])
+@pytest.mark.parametrize("name", ["calo_rotation_rpcn", "calo_rotation_dual", "isolation_rpcn"])
 def test_trained_rotation_models_export_with_parity(
-    calo_rotation_sample: Path, tmp_path: Path, name: str
+    calo_rotation_sample: Path, isolation_sample: Path, tmp_path: Path, name: str
 ) -> None:
+    data = (
+        f"'{isolation_sample}/isolation_muons_*.root'"
+        if name.startswith("isolation")
+        else str(calo_rotation_sample)
+    )
     config = load_config(
         shipped_config(name),
         [
-            f"data.train=[{calo_rotation_sample}]",
+            f"data.train=[{data}]",
             f"output_dir={tmp_path / 'run'}",
             "optimizer.epochs=1",
             "optimizer.batch_size=64",
