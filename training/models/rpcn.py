@@ -44,6 +44,8 @@ from bsym.training.models.base import (
 from bsym.training.models.sets import ParticleSum, check_globals
 
 Pooling = Literal["max", "mean"]
+# rows per forward pass when the gate's input statistics are fitted (B·N·P·C floats each)
+PREPARE_ROWS = 2048
 
 
 def circular_shift(h: Tensor, shift: int) -> Tensor:
@@ -258,7 +260,15 @@ class RotationDual(DualNetwork, RPCN):
         constituents, mask = need(batch.constituents, "constituents"), need(batch.mask, "mask")
         self.unconstrained.fit(constituents, mask)
         with torch.no_grad():
-            gate_input = self.latents(torch.from_numpy(constituents), torch.from_numpy(mask))[0]
+            gate_input = torch.cat(
+                [
+                    self.latents(
+                        torch.from_numpy(constituents[start : start + PREPARE_ROWS]),
+                        torch.from_numpy(mask[start : start + PREPARE_ROWS]),
+                    )[0]
+                    for start in range(0, len(mask), PREPARE_ROWS)
+                ]
+            )
         self.mix.fit(gate_input.numpy())
 
     def logits_and_weight(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
