@@ -43,6 +43,7 @@ from bsym.training.fit import batch_rows, shuffled_rows
 from bsym.training.losses import InvarianceTerm, LossBatch, classification_loss, invariance_penalty
 from bsym.training.models import PFN
 from bsym.training.studies.augmentation import (
+    COLUMNS,
     QUICK,
     StudySettings,
     network_feature_spec,
@@ -267,14 +268,17 @@ def tiny_settings() -> StudySettings:
 def test_tiny_study_prints_the_paper_layout_and_writes_outputs(tmp_path: Path) -> None:
     settings = tiny_settings()
     result = run_study(settings, tmp_path / "data", threads=1)
-    assert len(result.runs) == 2 * 5 * 2
+    # the five augmentations for both networks, the three cell networks for the PFN row only
+    assert len(result.runs) == 2 * (5 * 2 + 3)
     assert set(result.reference) == {"particles", "cells"}
     paths = write_outputs(result, tmp_path / "out")
     plots = augmentation_plots(result, tmp_path / "out")
     assert {p.name for p in plots} == {"auc_vs_size.png", "signal_efficiency_vs_size.png"}
     assert all(p.is_file() and p.stat().st_size > 0 for p in [*paths, *plots])
     written = json.loads(paths[0].read_text())
-    assert set(written["auc"]["pfn"]) == {"resim_inv", "post_inv", "resim", "post", "none"}
+    assert set(written["auc"]["pfn"]) == set(COLUMNS)
+    assert all(written["auc"]["pfn"][c] for c in COLUMNS)
+    assert not any(written["auc"]["fcn"][c] for c in ("rpcn", "dual", "dual_resim"))
     table = augmentation_table(result, "test_auc", "test AUC")
     assert table.headers == [
         "network",
@@ -284,6 +288,9 @@ def test_tiny_study_prints_the_paper_layout_and_writes_outputs(tmp_path: Path) -
         "pre-det aug",
         "post-det aug",
         "no aug",
+        "rPCN",
+        "dual",
+        "dual + pre-det",
     ]
     assert len(table.rows) == 4
     # the same data are reused from the cache

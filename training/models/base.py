@@ -133,3 +133,48 @@ def need(array: npt.NDArray[Any] | None, name: str) -> npt.NDArray[Any]:
 def n_globals_of(batch: FeatureBatch) -> int:
     """How many globals columns ``batch`` has (0 without a globals tensor)."""
     return 0 if batch.globals is None else int(batch.globals.shape[1])
+
+
+class SymmetryMix(nn.Module):
+    """The learned symmetry factor of arXiv:2412.18773, for any pair of subnets.
+
+    ``w = softmax(G(standardised gate input))``, G a ReLU MLP with widths ``sizes`` and two
+    outputs, and the pooled latent ``z = w_u·z_u + w_i·z_i`` of an unconstrained latent z_u
+    and an invariant one z_i of the same width. The gate input's statistics are buffers that
+    :meth:`fit` sets from training data.
+    """
+
+    def __init__(self, n_gate: int, sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.norm = Standardise(n_gate)
+        self.gate = nn.Sequential(*mlp(n_gate, sizes), nn.Linear(sizes[-1] if sizes else n_gate, 2))
+
+    def fit(self, gate_input: npt.NDArray[np.float32]) -> None:
+        self.norm.fit(gate_input)
+
+    def weight(self, gate_input: Tensor) -> Tensor:
+        """[N, 2] = (w_unconstrained, w_invariant), summing to one."""
+        return torch.softmax(self.gate(self.norm(gate_input)), dim=-1)
+
+    def forward(
+        self, gate_input: Tensor, unconstrained: Tensor, invariant: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The pooled latent and the weights."""
+        weight = self.weight(gate_input)
+        return weight[:, 0:1] * unconstrained + weight[:, 1:2] * invariant, weight
+
+
+class DualNetwork(NetworkModel):
+    """A network that also returns its symmetry weights: ``score`` and ``symmetry_weight``."""
+
+    output_names: ClassVar[tuple[str, ...]] = ("score", "symmetry_weight")
+
+    def logits_and_weight(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def logits(self, *inputs: Tensor) -> Tensor:
+        return self.logits_and_weight(*inputs)[0]
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        logits, weight = self.logits_and_weight(*inputs)
+        return torch.sigmoid(logits), weight

@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from bsym.errors import SpecMismatchError
 from bsym.features import Constituents, Feature, FeatureBatch, FeatureSpec, Label
-from bsym.training.models.base import BsymModel, ModelSettings, NetworkModel, Standardise
+from bsym.training.models.base import (
+    BsymModel,
+    DualNetwork,
+    ModelSettings,
+    NetworkModel,
+    Standardise,
+    SymmetryMix,
+)
 
 FOUR_MOMENTUM = ("Muon_px", "Muon_py", "Muon_pz", "Muon_E")
 LATENT = 16
@@ -196,16 +203,15 @@ class InvariantNet(LorentzNetwork):
         return output
 
 
-class DualSubnet(LorentzNetwork):
+class DualSubnet(LorentzNetwork, DualNetwork):
     """Both latents mixed by a learned symmetry factor: z = w_g·z_g + w_i·z_i → head.
 
     ``w = softmax(MLP(g))``, MLP 1→64→64→64→2, on the gating input g =
-    ``globals[:, gate_index]``, standardised with buffers.
+    ``globals[:, gate_index]``, standardised with buffers (:class:`SymmetryMix`).
     """
 
     kind = "lorentz_dual"
     input_names = ("constituents", "mask", "globals")
-    output_names: ClassVar[tuple[str, ...]] = ("score", "symmetry_weight")
 
     def __init__(self, gate_index: int = 0) -> None:
         super().__init__()
@@ -213,29 +219,24 @@ class DualSubnet(LorentzNetwork):
         self.gate_index = gate_index
         self.unconstrained = UnconstrainedSubnet()
         self.invariant = InvariantSubnet()
-        self.gate_norm = Standardise(1)
-        self.gate = _mlp(1, GATE_SIZES, 2)
+        self.mix = SymmetryMix(1, GATE_SIZES)
+
+    def gate_input(self, globals_: Tensor) -> Tensor:
+        return globals_[:, self.gate_index : self.gate_index + 1]
 
     def symmetry_weight(self, globals_: Tensor) -> Tensor:
         """[N, 2] = (w_unconstrained, w_invariant), summing to one."""
-        gate_input = globals_[:, self.gate_index : self.gate_index + 1]
-        return torch.softmax(self.gate(self.gate_norm(gate_input)), dim=-1)
+        return self.mix.weight(self.gate_input(globals_))
 
     def logits_and_weight(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
         constituents, mask, globals_ = self.unpack(inputs)
-        weight = self.symmetry_weight(globals_)
-        z_unconstrained = self.unconstrained(constituents, mask)
-        z_invariant = self.invariant(constituents, mask)
-        pooled = weight[:, 0:1] * z_unconstrained + weight[:, 1:2] * z_invariant
+        pooled, weight = self.mix(
+            self.gate_input(globals_),
+            self.unconstrained(constituents, mask),
+            self.invariant(constituents, mask),
+        )
         logits: Tensor = self.head(pooled)
         return logits, weight
-
-    def logits(self, *inputs: Tensor) -> Tensor:
-        return self.logits_and_weight(*inputs)[0]
-
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        logits, weight = self.logits_and_weight(*inputs)
-        return torch.sigmoid(logits), weight
 
     def fit_normalisation(
         self, constituents: Tensor, mask: Tensor, globals_: Tensor | None = None
@@ -247,7 +248,7 @@ class DualSubnet(LorentzNetwork):
                 f"tensor has {found}"
             )
         self.unconstrained.fit(constituents, mask)
-        self.gate_norm.fit(globals_[:, self.gate_index : self.gate_index + 1].numpy())
+        self.mix.fit(self.gate_input(globals_).numpy())
 
 
 class _LorentzSettings(ModelSettings):

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -35,6 +36,15 @@ def has_globals(spec: FeatureSpec) -> bool:
     return bool(spec.globals) or spec.cones is not None or spec.efps is not None
 
 
+def check_globals(use_globals: bool, spec: FeatureSpec) -> None:
+    """Raise ``ValueError`` where ``model.use_globals`` asks for globals ``spec`` lacks."""
+    if use_globals and not has_globals(spec):
+        raise ValueError(
+            "model.use_globals is true but features has no globals or cones; "
+            "add features.globals or set model.use_globals=false"
+        )
+
+
 class PFNConfig(ModelSettings):
     """Particle-flow network (Deep Sets): per-constituent map Φ, masked sum, head F."""
 
@@ -51,11 +61,7 @@ class PFNConfig(ModelSettings):
     def check_features(self, spec: FeatureSpec) -> None:
         if spec.constituents is None:
             raise ValueError("model type 'pfn' needs features.constituents")
-        if self.use_globals and not has_globals(spec):
-            raise ValueError(
-                "model.use_globals is true but features has no globals or cones; "
-                "add features.globals or set model.use_globals=false"
-            )
+        check_globals(self.use_globals, spec)
 
     def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
         constituents = need(batch.constituents, "constituents")
@@ -98,6 +104,24 @@ class ConeCutConfig(ModelSettings):
         return ConeCut(n_globals, range(first_cone, n_globals), spec.global_names)
 
 
+class ParticleSum(nn.Module):
+    """The Deep Sets latent ``Σ_i mask_i Φ(standardised x_i)`` [N, widths[-1]]."""
+
+    def __init__(self, n_features: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.norm = Standardise(n_features)
+        self.phi = mlp(n_features, widths)
+
+    def fit(self, constituents: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_]) -> None:
+        """Standardise with the statistics of the real constituents of (training) rows."""
+        self.norm.fit(constituents[mask])
+
+    def forward(self, constituents: Tensor, mask: Tensor) -> Tensor:
+        real = mask.to(constituents.dtype).unsqueeze(-1)
+        latent: Tensor = (self.phi(self.norm(constituents)) * real).sum(dim=1)
+        return latent
+
+
 class PFN(NetworkModel):
     """Particle-flow network: ``F(Σ_i mask_i Φ(x_i) ⊕ globals)``."""
 
@@ -130,24 +154,22 @@ class PFN(NetworkModel):
                 "mask",
             )
         )
-        self.norm_constituents = Standardise(n_features)
-        self.norm_globals = Standardise(n_globals)
         widths = [*phi_sizes, latent] if latent is not None else list(phi_sizes)
-        self.phi = mlp(n_features, widths)
+        self.flow = ParticleSum(n_features, widths)
+        self.norm_globals = Standardise(n_globals)
         n_head = widths[-1] + (n_globals if self.use_globals else 0)
         self.f = mlp(n_head, f_sizes)
         self.out = nn.Linear(f_sizes[-1] if f_sizes else n_head, 1)
 
     def prepare(self, batch: FeatureBatch) -> None:
         constituents, mask = need(batch.constituents, "constituents"), need(batch.mask, "mask")
-        self.norm_constituents.fit(constituents[mask])
+        self.flow.fit(constituents, mask)
         if self.use_globals:
             self.norm_globals.fit(need(batch.globals, "globals"))
 
     def logits(self, *inputs: Tensor) -> Tensor:
         constituents, mask, *rest = self.unpack(inputs)
-        real = mask.to(constituents.dtype).unsqueeze(-1)
-        latent = (self.phi(self.norm_constituents(constituents)) * real).sum(dim=1)
+        latent = self.flow(constituents, mask)
         if self.use_globals:
             latent = torch.cat([latent, self.norm_globals(rest[0])], dim=1)
         output: Tensor = self.out(self.f(latent))

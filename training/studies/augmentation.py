@@ -12,6 +12,11 @@ Columns
     ``resim``      pre-detector rotation alone
     ``post``       post-detector rotation alone
     ``none``       no augmentation
+    ``rpcn``       rPCN (:mod:`bsym.training.models.rpcn`) alone, no augmentation
+    ``dual``       dual model (rPCN + PFN latents mixed by a learned weight), no augmentation
+    ``dual_resim`` dual model with pre-detector rotation
+    The last three are networks on the cells rather than augmentations: they fill the PFN
+    row only (their networks replace the PFN; the FCN row leaves them empty).
     Rotations are the 8 multiples of 45°; the copies come from
     :mod:`bsym.training.augmentation`, the same functions ``bsym train`` uses, and so does
     the loss c1·BCE + c2·mean Var(score over an event's copies) (c1 = 1, c2 =
@@ -45,6 +50,10 @@ Networks
     PFN: Φ 3→32→32→32→32 per cell (log(1 + E/GeV), x, y, standardised; the log is in the
     feature spec, :func:`pfn_feature_spec`), masked sum, F 32→32→32→32→1; both read the
     ``MAX_CELLS`` = 16 most energetic cells (rect events have at most 16).
+    rPCN: Φ 3→32→32→32 on (rotated x, rotated y, log(1 + E/GeV)) at the 8 multiples of 45°,
+    one circular convolution 3·32→32 over the angles, max over them, F as the PFN's. Dual:
+    that rPCN latent and a PFN latent (Φ as the PFN's) mixed by w = softmax(G(z_u ⊕ z_i)),
+    G 64→32→32→2, then F. Both train on the PFN's schedule.
     FCN: the image binned in the graph on the detector's own cells, log1p and per-pixel
     standardisation, dense 64→64→64→1.
 """
@@ -89,15 +98,27 @@ from bsym.training.studies.harness import (
     write_json,
 )
 
-ColumnName = Literal["resim_inv", "post_inv", "resim", "post", "none"]
+ColumnName = Literal["resim_inv", "post_inv", "resim", "post", "none", "rpcn", "dual", "dual_resim"]
 NetworkName = Literal["fcn", "pfn"]
-COLUMNS: tuple[ColumnName, ...] = ("resim_inv", "post_inv", "resim", "post", "none")
+COLUMNS: tuple[ColumnName, ...] = (
+    "resim_inv",
+    "post_inv",
+    "resim",
+    "post",
+    "none",
+    "rpcn",
+    "dual",
+    "dual_resim",
+)
 COLUMN_TITLES = {
     "resim_inv": "pre-det + inv",
     "post_inv": "post-det + inv",
     "resim": "pre-det aug",
     "post": "post-det aug",
     "none": "no aug",
+    "rpcn": "rPCN",
+    "dual": "dual",
+    "dual_resim": "dual + pre-det",
 }
 COLUMN_MODES = {
     "resim_inv": (AugmentationMode.resimulation, True),
@@ -105,12 +126,20 @@ COLUMN_MODES = {
     "resim": (AugmentationMode.resimulation, False),
     "post": (AugmentationMode.post_detector, False),
     "none": (AugmentationMode.none, False),
+    "rpcn": (AugmentationMode.none, False),
+    "dual": (AugmentationMode.none, False),
+    "dual_resim": (AugmentationMode.resimulation, False),
 }
+# columns whose network replaces the PFN of the cells row
+COLUMN_NETWORKS = {"rpcn": "rpcn", "dual": "dual", "dual_resim": "dual"}
 NETWORKS: tuple[NetworkName, ...] = ("fcn", "pfn")
 NETWORK_TITLES = {"fcn": "FCN", "pfn": "PFN"}
 PFN_PHI = (32, 32, 32, 32)
 PFN_F = (32, 32, 32)
 FCN_HIDDEN = (64, 64, 64)
+RPCN_ANGLES = 8
+RPCN_PHI = PFN_PHI[:-1]
+RPCN_CONV = PFN_PHI[-1:]
 MAX_CELLS = 16
 BACKGROUND_EFFICIENCY = 0.5
 
@@ -261,9 +290,14 @@ def network_schedule(name: str, settings: StudySettings) -> StudySettings:
 
 
 def build_network(name: str, settings: StudySettings) -> NetworkModel:
-    """A fresh, unfitted network of the study."""
+    """A fresh, unfitted network of the study: ``fcn``, ``pfn``, ``rpcn`` or ``dual``."""
+    from bsym.training.models.rpcn import RPCN, RotationDual
+
     if name == "pfn":
         return PFN(3, 0, PFN_PHI, PFN_F, use_globals=False)
+    if name in ("rpcn", "dual"):
+        network = RPCN if name == "rpcn" else RotationDual
+        return network(3, 0, (1, 2), RPCN_ANGLES, RPCN_PHI, RPCN_CONV, f_sizes=PFN_F)
     from bsym.training.models.image import ImageFCN
 
     detector = preset_detector(settings.geometry)
@@ -358,6 +392,7 @@ def run_study(
         for size in settings.sizes
         for column in settings.columns
         for network in networks
+        if network == "pfn" or column not in COLUMN_NETWORKS
     ]
     cache: dict[tuple[int, int, str, str], tuple[FeatureBatch, int]] = {}
     for b, size, column, network in tqdm(jobs, desc="augmentation study", unit="run"):
@@ -373,7 +408,7 @@ def run_study(
             )
         train_rows, n_copies = cache[key]
         model, state = train_network(
-            network,
+            COLUMN_NETWORKS.get(column, network),
             train_rows,
             n_copies,
             vals[network],

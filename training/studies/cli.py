@@ -237,12 +237,14 @@ def augmentation_command(
 
     Trains an FCN on the image and a PFN on the cells with pre-detector (resimulation) and
     post-detector (image) rotation by multiples of 45°, each with and without the encouraged
-    invariance term, and without augmentation, at training sizes 480 to 2,400 with 5
+    invariance term, and without augmentation, and (cells only) an rPCN, an rPCN + PFN dual
+    and the dual with pre-detector rotation, at training sizes 480 to 2,400 with 5
     bootstraps; prints the test AUC and the signal efficiency at 50% background efficiency
     (mean ± std over bootstraps) in the paper's layout. Writes augmentation.json,
     auc_vs_size.png and signal_efficiency_vs_size.png (default folder
-    studies/augmentation_<geometry>). The full study takes about 22 min on
-    one core; --quick a few minutes.
+    studies/augmentation_<geometry>). The full study took about 22 min on
+    one core before the rPCN and dual columns, which are far slower (dual + pre-det: 8
+    copies × 8 angles); --quick now takes about an hour per geometry.
 
     It takes no --data: pre-detector augmentation rotates the particles before the
     detector and simulates them again, which needs the particle-level truth and the

@@ -114,7 +114,8 @@ def _augmentation_metric(result: AugmentationResult, metric: str, label: str, pa
     axes_list = figure.subplots(1, panels, squeeze=False)
     for axes, network in zip(axes_list[0], networks, strict=False):
         for column, rows in summary[network].items():
-            _errorbars(axes, rows, COLUMN_TITLES[column])
+            if rows:
+                _errorbars(axes, rows, COLUMN_TITLES[column])
         axes.set_xlabel("training events")
         axes.set_ylabel(label)
         axes.set_title(f"{NETWORK_TITLES[network]}, {result.settings.geometry} cells")
