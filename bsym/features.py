@@ -555,3 +555,28 @@ def _as_flat(values: ak.Array, branch: str) -> npt.NDArray[np.float64]:
             "feature spec expects one value per object"
         )
     return flat
+
+
+def slot_lengths(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    """Per row, the index of its last real constituent slot plus one (0 for an empty row):
+    the fewest slots that keep every real constituent of the row."""
+    if mask.shape[1] == 0:
+        return np.zeros(len(mask), dtype=np.int64)
+    last_from_end = np.argmax(mask[:, ::-1], axis=1)
+    return np.where(mask.any(axis=1), mask.shape[1] - last_from_end, 0).astype(np.int64)
+
+
+def narrowed(
+    tensors: dict[str, npt.NDArray[np.generic]],
+    width: int,
+    rows: npt.NDArray[np.int64] | None = None,
+) -> dict[str, npt.NDArray[np.generic]]:
+    """The ``rows`` of ``tensors`` (all of them for ``None``) with the constituent axis of
+    ``constituents`` and ``mask`` cut to its first ``width`` slots; the other tensors whole."""
+    out: dict[str, npt.NDArray[np.generic]] = {}
+    for name, tensor in tensors.items():
+        picked = tensor if rows is None else tensor[rows]
+        if name in (CONSTITUENTS, MASK):
+            picked = np.ascontiguousarray(picked[:, :width])
+        out[name] = picked
+    return out

@@ -96,6 +96,25 @@ def spec_tensors(spec: FeatureSpec) -> dict[str, TensorSpec]:
     }
 
 
+def shape_accepts(model: tuple[int | None, ...], made: tuple[int | None, ...]) -> bool:
+    """Whether a model input of shape ``model`` takes the tensors of shape ``made`` that a
+    feature spec makes: equal ranks, and each fixed dimension of the model equal to the
+    spec's (a free one, the batch or a dynamic constituent axis, takes any size)."""
+    return len(model) == len(made) and all(
+        want is None or want == have for want, have in zip(model, made, strict=True)
+    )
+
+
+def dynamic_constituents(backend: Backend) -> bool:
+    """Whether ``backend``'s model takes ``constituents`` with any number of slots, so the
+    scorer can cut each batch to its longest row (backends without ``input_specs`` do not)."""
+    specs: Sequence[TensorSpec] = getattr(backend, "input_specs", ())
+    return any(
+        spec.name == CONSTITUENTS and len(spec.shape) > 1 and spec.shape[1] is None
+        for spec in specs
+    )
+
+
 def model_identity(metadata: Mapping[str, str], where: str) -> tuple[str, FeatureSpec]:
     """The model name and feature spec from ``metadata_props``; ``where`` names the model."""
     missing = [key for key in (MODEL_NAME_KEY, FEATURE_SPEC_KEY) if not metadata.get(key)]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bsym.contract import GIT_COMMIT_KEY, VERSION_KEY, sha256_of
+from bsym.contract import GIT_COMMIT_KEY, MASK, VERSION_KEY, sha256_of
 from bsym.errors import (
     BadValueError,
     BsymError,
@@ -33,7 +33,9 @@ from bsym.features import (
     Layout,
     build_features,
     detect_layout,
+    narrowed,
     required_branches,
+    slot_lengths,
 )
 from bsym.input_ranges import THRESHOLDS, InputCounts, count_inputs, describe
 from bsym.rootio import (
@@ -53,9 +55,10 @@ from bsym.serving.backend import (
     Backend,
     Tensor,
     class_labels,
+    dynamic_constituents,
     probe_outputs,
 )
-from bsym.serving.defaults import DEFAULT_STEP_SIZE
+from bsym.serving.defaults import DEFAULT_BATCH_SIZE, DEFAULT_STEP_SIZE
 from bsym.serving.friend_tree import (
     Column,
     FriendTreeWriter,
@@ -70,6 +73,14 @@ from bsym.serving.triton_served import SERVED_SHA256_KEY
 # and up to PREFETCH_DEPTH such slices wait for inference.
 ENTRIES_PER_BATCH = 8192
 PREFETCH_DEPTH = 2
+
+Padding = Literal["group", "longest", "fixed"]
+"""How a model with a dynamic constituent axis is fed: ``group`` sorts each slice's rows by
+their number of constituents and runs groups of ``batch_size`` rows each cut to its own
+longest row (outputs are put back in input order); ``longest`` cuts each slice to its longest
+row; ``fixed`` pads every row to ``max_count``. A model with a fixed axis is always padded."""
+PADDINGS: tuple[Padding, ...] = ("group", "longest", "fixed")
+DEFAULT_PADDING: Padding = "group"
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,7 @@ def score_files(
     force: bool = False,
     progress: bool = True,
     strict_inputs: bool = False,
+    padding: Padding = DEFAULT_PADDING,
 ) -> ScoreSummary:
     """Score every input (``file.root``, ``dir/*.root``, ``file.root:tree``) into ``out_dir``.
 
@@ -192,10 +204,17 @@ def score_files(
     Every file's inputs are counted against the training ranges in the model's feature spec
     (:mod:`bsym.input_ranges`), and the report goes to ``<out_dir>/<model>.inputs.json``;
     with ``strict_inputs`` a file with a flagged feature fails and keeps no output.
+    ``padding`` says how rows are padded for a model with a dynamic constituent axis
+    (:data:`Padding`); the scores are the same whichever is chosen.
     """
     summary = new_summary(backend, out_dir, strict_inputs=strict_inputs)
     scorer = _Scorer(
-        backend, step_size=step_size, force=force, progress=progress, strict=strict_inputs
+        backend,
+        step_size=step_size,
+        force=force,
+        progress=progress,
+        strict=strict_inputs,
+        padding=padding,
     )
     start = time.perf_counter()
     queue = plan_outputs(inputs, backend.feature_spec, backend.name, out_dir, summary)
@@ -313,9 +332,20 @@ class _Scorer:
     """Scores one source at a time with a model whose outputs have been probed."""
 
     def __init__(
-        self, backend: Backend, *, step_size: int | str, force: bool, progress: bool, strict: bool
+        self,
+        backend: Backend,
+        *,
+        step_size: int | str,
+        force: bool,
+        progress: bool,
+        strict: bool,
+        padding: Padding = DEFAULT_PADDING,
     ) -> None:
+        if padding not in PADDINGS:
+            raise ConfigError(f"unknown padding '{padding}'; expected one of {list(PADDINGS)}")
         self.backend = backend
+        self.padding: Padding = padding if dynamic_constituents(backend) else "fixed"
+        self.group_rows = int(getattr(backend, "batch_size", DEFAULT_BATCH_SIZE))
         self.spec: FeatureSpec = backend.feature_spec
         self.examples = probe_outputs(backend)
         self.columns: list[Column] = plan_columns(
@@ -481,7 +511,7 @@ class _Scorer:
                 for name, example in self.examples.items()
             }
         tensors = batch.inputs()
-        outputs = self.backend.predict({name: tensors[name] for name in self.backend.input_names})
+        outputs = self._run({name: tensors[name] for name in self.backend.input_names}, rows)
         where = f"entries {first}..{first + entries - 1}"
         for name, example in self.examples.items():
             found = outputs.get(name)
@@ -498,6 +528,34 @@ class _Scorer:
                     f"model '{self.backend.name}' returned {bad} NaN or infinite values in "
                     f"output '{name}' for {where}"
                 )
+        return outputs
+
+    def _run(self, feed: dict[str, Tensor], rows: int) -> Mapping[str, Tensor]:
+        """The backend's outputs for ``feed``, padded as ``self.padding`` says."""
+        if self.padding == "fixed" or MASK not in feed:
+            return self.backend.predict(feed)
+        lengths = slot_lengths(feed[MASK])
+        if self.padding == "longest":
+            return self.backend.predict(narrowed(feed, max(int(lengths.max()), 1)))
+        order = np.argsort(lengths, kind="stable")
+        groups = [
+            order[start : start + self.group_rows] for start in range(0, rows, self.group_rows)
+        ]
+        parts = [
+            self.backend.predict(narrowed(feed, max(int(lengths[group[-1]]), 1), group))
+            for group in groups
+        ]
+        if len(parts) == 1 and len(groups[0]) == rows and np.all(order[1:] >= order[:-1]):
+            return parts[0]
+        outputs: dict[str, Tensor] = {}
+        for name in parts[0]:
+            found = [part.get(name) for part in parts]
+            if any(f is None or f.shape[:1] != g.shape for f, g in zip(found, groups, strict=True)):
+                return parts[0]  # a part of the wrong shape: _predict names the problem
+            merged = np.concatenate(found) if len(found) > 1 else found[0]
+            restored = np.empty_like(merged)
+            restored[order] = merged
+            outputs[name] = restored
         return outputs
 
 
