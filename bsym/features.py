@@ -557,7 +557,7 @@ def _as_flat(values: ak.Array, branch: str) -> npt.NDArray[np.float64]:
     return flat
 
 
-def slot_lengths(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+def slot_lengths(mask: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
     """Per row, the index of its last real constituent slot plus one (0 for an empty row):
     the fewest slots that keep every real constituent of the row."""
     if mask.shape[1] == 0:

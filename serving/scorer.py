@@ -58,7 +58,12 @@ from bsym.serving.backend import (
     dynamic_constituents,
     probe_outputs,
 )
-from bsym.serving.defaults import DEFAULT_BATCH_SIZE, DEFAULT_STEP_SIZE
+from bsym.serving.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PADDING,
+    DEFAULT_STEP_SIZE,
+    Padding,
+)
 from bsym.serving.friend_tree import (
     Column,
     FriendTreeWriter,
@@ -73,14 +78,6 @@ from bsym.serving.triton_served import SERVED_SHA256_KEY
 # and up to PREFETCH_DEPTH such slices wait for inference.
 ENTRIES_PER_BATCH = 8192
 PREFETCH_DEPTH = 2
-
-Padding = Literal["group", "longest", "fixed"]
-"""How a model with a dynamic constituent axis is fed: ``group`` sorts each slice's rows by
-their number of constituents and runs groups of ``batch_size`` rows each cut to its own
-longest row (outputs are put back in input order); ``longest`` cuts each slice to its longest
-row; ``fixed`` pads every row to ``max_count``. A model with a fixed axis is always padded."""
-PADDINGS: tuple[Padding, ...] = ("group", "longest", "fixed")
-DEFAULT_PADDING: Padding = "group"
 
 
 @dataclass(frozen=True)
@@ -193,7 +190,7 @@ def score_files(
     force: bool = False,
     progress: bool = True,
     strict_inputs: bool = False,
-    padding: Padding = DEFAULT_PADDING,
+    padding: Padding | str = DEFAULT_PADDING,
 ) -> ScoreSummary:
     """Score every input (``file.root``, ``dir/*.root``, ``file.root:tree``) into ``out_dir``.
 
@@ -339,12 +336,15 @@ class _Scorer:
         force: bool,
         progress: bool,
         strict: bool,
-        padding: Padding = DEFAULT_PADDING,
+        padding: Padding | str = DEFAULT_PADDING,
     ) -> None:
-        if padding not in PADDINGS:
-            raise ConfigError(f"unknown padding '{padding}'; expected one of {list(PADDINGS)}")
+        try:
+            chosen = Padding(padding)
+        except ValueError:
+            choices = [member.value for member in Padding]
+            raise ConfigError(f"unknown padding '{padding}'; expected one of {choices}") from None
         self.backend = backend
-        self.padding: Padding = padding if dynamic_constituents(backend) else "fixed"
+        self.padding = chosen if dynamic_constituents(backend) else Padding.fixed
         self.group_rows = int(getattr(backend, "batch_size", DEFAULT_BATCH_SIZE))
         self.spec: FeatureSpec = backend.feature_spec
         self.examples = probe_outputs(backend)
@@ -532,10 +532,10 @@ class _Scorer:
 
     def _run(self, feed: dict[str, Tensor], rows: int) -> Mapping[str, Tensor]:
         """The backend's outputs for ``feed``, padded as ``self.padding`` says."""
-        if self.padding == "fixed" or MASK not in feed:
+        if self.padding is Padding.fixed or MASK not in feed:
             return self.backend.predict(feed)
         lengths = slot_lengths(feed[MASK])
-        if self.padding == "longest":
+        if self.padding is Padding.longest:
             return self.backend.predict(narrowed(feed, max(int(lengths.max()), 1)))
         order = np.argsort(lengths, kind="stable")
         groups = [
@@ -550,9 +550,12 @@ class _Scorer:
         outputs: dict[str, Tensor] = {}
         for name in parts[0]:
             found = [part.get(name) for part in parts]
-            if any(f is None or f.shape[:1] != g.shape for f, g in zip(found, groups, strict=True)):
+            pieces = [
+                f for f, g in zip(found, groups, strict=True) if f is not None and len(f) == len(g)
+            ]
+            if len(pieces) != len(groups):
                 return parts[0]  # a part of the wrong shape: _predict names the problem
-            merged = np.concatenate(found) if len(found) > 1 else found[0]
+            merged = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
             restored = np.empty_like(merged)
             restored[order] = merged
             outputs[name] = restored

@@ -31,8 +31,9 @@ from bsym.features import (
     slot_lengths,
 )
 from bsym.serving.backend import dynamic_constituents
+from bsym.serving.defaults import Padding
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
-from bsym.serving.scorer import PADDINGS, score_files
+from bsym.serving.scorer import score_files
 from bsym.serving.triton_client import SLOT_QUANTUM, request_width
 from bsym.training.models.lorentz import UnconstrainedNet
 from bsym.training.models.sets import PFN
@@ -122,7 +123,7 @@ def test_every_padding_gives_the_scores_of_full_padding_in_input_order(
     backend = OnnxRuntimeBackend(pfn_path, threads=1, batch_size=97)
     branch = NAME if tree == "Muons" else f"Muon_{NAME}"
     found = {}
-    for padding in PADDINGS:
+    for padding in Padding:
         out = tmp_path / padding
         summary = score_files([f"{source}:{tree}"], backend, out, progress=False, padding=padding)
         assert not summary.failed, summary.failed
@@ -197,3 +198,22 @@ def test_triton_config_of_a_dynamic_model(pfn_path: Path) -> None:
     assert dims == {"constituents": (DYNAMIC, 3), "mask": (DYNAMIC,), "globals": (1,)}
     text = render_config(model, Flavour.production)
     assert "dims: [ -1, 3 ]" in text and "dims: [ -1 ]" in text
+
+
+def test_python_backend_runs_requests_of_several_widths(pfn_path: Path) -> None:
+    """Requests cut to different widths reach one execute call; each gets its own rows."""
+    from bsym.serving.triton_backend.model import make_session, run_batched
+
+    session = make_session(pfn_path)
+    rng = np.random.default_rng(1)
+    requests = []
+    for rows, width in ((5, 8), (3, 16), (4, 8), (2, 1)):
+        mask = np.ones((rows, width), dtype=np.bool_)
+        constituents = rng.normal(size=(rows, width, 3)).astype(np.float32)
+        globals_ = rng.normal(size=(rows, 1)).astype(np.float32)
+        requests.append({"constituents": constituents, "mask": mask, "globals": globals_})
+    answers = run_batched(session, requests, ["score"])
+    for request, answer in zip(requests, answers, strict=True):
+        (alone,) = session.run(["score"], request)
+        assert answer["score"].shape == alone.shape
+        np.testing.assert_allclose(answer["score"], alone, atol=1e-6)
