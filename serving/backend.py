@@ -77,7 +77,11 @@ class TensorSpec:
     shape: tuple[int | None, ...]
 
     def describe(self) -> str:
-        dims = ", ".join("N" if d is None else str(d) for d in self.shape)
+        # a free axis after the batch is the dynamic constituent axis, P
+        dims = ", ".join(
+            ("N" if axis == 0 else "P") if d is None else str(d)
+            for axis, d in enumerate(self.shape)
+        )
         return f"[{dims}] {self.dtype}"
 
 
@@ -191,6 +195,20 @@ def check_inputs(model: str, expected: Sequence[TensorSpec], inputs: Mapping[str
             f"model '{model}': input tensors disagree on the batch size: {sizes}"
         )
     return next(iter(batch_sizes.values()), 0)
+
+
+def check_slots(model: str, spec: FeatureSpec, inputs: Mapping[str, Tensor]) -> None:
+    """Refuse ``constituents`` with more slots than the feature spec's ``max_count``: a model
+    with a dynamic constituent axis takes fewer, never more than it was trained with."""
+    constituents = inputs.get(CONSTITUENTS)
+    if spec.constituents is None or constituents is None or constituents.ndim < 2:
+        return
+    if constituents.shape[1] > spec.constituents.max_count:
+        raise SpecMismatchError(
+            f"model '{model}' input '{CONSTITUENTS}': expected at most "
+            f"{spec.constituents.max_count} constituent slots (the feature spec's max_count), "
+            f"found {constituents.shape[1]}"
+        )
 
 
 def probe_outputs(backend: Backend) -> dict[str, Tensor]:

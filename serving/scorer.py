@@ -511,7 +511,8 @@ class _Scorer:
                 for name, example in self.examples.items()
             }
         tensors = batch.inputs()
-        outputs = self._run({name: tensors[name] for name in self.backend.input_names}, rows)
+        feed = {name: tensors[name] for name in self.backend.input_names}
+        outputs = predict_padded(self.backend, feed, self.padding, self.group_rows)
         where = f"entries {first}..{first + entries - 1}"
         for name, example in self.examples.items():
             found = outputs.get(name)
@@ -530,36 +531,40 @@ class _Scorer:
                 )
         return outputs
 
-    def _run(self, feed: dict[str, Tensor], rows: int) -> Mapping[str, Tensor]:
-        """The backend's outputs for ``feed``, padded as ``self.padding`` says."""
-        if self.padding is Padding.fixed or MASK not in feed:
-            return self.backend.predict(feed)
-        lengths = slot_lengths(feed[MASK])
-        if self.padding is Padding.longest:
-            return self.backend.predict(narrowed(feed, max(int(lengths.max()), 1)))
-        order = np.argsort(lengths, kind="stable")
-        groups = [
-            order[start : start + self.group_rows] for start in range(0, rows, self.group_rows)
+
+def predict_padded(
+    backend: Backend, feed: dict[str, Tensor], padding: Padding, group_rows: int
+) -> Mapping[str, Tensor]:
+    """``backend``'s outputs for ``feed`` (tensors padded to ``max_count``), run as
+    ``padding`` says (see :class:`~bsym.serving.defaults.Padding`), in the rows' order.
+
+    ``padding`` other than ``fixed`` needs a model with a dynamic constituent axis."""
+    if padding is Padding.fixed or MASK not in feed:
+        return backend.predict(feed)
+    lengths = slot_lengths(feed[MASK])
+    if padding is Padding.longest:
+        return backend.predict(narrowed(feed, max(int(lengths.max()), 1)))
+    rows = len(lengths)
+    order = np.argsort(lengths, kind="stable")
+    groups = [order[start : start + group_rows] for start in range(0, rows, group_rows)]
+    parts = [
+        backend.predict(narrowed(feed, max(int(lengths[group[-1]]), 1), group)) for group in groups
+    ]
+    if len(parts) == 1 and np.all(order[1:] >= order[:-1]):
+        return parts[0]
+    outputs: dict[str, Tensor] = {}
+    for name in parts[0]:
+        found = [part.get(name) for part in parts]
+        pieces = [
+            f for f, g in zip(found, groups, strict=True) if f is not None and len(f) == len(g)
         ]
-        parts = [
-            self.backend.predict(narrowed(feed, max(int(lengths[group[-1]]), 1), group))
-            for group in groups
-        ]
-        if len(parts) == 1 and len(groups[0]) == rows and np.all(order[1:] >= order[:-1]):
-            return parts[0]
-        outputs: dict[str, Tensor] = {}
-        for name in parts[0]:
-            found = [part.get(name) for part in parts]
-            pieces = [
-                f for f, g in zip(found, groups, strict=True) if f is not None and len(f) == len(g)
-            ]
-            if len(pieces) != len(groups):
-                return parts[0]  # a part of the wrong shape: _predict names the problem
-            merged = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-            restored = np.empty_like(merged)
-            restored[order] = merged
-            outputs[name] = restored
-        return outputs
+        if len(pieces) != len(groups):
+            return parts[0]  # a part of the wrong shape: the caller names the problem
+        merged = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        restored = np.empty_like(merged)
+        restored[order] = merged
+        outputs[name] = restored
+    return outputs
 
 
 def model_file_identity(backend: Backend) -> tuple[str, str]:

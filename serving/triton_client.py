@@ -31,7 +31,7 @@ from bsym.errors import ServerError, SpecMismatchError, did_you_mean
 from bsym.extras import require
 from bsym.features import FeatureSpec
 from bsym.serving.aio_thread import LoopThread
-from bsym.serving.backend import Tensor, TensorSpec, check_inputs
+from bsym.serving.backend import Tensor, TensorSpec, check_inputs, check_slots
 from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_IN_FLIGHT,
@@ -181,6 +181,7 @@ class TritonBackend:
         inputs = self._pad(inputs)
         try:
             rows = check_inputs(self.model, self._inputs, inputs)
+            check_slots(self.model, self._spec, inputs)
         except SpecMismatchError as error:
             raise SpecMismatchError(
                 f"{error} (version {self._version} on the Triton server at {self.url})"
