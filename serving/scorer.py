@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from bsym.contract import GIT_COMMIT_KEY, MASK, VERSION_KEY, sha256_of
 from bsym.errors import (
@@ -446,15 +447,20 @@ class _Scorer:
     ) -> int:
         from tqdm import tqdm
 
-        def produce() -> Iterator[tuple[int, int, FeatureBatch]]:
-            return feature_batches(
-                tree, source, branches, self.spec, layout, step_size=self.step_size
-            )
-
         objects = 0
         ranges = self.spec.input_ranges
         counts = None if ranges is None else InputCounts.of(ranges)
         self.counts = counts
+
+        def produce() -> Iterator[tuple[int, int, FeatureBatch, PaddedFeeds | None]]:
+            # Everything but inference and writing runs here, in the prefetch thread.
+            for first, entries, batch in feature_batches(
+                tree, source, branches, self.spec, layout, step_size=self.step_size
+            ):
+                if counts is not None:
+                    count_inputs(counts, self.spec, batch)
+                yield first, entries, batch, self._padded(batch)
+
         with atomic_output(target) as temporary:
             writer = FriendTreeWriter(
                 temporary,
@@ -480,10 +486,8 @@ class _Scorer:
                         disable=not self.progress,
                     ) as bar,
                 ):
-                    for first, entries, batch in chunks:
-                        outputs = self._predict(batch, first, entries)
-                        if counts is not None:
-                            count_inputs(counts, self.spec, batch)
+                    for first, entries, batch, padded in chunks:
+                        outputs = self._predict(batch, padded, first, entries)
                         writer.append(outputs, entries=entries, counts=batch.counts)
                         objects += batch.n_rows
                         bar.update(entries)
@@ -503,16 +507,24 @@ class _Scorer:
                 )
         return objects
 
-    def _predict(self, batch: FeatureBatch, first: int, entries: int) -> Mapping[str, Tensor]:
+    def _padded(self, batch: FeatureBatch) -> PaddedFeeds | None:
+        """The feeds of ``batch`` cut as ``self.padding`` says; ``None`` for no rows."""
+        if batch.n_rows == 0:
+            return None
+        tensors = batch.inputs()
+        feed = {name: tensors[name] for name in self.backend.input_names}
+        return padded_feeds(feed, self.padding, self.group_rows)
+
+    def _predict(
+        self, batch: FeatureBatch, padded: PaddedFeeds | None, first: int, entries: int
+    ) -> Mapping[str, Tensor]:
         rows = batch.n_rows
-        if rows == 0:
+        if padded is None:
             return {
                 name: np.empty((0, *example.shape[1:]), dtype=example.dtype)
                 for name, example in self.examples.items()
             }
-        tensors = batch.inputs()
-        feed = {name: tensors[name] for name in self.backend.input_names}
-        outputs = predict_padded(self.backend, feed, self.padding, self.group_rows)
+        outputs = run_padded(self.backend, padded)
         where = f"entries {first}..{first + entries - 1}"
         for name, example in self.examples.items():
             found = outputs.get(name)
@@ -532,39 +544,57 @@ class _Scorer:
         return outputs
 
 
-def predict_padded(
-    backend: Backend, feed: dict[str, Tensor], padding: Padding, group_rows: int
-) -> Mapping[str, Tensor]:
-    """``backend``'s outputs for ``feed`` (tensors padded to ``max_count``), run as
-    ``padding`` says (see :class:`~bsym.serving.defaults.Padding`), in the rows' order.
+@dataclass(frozen=True)
+class PaddedFeeds:
+    """The feeds of one batch as the backend is to run them, and how to put the outputs
+    back: ``order[i]`` is the input row of row ``i`` of the concatenated outputs."""
 
-    ``padding`` other than ``fixed`` needs a model with a dynamic constituent axis."""
+    feeds: list[dict[str, Tensor]]
+    order: npt.NDArray[np.int64] | None = None
+    """``None``: the outputs are in input order already."""
+
+
+def padded_feeds(feed: dict[str, Tensor], padding: Padding, group_rows: int) -> PaddedFeeds:
+    """``feed`` (tensors padded to ``max_count``) cut as ``padding`` says (see
+    :class:`~bsym.serving.defaults.Padding`); anything but ``fixed`` needs a model with a
+    dynamic constituent axis."""
     if padding is Padding.fixed or MASK not in feed:
-        return backend.predict(feed)
+        return PaddedFeeds([feed])
     lengths = slot_lengths(feed[MASK])
     if padding is Padding.longest:
-        return backend.predict(narrowed(feed, max(int(lengths.max()), 1)))
-    rows = len(lengths)
+        return PaddedFeeds([narrowed(feed, max(int(lengths.max()), 1))])
     order = np.argsort(lengths, kind="stable")
-    groups = [order[start : start + group_rows] for start in range(0, rows, group_rows)]
-    parts = [
-        backend.predict(narrowed(feed, max(int(lengths[group[-1]]), 1), group)) for group in groups
-    ]
-    if len(parts) == 1 and np.all(order[1:] >= order[:-1]):
+    groups = [order[start : start + group_rows] for start in range(0, len(order), group_rows)]
+    feeds = [narrowed(feed, max(int(lengths[group[-1]]), 1), group) for group in groups]
+    return PaddedFeeds(feeds, None if np.all(order[1:] >= order[:-1]) else order)
+
+
+def run_padded(backend: Backend, padded: PaddedFeeds) -> Mapping[str, Tensor]:
+    """``backend``'s outputs for every feed of ``padded``, joined in input order."""
+    parts = [backend.predict(feed) for feed in padded.feeds]
+    if len(parts) == 1 and padded.order is None:
         return parts[0]
     outputs: dict[str, Tensor] = {}
     for name in parts[0]:
-        found = [part.get(name) for part in parts]
-        pieces = [
-            f for f, g in zip(found, groups, strict=True) if f is not None and len(f) == len(g)
-        ]
-        if len(pieces) != len(groups):
+        pieces = [part.get(name) for part in parts]
+        sizes = [len(next(iter(feed.values()))) for feed in padded.feeds]
+        if any(p is None or len(p) != n for p, n in zip(pieces, sizes, strict=True)):
             return parts[0]  # a part of the wrong shape: the caller names the problem
-        merged = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        merged = np.concatenate([p for p in pieces if p is not None])
+        if padded.order is None:
+            outputs[name] = merged
+            continue
         restored = np.empty_like(merged)
-        restored[order] = merged
+        restored[padded.order] = merged
         outputs[name] = restored
     return outputs
+
+
+def predict_padded(
+    backend: Backend, feed: dict[str, Tensor], padding: Padding, group_rows: int
+) -> Mapping[str, Tensor]:
+    """``backend``'s outputs for ``feed``, run as ``padding`` says, in the rows' order."""
+    return run_padded(backend, padded_feeds(feed, padding, group_rows))
 
 
 def model_file_identity(backend: Backend) -> tuple[str, str]:
