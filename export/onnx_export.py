@@ -1,10 +1,11 @@
 """torch → ONNX that verifies and records what it wrote.
 
-:func:`export_onnx` traces a checkpoint's model with a dynamic batch axis, runs
-``onnx.checker``, and compares ONNX Runtime against torch on held-out rows (the checkpoint's
-test split, or given files): the largest absolute difference of every output, on
-probabilities, must not exceed ``tolerance`` (default :data:`DEFAULT_TOLERANCE` = 1e-4),
-in large batches, in batches of one row and in an odd batch size. The feature spec, the
+:func:`export_onnx` traces a checkpoint's model with a dynamic batch axis (and a dynamic
+constituent axis where the model allows one), runs ``onnx.checker``, and compares ONNX
+Runtime against torch on held-out rows (the checkpoint's test split, or given files): the
+largest absolute difference of every output, on probabilities, must not exceed ``tolerance``
+(default :data:`DEFAULT_TOLERANCE` = 1e-4), in large batches, in batches of one row, in an
+odd batch size and, with a dynamic constituent axis, on rows cut to their longest row. The feature spec, the
 config, the bsym version and git commit, the class labels and the parity result go into
 ``metadata_props``, so the file alone says what it is and how to feed it.
 
@@ -287,21 +288,29 @@ def worst_differences(
             feed = {key: value[start:stop] for key, value in inputs.items()}
             results = session.run(list(expected), feed)
             for output, result in zip(expected, results, strict=True):
-                wanted = expected[output][start:stop]
-                if np.shape(result) != wanted.shape:
-                    raise SpecMismatchError(
-                        f"output '{output}': {candidate} gives shape {np.shape(result)}, "
-                        f"{reference} {wanted.shape} (batch of {stop - start} rows)"
-                    )
-                difference = np.abs(np.asarray(result, np.float64) - wanted)
-                deviation = float(np.max(difference, initial=0.0))
-                if math.isnan(deviation):
-                    raise SpecMismatchError(
-                        f"output '{output}': NaN from {reference} or {candidate} on rows "
-                        f"{start}..{stop - 1} of {source}"
-                    )
+                deviation = _deviation(
+                    result,
+                    expected[output][start:stop],
+                    f"output '{output}': {candidate}",
+                    f"{reference} (rows {start}..{stop - 1} of {source})",
+                )
                 worst[output] = max(worst[output], deviation)
     return worst
+
+
+def _deviation(
+    result: Any, wanted: npt.NDArray[np.float64], candidate: str, reference: str
+) -> float:
+    """max |``result`` - ``wanted``|; a shape mismatch or a NaN raises, naming both sides."""
+    if np.shape(result) != wanted.shape:
+        raise SpecMismatchError(
+            f"{candidate} gives shape {np.shape(result)}, {reference} {wanted.shape}"
+        )
+    difference = np.abs(np.asarray(result, np.float64) - wanted)
+    deviation = float(np.max(difference, initial=0.0))
+    if math.isnan(deviation):
+        raise SpecMismatchError(f"{candidate} or {reference} gives NaN")
+    return deviation
 
 
 def has_dynamic_constituents(session: Any) -> bool:
@@ -331,13 +340,12 @@ def narrowed_differences(
         feed = narrowed(inputs, width, rows)
         results = session.run(list(expected), feed)
         for output, result in zip(expected, results, strict=True):
-            difference = np.abs(np.asarray(result, np.float64) - expected[output][rows])
-            deviation = float(np.max(difference, initial=0.0))
-            if math.isnan(deviation):
-                raise SpecMismatchError(
-                    f"output '{output}': NaN from ONNX Runtime on rows cut to {width} "
-                    f"constituent slots, from {source}"
-                )
+            deviation = _deviation(
+                result,
+                expected[output][rows],
+                f"output '{output}': ONNX Runtime on rows cut to {width} constituent slots",
+                f"torch (rows of {source})",
+            )
             worst[output] = max(worst[output], deviation)
     return worst
 

@@ -16,13 +16,12 @@ import torch
 import uproot
 
 from bsym import contract
+from bsym.configs import shipped_config
 from bsym.export.onnx_export import to_onnx
 from bsym.export.triton.common import Flavour
 from bsym.export.triton.description import DYNAMIC, describe_onnx
 from bsym.export.triton.render import render_config
 from bsym.features import (
-    Constituents,
-    Feature,
     FeatureSpec,
     build_features,
     detect_layout,
@@ -35,6 +34,7 @@ from bsym.serving.defaults import Padding
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.scorer import score_files
 from bsym.serving.triton_client import SLOT_QUANTUM, request_width
+from bsym.training.config import load_config
 from bsym.training.models.lorentz import UnconstrainedNet
 from bsym.training.models.sets import PFN
 
@@ -42,20 +42,11 @@ NAME = "pad_pfn"
 
 
 def cell_spec(max_count: int) -> FeatureSpec:
-    return FeatureSpec(
-        tree="Muons",
-        constituents=Constituents(
-            features=[
-                Feature(branch="CaloCell_et", transform="log"),
-                Feature(branch="CaloCell_eta", relative_to="Muon_eta"),
-                Feature(branch="CaloCell_phi", relative_to="Muon_phi", periodic=True),
-            ],
-            max_count=max_count,
-            sort_by="CaloCell_et",
-            link="CaloCell_muonIdx",
-        ),
-        globals=[Feature(branch="Muon_pt", transform="log")],
+    """The shipped isolation PFN's features, with ``max_count`` cells."""
+    config = load_config(
+        shipped_config("isolation_pfn"), [f"features.constituents.max_count={max_count}"]
     )
+    return config.features
 
 
 def export_pfn(path: Path, spec: FeatureSpec, sample: Path) -> Path:
