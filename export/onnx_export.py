@@ -5,9 +5,9 @@ constituent axis where the model allows one), runs ``onnx.checker``, and compare
 Runtime against torch on held-out rows (the checkpoint's test split, or given files): the
 largest absolute difference of every output, on probabilities, must not exceed ``tolerance``
 (default :data:`DEFAULT_TOLERANCE` = 1e-4), in large batches, in batches of one row, in an
-odd batch size and, with a dynamic constituent axis, on rows cut to their longest row. The feature spec, the
-config, the bsym version and git commit, the class labels and the parity result go into
-``metadata_props``, so the file alone says what it is and how to feed it.
+odd batch size and, with a dynamic constituent axis, on rows cut to their longest row. The
+feature spec, the config, the bsym version and git commit, the class labels and the parity
+result go into ``metadata_props``, so the file alone says what it is and how to feed it.
 
 :func:`export_to_repository` does the same into a Triton model repository.
 """
