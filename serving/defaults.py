@@ -23,7 +23,8 @@ class Padding(str, Enum):
 
     group = "group"
     """Sort each slice's rows by their number of constituents and run groups of
-    ``batch_size`` rows, each cut to its own longest row; outputs go back in input order."""
+    ``batch_size`` rows, each cut to its own longest row; outputs go back in input order.
+    Where that would save under 10% of the slots, the slice is cut as with ``longest``."""
     longest = "longest"
     """Cut each slice to its longest row."""
     fixed = "fixed"

@@ -79,6 +79,9 @@ from bsym.serving.triton_served import SERVED_SHA256_KEY
 # and up to PREFETCH_DEPTH such slices wait for inference.
 ENTRIES_PER_BATCH = 8192
 PREFETCH_DEPTH = 2
+# Padding.group cuts a slice into groups only where that leaves at most this fraction of the
+# slots of cutting it to its longest row.
+GROUPING_WORTH = 0.9
 
 
 @dataclass(frozen=True)
@@ -563,9 +566,15 @@ def padded_feeds(feed: dict[str, Tensor], padding: Padding, group_rows: int) -> 
     lengths = slot_lengths(feed[MASK])
     if padding is Padding.longest:
         return PaddedFeeds([narrowed(feed, max(int(lengths.max()), 1))])
+    longest = max(int(lengths.max()), 1)
     order = np.argsort(lengths, kind="stable")
     groups = [order[start : start + group_rows] for start in range(0, len(order), group_rows)]
-    feeds = [narrowed(feed, max(int(lengths[group[-1]]), 1), group) for group in groups]
+    widths = [max(int(lengths[group[-1]]), 1) for group in groups]
+    slots = sum(len(group) * width for group, width in zip(groups, widths, strict=True))
+    if slots > GROUPING_WORTH * len(order) * longest:
+        # most rows are as long as the longest: gathering the groups would cost more
+        return PaddedFeeds([narrowed(feed, longest)])
+    feeds = [narrowed(feed, width, group) for group, width in zip(groups, widths, strict=True)]
     return PaddedFeeds(feeds, None if np.all(order[1:] >= order[:-1]) else order)
 
 

@@ -146,8 +146,9 @@ def test_groups_are_narrower_than_the_maximum(pfn_path: Path, isolation_sample: 
     assert not summary.failed
     widths = [width for width, _ in seen[1:]]  # the first call is the probe of one row
     assert all(width == max(longest, 1) for width, longest in seen[1:])
-    assert min(widths) < max_count
     assert max(widths) <= max_count
+    if max_count == 128:  # most muons have fewer; with 32 cells most have 32 or more
+        assert min(widths) < 48 and len(set(widths)) > 1
 
 
 def test_a_fixed_axis_model_is_always_padded(tmp_path: Path) -> None:
