@@ -502,6 +502,7 @@ class _Rows:
         self.n_rows = int(self.counts.sum()) if self.counts is not None else len(arrays)
         self._grouping: dict[str | None, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
         self._indexing: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
+        self._in_order: dict[str | None, bool] = {}
 
     def per_object(self, branch: str) -> npt.NDArray[np.float64]:
         """One value per row: an object branch (or an event branch broadcast to its objects)."""
@@ -536,6 +537,8 @@ class _Rows:
             raise SpecMismatchError(
                 f"constituent branch '{branch}' has {len(flat)} values, expected {len(order)}"
             )
+        if self._in_order.get(link if self.layout == "event" else None, False):
+            return flat, offsets  # the order is the identity: spare the copy
         return flat[order], offsets
 
     def _through_index(self, branch: str, index: str) -> npt.NDArray[np.int64]:
@@ -575,6 +578,7 @@ class _Rows:
         key = link if self.layout == "event" else None
         if key in self._grouping:
             return self._grouping[key]
+        in_order = True
         if self.layout == "object":
             counts = np.asarray(ak.num(self.jagged(branch), axis=1), dtype=np.int64)
             order = np.arange(int(counts.sum()), dtype=np.int64)
@@ -600,6 +604,7 @@ class _Rows:
             counts = np.bincount(row, minlength=self.n_rows).astype(np.int64)
         offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         self._grouping[key] = (order, offsets)
+        self._in_order[key] = in_order
         return order, offsets
 
 
@@ -658,14 +663,21 @@ def _build_constituents(
         if np.any((key[1:] > key[:-1]) & (row[1:] == row[:-1])):
             order = np.lexsort((-key, row))
             columns = [c[order] for c in columns]
-    keep = position < spec.max_count
-    dense = np.zeros((rows.n_rows, spec.max_count, len(columns)), dtype=np.float32)
-    mask = np.zeros((rows.n_rows, spec.max_count), dtype=np.bool_)
+    width = spec.max_count
+    keep = position < width
+    # One scatter of whole rows of features into the flat slots is several times cheaper
+    # than one three-index scatter per feature.
+    slot = (row * width + position)[keep]
+    stacked = np.empty((len(slot), len(columns)), dtype=np.float32)
     for index, column in enumerate(columns):
-        dense[row[keep], position[keep], index] = column[keep]
-    mask[row[keep], position[keep]] = True
+        stacked[:, index] = column[keep]
+    dense = np.zeros((rows.n_rows * width, len(columns)), dtype=np.float32)
+    dense[slot] = stacked
+    mask = np.zeros(rows.n_rows * width, dtype=np.bool_)
+    mask[slot] = True
+    dense = dense.reshape(rows.n_rows, width, len(columns))
     _check_finite(dense, [f.name or f.branch for f in spec.features], "constituents")
-    return dense, mask
+    return dense, mask.reshape(rows.n_rows, width)
 
 
 def _constituent_feature(
@@ -831,3 +843,28 @@ def _as_flat(values: ak.Array, branch: str) -> npt.NDArray[np.float64]:
             "feature spec expects one value per object"
         )
     return flat
+
+
+def slot_lengths(mask: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """Per row, the index of its last real constituent slot plus one (0 for an empty row):
+    the fewest slots that keep every real constituent of the row."""
+    if mask.shape[1] == 0:
+        return np.zeros(len(mask), dtype=np.int64)
+    last_from_end = np.argmax(mask[:, ::-1], axis=1)
+    return np.where(mask.any(axis=1), mask.shape[1] - last_from_end, 0).astype(np.int64)
+
+
+def narrowed(
+    tensors: dict[str, npt.NDArray[np.generic]],
+    width: int,
+    rows: npt.NDArray[np.int64] | None = None,
+) -> dict[str, npt.NDArray[np.generic]]:
+    """The ``rows`` of ``tensors`` (all of them for ``None``) with the constituent axis of
+    ``constituents`` and ``mask`` cut to its first ``width`` slots; the other tensors whole."""
+    out: dict[str, npt.NDArray[np.generic]] = {}
+    for name, tensor in tensors.items():
+        picked = tensor if rows is None else tensor[rows]
+        if name in (CONSTITUENTS, MASK):
+            picked = np.ascontiguousarray(picked[:, :width])
+        out[name] = picked
+    return out

@@ -1,12 +1,13 @@
 """torch → ONNX that verifies and records what it wrote.
 
-:func:`export_onnx` traces a checkpoint's model with a dynamic batch axis, runs
-``onnx.checker``, and compares ONNX Runtime against torch on held-out rows (the checkpoint's
-test split, or given files): the largest absolute difference of every output, on
-probabilities, must not exceed ``tolerance`` (default :data:`DEFAULT_TOLERANCE` = 1e-4),
-in large batches, in batches of one row and in an odd batch size. The feature spec, the
-config, the bsym version and git commit, the class labels and the parity result go into
-``metadata_props``, so the file alone says what it is and how to feed it.
+:func:`export_onnx` traces a checkpoint's model with a dynamic batch axis (and a dynamic
+constituent axis where the model allows one), runs ``onnx.checker``, and compares ONNX
+Runtime against torch on held-out rows (the checkpoint's test split, or given files): the
+largest absolute difference of every output, on probabilities, must not exceed ``tolerance``
+(default :data:`DEFAULT_TOLERANCE` = 1e-4), in large batches, in batches of one row, in an
+odd batch size and, with a dynamic constituent axis, on rows cut to their longest row. The
+feature spec, the config, the bsym version and git commit, the class labels and the parity
+result go into ``metadata_props``, so the file alone says what it is and how to feed it.
 
 :func:`export_to_repository` does the same into a Triton model repository.
 """
@@ -41,7 +42,7 @@ from bsym.export.defaults import (
 )
 from bsym.export.precision import HeldOut, PrecisionReport
 from bsym.export.triton.common import Flavour
-from bsym.features import FeatureBatch
+from bsym.features import FeatureBatch, narrowed, slot_lengths
 from bsym.rootio import atomic_output, parse_inputs
 
 if TYPE_CHECKING:
@@ -345,6 +346,9 @@ def check_parity(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     worst = worst_differences(session, inputs, expected, source, candidate="ONNX Runtime")
+    if has_dynamic_constituents(session):
+        narrow = narrowed_differences(session, inputs, expected, source)
+        worst = {output: max(worst[output], narrow[output]) for output in worst}
     for output, deviation in worst.items():
         if not deviation <= tolerance:
             raise SpecMismatchError(
@@ -384,20 +388,65 @@ def worst_differences(
             feed = {key: value[start:stop] for key, value in inputs.items()}
             results = session.run(list(expected), feed)
             for output, result in zip(expected, results, strict=True):
-                wanted = expected[output][start:stop]
-                if np.shape(result) != wanted.shape:
-                    raise SpecMismatchError(
-                        f"output '{output}': {candidate} gives shape {np.shape(result)}, "
-                        f"{reference} {wanted.shape} (batch of {stop - start} rows)"
-                    )
-                difference = np.abs(np.asarray(result, np.float64) - wanted)
-                deviation = float(np.max(difference, initial=0.0))
-                if math.isnan(deviation):
-                    raise SpecMismatchError(
-                        f"output '{output}': NaN from {reference} or {candidate} on rows "
-                        f"{start}..{stop - 1} of {source}"
-                    )
+                deviation = _deviation(
+                    result,
+                    expected[output][start:stop],
+                    f"output '{output}': {candidate}",
+                    f"{reference} (rows {start}..{stop - 1} of {source})",
+                )
                 worst[output] = max(worst[output], deviation)
+    return worst
+
+
+def _deviation(
+    result: Any, wanted: npt.NDArray[np.float64], candidate: str, reference: str
+) -> float:
+    """max |``result`` - ``wanted``|; a shape mismatch or a NaN raises, naming both sides."""
+    if np.shape(result) != wanted.shape:
+        raise SpecMismatchError(
+            f"{candidate} gives shape {np.shape(result)}, {reference} {wanted.shape}"
+        )
+    difference = np.abs(np.asarray(result, np.float64) - wanted)
+    deviation = float(np.max(difference, initial=0.0))
+    if math.isnan(deviation):
+        raise SpecMismatchError(f"{candidate} or {reference} gives NaN")
+    return deviation
+
+
+def has_dynamic_constituents(session: Any) -> bool:
+    """Whether the session's ``constituents`` input takes any number of slots."""
+    for node in session.get_inputs():
+        if node.name == contract.CONSTITUENTS:
+            return len(node.shape) > 1 and not isinstance(node.shape[1], int)
+    return False
+
+
+def narrowed_differences(
+    session: Any,
+    inputs: dict[str, npt.NDArray[Any]],
+    expected: dict[str, npt.NDArray[np.float64]],
+    source: str,
+) -> dict[str, float]:
+    """The largest |``session`` - ``expected``| per output when rows grouped by their number
+    of constituent slots are run with the constituent axis cut to each group's longest row,
+    as the scorer runs them; ``expected`` is of the rows padded in full."""
+    lengths = slot_lengths(inputs[contract.MASK])
+    order = np.argsort(lengths, kind="stable")
+    step = PARITY_BATCH_SIZES[1]
+    worst = dict.fromkeys(expected, 0.0)
+    for start in range(0, len(order), step):
+        rows = order[start : start + step]
+        width = max(int(lengths[rows].max()), 1)
+        feed = narrowed(inputs, width, rows)
+        results = session.run(list(expected), feed)
+        for output, result in zip(expected, results, strict=True):
+            deviation = _deviation(
+                result,
+                expected[output][rows],
+                f"output '{output}': ONNX Runtime on rows cut to {width} constituent slots",
+                f"torch (rows of {source})",
+            )
+            worst[output] = max(worst[output], deviation)
     return worst
 
 
@@ -457,12 +506,17 @@ def to_onnx(
     output_names: tuple[str, ...],
     opset: int = DEFAULT_OPSET,
 ) -> onnx.ModelProto:
-    """Trace ``model`` on the first rows of ``inputs`` with a dynamic batch axis everywhere."""
+    """Trace ``model`` on the first rows of ``inputs`` with a dynamic batch axis everywhere,
+    and a dynamic constituent axis where the model allows one (``dynamic_constituents``)."""
     import onnx
     import torch
 
     example = tuple(torch.from_numpy(inputs[name][:2]) for name in input_names)
-    axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    if getattr(model, "dynamic_constituents", False):
+        for name in (contract.CONSTITUENTS, contract.MASK):
+            if name in axes:
+                axes[name][1] = "constituents"
     model.eval()
     # The dynamo exporter needs onnxscript, which bsym does not depend on; the TorchScript
     # exporter handles these models and warns only that it is the older path.

@@ -77,7 +77,11 @@ class TensorSpec:
     shape: tuple[int | None, ...]
 
     def describe(self) -> str:
-        dims = ", ".join("N" if d is None else str(d) for d in self.shape)
+        # a free axis after the batch is the dynamic constituent axis, P
+        dims = ", ".join(
+            ("N" if axis == 0 else "P") if d is None else str(d)
+            for axis, d in enumerate(self.shape)
+        )
         return f"[{dims}] {self.dtype}"
 
 
@@ -94,6 +98,25 @@ def spec_tensors(spec: FeatureSpec) -> dict[str, TensorSpec]:
         name: TensorSpec(name, np.dtype(INPUTS[name].dtype), shape)
         for name, shape in shapes.items()
     }
+
+
+def shape_accepts(model: tuple[int | None, ...], made: tuple[int | None, ...]) -> bool:
+    """Whether a model input of shape ``model`` takes the tensors of shape ``made`` that a
+    feature spec makes: equal ranks, and each fixed dimension of the model equal to the
+    spec's (a free one, the batch or a dynamic constituent axis, takes any size)."""
+    return len(model) == len(made) and all(
+        want is None or want == have for want, have in zip(model, made, strict=True)
+    )
+
+
+def dynamic_constituents(backend: Backend) -> bool:
+    """Whether ``backend``'s model takes ``constituents`` with any number of slots, so the
+    scorer can cut each batch to its longest row (backends without ``input_specs`` do not)."""
+    specs: Sequence[TensorSpec] = getattr(backend, "input_specs", ())
+    return any(
+        spec.name == CONSTITUENTS and len(spec.shape) > 1 and spec.shape[1] is None
+        for spec in specs
+    )
 
 
 def model_identity(metadata: Mapping[str, str], where: str) -> tuple[str, FeatureSpec]:
@@ -172,6 +195,20 @@ def check_inputs(model: str, expected: Sequence[TensorSpec], inputs: Mapping[str
             f"model '{model}': input tensors disagree on the batch size: {sizes}"
         )
     return next(iter(batch_sizes.values()), 0)
+
+
+def check_slots(model: str, spec: FeatureSpec, inputs: Mapping[str, Tensor]) -> None:
+    """Refuse ``constituents`` with more slots than the feature spec's ``max_count``: a model
+    with a dynamic constituent axis takes fewer, never more than it was trained with."""
+    constituents = inputs.get(CONSTITUENTS)
+    if spec.constituents is None or constituents is None or constituents.ndim < 2:
+        return
+    if constituents.shape[1] > spec.constituents.max_count:
+        raise SpecMismatchError(
+            f"model '{model}' input '{CONSTITUENTS}': expected at most "
+            f"{spec.constituents.max_count} constituent slots (the feature spec's max_count), "
+            f"found {constituents.shape[1]}"
+        )
 
 
 def probe_outputs(backend: Backend) -> dict[str, Tensor]:

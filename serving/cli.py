@@ -16,9 +16,11 @@ from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IN_FLIGHT,
+    DEFAULT_PADDING,
     DEFAULT_RETRY_TIMEOUT,
     DEFAULT_STEP_SIZE,
     DEFAULT_TIMEOUT,
+    Padding,
 )
 from bsym.serving.serve import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from bsym.serving.triton_server import DEFAULT_STARTUP_TIMEOUT, HOST
@@ -105,6 +107,15 @@ def score_command(
             "onnxruntime-gpu, bsym[gpu]).",
         ),
     ] = "cpu",
+    padding: Annotated[
+        Padding,
+        typer.Option(
+            help="For a model with a dynamic constituent axis: 'group' runs rows of similar "
+            "constituent count together, each group cut to its longest row; 'longest' cuts "
+            "each batch to its longest row; 'fixed' pads every row to the maximum. The scores "
+            "are the same; only the speed differs.",
+        ),
+    ] = DEFAULT_PADDING,
     debug: Annotated[
         bool,
         typer.Option(help=f"Print tracebacks of unexpected errors instead of writing {LOG_NAME}."),
@@ -187,6 +198,7 @@ def score_command(
                 force=force,
                 progress=progress,
                 strict_inputs=strict_inputs,
+                padding=padding,
             )
         else:
             from bsym.serving.distributed import (
@@ -206,6 +218,7 @@ def score_command(
                 step_size=_step_size(step_size),
                 force=force,
                 strict_inputs=strict_inputs,
+                padding=padding,
             )
             with dask_client(dask, connect_timeout=dask_timeout) as client:
                 summary = score_files_distributed(

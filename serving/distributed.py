@@ -26,9 +26,11 @@ from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IN_FLIGHT,
+    DEFAULT_PADDING,
     DEFAULT_RETRY_TIMEOUT,
     DEFAULT_STEP_SIZE,
     DEFAULT_TIMEOUT,
+    Padding,
 )
 from bsym.serving.scorer import (
     FileOutcome,
@@ -98,6 +100,7 @@ class ScoreSettings:
     step_size: int | str = DEFAULT_STEP_SIZE
     force: bool = False
     strict_inputs: bool = False
+    padding: Padding = DEFAULT_PADDING
 
 
 # The scorer of this worker process; a task with other settings replaces it.
@@ -127,6 +130,7 @@ def worker_scorer(settings: ScoreSettings) -> _Scorer:
             force=settings.force,
             progress=False,
             strict=settings.strict_inputs,
+            padding=settings.padding,
         )
     except BaseException:
         stack.close()

@@ -11,7 +11,13 @@ import numpy as np
 from bsym.devices import parse_device
 from bsym.errors import DeviceError, InputFileError, ServerError, SpecMismatchError
 from bsym.features import FeatureSpec
-from bsym.serving.backend import Tensor, TensorSpec, check_inputs, model_identity
+from bsym.serving.backend import (
+    Tensor,
+    TensorSpec,
+    check_inputs,
+    check_slots,
+    model_identity,
+)
 from bsym.serving.defaults import DEFAULT_BATCH_SIZE
 from bsym.serving.providers import check_session_providers, execution_providers
 
@@ -111,6 +117,7 @@ class OnnxRuntimeBackend:
 
     def predict(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         rows = check_inputs(self._name, self._inputs, inputs)
+        check_slots(self._name, self._spec, inputs)
         parts: list[list[Tensor]] = [[] for _ in self._outputs]
         for start in range(0, max(rows, 1), self.batch_size):
             feed = {name: array[start : start + self.batch_size] for name, array in inputs.items()}

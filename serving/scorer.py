@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
-from bsym.contract import GIT_COMMIT_KEY, VERSION_KEY, sha256_of
+from bsym.contract import GIT_COMMIT_KEY, MASK, VERSION_KEY, sha256_of
 from bsym.errors import (
     BadValueError,
     BsymError,
@@ -33,7 +34,9 @@ from bsym.features import (
     Layout,
     build_features,
     detect_layout,
+    narrowed,
     required_branches,
+    slot_lengths,
 )
 from bsym.input_ranges import THRESHOLDS, InputCounts, count_inputs, describe
 from bsym.rootio import (
@@ -53,9 +56,15 @@ from bsym.serving.backend import (
     Backend,
     Tensor,
     class_labels,
+    dynamic_constituents,
     probe_outputs,
 )
-from bsym.serving.defaults import DEFAULT_STEP_SIZE
+from bsym.serving.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PADDING,
+    DEFAULT_STEP_SIZE,
+    Padding,
+)
 from bsym.serving.friend_tree import (
     Column,
     FriendTreeWriter,
@@ -70,6 +79,9 @@ from bsym.serving.triton_served import SERVED_SHA256_KEY
 # and up to PREFETCH_DEPTH such slices wait for inference.
 ENTRIES_PER_BATCH = 8192
 PREFETCH_DEPTH = 2
+# Padding.group cuts a slice into groups only where that leaves at most this fraction of the
+# slots of cutting it to its longest row.
+GROUPING_WORTH = 0.9
 
 
 @dataclass(frozen=True)
@@ -182,6 +194,7 @@ def score_files(
     force: bool = False,
     progress: bool = True,
     strict_inputs: bool = False,
+    padding: Padding | str = DEFAULT_PADDING,
 ) -> ScoreSummary:
     """Score every input (``file.root``, ``dir/*.root``, ``file.root:tree``) into ``out_dir``.
 
@@ -192,10 +205,17 @@ def score_files(
     Every file's inputs are counted against the training ranges in the model's feature spec
     (:mod:`bsym.input_ranges`), and the report goes to ``<out_dir>/<model>.inputs.json``;
     with ``strict_inputs`` a file with a flagged feature fails and keeps no output.
+    ``padding`` says how rows are padded for a model with a dynamic constituent axis
+    (:data:`Padding`); the scores are the same whichever is chosen.
     """
     summary = new_summary(backend, out_dir, strict_inputs=strict_inputs)
     scorer = _Scorer(
-        backend, step_size=step_size, force=force, progress=progress, strict=strict_inputs
+        backend,
+        step_size=step_size,
+        force=force,
+        progress=progress,
+        strict=strict_inputs,
+        padding=padding,
     )
     start = time.perf_counter()
     queue = plan_outputs(inputs, backend.feature_spec, backend.name, out_dir, summary)
@@ -313,9 +333,23 @@ class _Scorer:
     """Scores one source at a time with a model whose outputs have been probed."""
 
     def __init__(
-        self, backend: Backend, *, step_size: int | str, force: bool, progress: bool, strict: bool
+        self,
+        backend: Backend,
+        *,
+        step_size: int | str,
+        force: bool,
+        progress: bool,
+        strict: bool,
+        padding: Padding | str = DEFAULT_PADDING,
     ) -> None:
+        try:
+            chosen = Padding(padding)
+        except ValueError:
+            choices = [member.value for member in Padding]
+            raise ConfigError(f"unknown padding '{padding}'; expected one of {choices}") from None
         self.backend = backend
+        self.padding = chosen if dynamic_constituents(backend) else Padding.fixed
+        self.group_rows = int(getattr(backend, "batch_size", DEFAULT_BATCH_SIZE))
         self.spec: FeatureSpec = backend.feature_spec
         self.examples = probe_outputs(backend)
         self.columns: list[Column] = plan_columns(
@@ -416,15 +450,20 @@ class _Scorer:
     ) -> int:
         from tqdm import tqdm
 
-        def produce() -> Iterator[tuple[int, int, FeatureBatch]]:
-            return feature_batches(
-                tree, source, branches, self.spec, layout, step_size=self.step_size
-            )
-
         objects = 0
         ranges = self.spec.input_ranges
         counts = None if ranges is None else InputCounts.of(ranges)
         self.counts = counts
+
+        def produce() -> Iterator[tuple[int, int, FeatureBatch, PaddedFeeds | None]]:
+            # Everything but inference and writing runs here, in the prefetch thread.
+            for first, entries, batch in feature_batches(
+                tree, source, branches, self.spec, layout, step_size=self.step_size
+            ):
+                if counts is not None:
+                    count_inputs(counts, self.spec, batch)
+                yield first, entries, batch, self._padded(batch)
+
         with atomic_output(target) as temporary:
             writer = FriendTreeWriter(
                 temporary,
@@ -450,10 +489,8 @@ class _Scorer:
                         disable=not self.progress,
                     ) as bar,
                 ):
-                    for first, entries, batch in chunks:
-                        outputs = self._predict(batch, first, entries)
-                        if counts is not None:
-                            count_inputs(counts, self.spec, batch)
+                    for first, entries, batch, padded in chunks:
+                        outputs = self._predict(batch, padded, first, entries)
                         writer.append(outputs, entries=entries, counts=batch.counts)
                         objects += batch.n_rows
                         bar.update(entries)
@@ -473,15 +510,24 @@ class _Scorer:
                 )
         return objects
 
-    def _predict(self, batch: FeatureBatch, first: int, entries: int) -> Mapping[str, Tensor]:
+    def _padded(self, batch: FeatureBatch) -> PaddedFeeds | None:
+        """The feeds of ``batch`` cut as ``self.padding`` says; ``None`` for no rows."""
+        if batch.n_rows == 0:
+            return None
+        tensors = batch.inputs()
+        feed = {name: tensors[name] for name in self.backend.input_names}
+        return padded_feeds(feed, self.padding, self.group_rows)
+
+    def _predict(
+        self, batch: FeatureBatch, padded: PaddedFeeds | None, first: int, entries: int
+    ) -> Mapping[str, Tensor]:
         rows = batch.n_rows
-        if rows == 0:
+        if padded is None:
             return {
                 name: np.empty((0, *example.shape[1:]), dtype=example.dtype)
                 for name, example in self.examples.items()
             }
-        tensors = batch.inputs()
-        outputs = self.backend.predict({name: tensors[name] for name in self.backend.input_names})
+        outputs = run_padded(self.backend, padded)
         where = f"entries {first}..{first + entries - 1}"
         for name, example in self.examples.items():
             found = outputs.get(name)
@@ -499,6 +545,65 @@ class _Scorer:
                     f"output '{name}' for {where}"
                 )
         return outputs
+
+
+@dataclass(frozen=True)
+class PaddedFeeds:
+    """The feeds of one batch as the backend is to run them, and how to put the outputs
+    back: ``order[i]`` is the input row of row ``i`` of the concatenated outputs."""
+
+    feeds: list[dict[str, Tensor]]
+    order: npt.NDArray[np.int64] | None = None
+    """``None``: the outputs are in input order already."""
+
+
+def padded_feeds(feed: dict[str, Tensor], padding: Padding, group_rows: int) -> PaddedFeeds:
+    """``feed`` (tensors padded to ``max_count``) cut as ``padding`` says (see
+    :class:`~bsym.serving.defaults.Padding`); anything but ``fixed`` needs a model with a
+    dynamic constituent axis."""
+    if padding is Padding.fixed or MASK not in feed:
+        return PaddedFeeds([feed])
+    lengths = slot_lengths(feed[MASK])
+    if padding is Padding.longest:
+        return PaddedFeeds([narrowed(feed, max(int(lengths.max()), 1))])
+    longest = max(int(lengths.max()), 1)
+    order = np.argsort(lengths, kind="stable")
+    groups = [order[start : start + group_rows] for start in range(0, len(order), group_rows)]
+    widths = [max(int(lengths[group[-1]]), 1) for group in groups]
+    slots = sum(len(group) * width for group, width in zip(groups, widths, strict=True))
+    if slots > GROUPING_WORTH * len(order) * longest:
+        # most rows are as long as the longest: gathering the groups would cost more
+        return PaddedFeeds([narrowed(feed, longest)])
+    feeds = [narrowed(feed, width, group) for group, width in zip(groups, widths, strict=True)]
+    return PaddedFeeds(feeds, None if np.all(order[1:] >= order[:-1]) else order)
+
+
+def run_padded(backend: Backend, padded: PaddedFeeds) -> Mapping[str, Tensor]:
+    """``backend``'s outputs for every feed of ``padded``, joined in input order."""
+    parts = [backend.predict(feed) for feed in padded.feeds]
+    if len(parts) == 1 and padded.order is None:
+        return parts[0]
+    outputs: dict[str, Tensor] = {}
+    for name in parts[0]:
+        pieces = [part.get(name) for part in parts]
+        sizes = [len(next(iter(feed.values()))) for feed in padded.feeds]
+        if any(p is None or len(p) != n for p, n in zip(pieces, sizes, strict=True)):
+            return parts[0]  # a part of the wrong shape: the caller names the problem
+        merged = np.concatenate([p for p in pieces if p is not None])
+        if padded.order is None:
+            outputs[name] = merged
+            continue
+        restored = np.empty_like(merged)
+        restored[padded.order] = merged
+        outputs[name] = restored
+    return outputs
+
+
+def predict_padded(
+    backend: Backend, feed: dict[str, Tensor], padding: Padding, group_rows: int
+) -> Mapping[str, Tensor]:
+    """``backend``'s outputs for ``feed``, run as ``padding`` says, in the rows' order."""
+    return run_padded(backend, padded_feeds(feed, padding, group_rows))
 
 
 def model_file_identity(backend: Backend) -> tuple[str, str]:

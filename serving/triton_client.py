@@ -11,7 +11,9 @@ Requests go through ``tritonclient.grpc.aio`` on a loop in a background thread: 
 in flight at once (threaded ``async_infer`` callbacks were seen never to fire here). Each
 holds at most ``batch_size`` rows, never more than the model's ``max_batch_size`` or what
 fits in one gRPC message. Constituents shorter than the model's fixed length are padded
-(masked out), because Triton's dynamic batcher merges only requests of identical shape.
+(masked out), because Triton's dynamic batcher merges only requests of identical shape; for
+a model with a dynamic constituent axis they are padded only to the next multiple of
+:data:`SLOT_QUANTUM` slots, so requests of similar rows still share a shape.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from bsym.errors import ServerError, SpecMismatchError, did_you_mean
 from bsym.extras import require
 from bsym.features import FeatureSpec
 from bsym.serving.aio_thread import LoopThread
-from bsym.serving.backend import Tensor, TensorSpec, check_inputs
+from bsym.serving.backend import Tensor, TensorSpec, check_inputs, check_slots
 from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_IN_FLIGHT,
@@ -49,6 +51,19 @@ _HEADROOM = 64 * 1024  # request framing, names and shapes beside the raw tensor
 _UNAVAILABLE = "StatusCode.UNAVAILABLE"
 _NOT_FOUND = "StatusCode.NOT_FOUND"
 _DEADLINE = "StatusCode.DEADLINE_EXCEEDED"
+
+
+SLOT_QUANTUM = 8
+"""Requests to a model with a dynamic constituent axis are padded to a multiple of this many
+slots: Triton's dynamic batcher merges only requests of one shape, so widths are kept to a
+few values (4 for 32 slots) for requests of several clients to merge."""
+
+
+def request_width(longest: int, max_count: int) -> int:
+    """The constituent slots of a request whose longest row has ``longest``: the next
+    multiple of :data:`SLOT_QUANTUM`, at most ``max_count`` (and never below ``longest``)."""
+    rounded = -(-max(longest, 1) // SLOT_QUANTUM) * SLOT_QUANTUM
+    return max(min(rounded, max_count), longest)
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,7 @@ class TritonBackend:
         inputs = self._pad(inputs)
         try:
             rows = check_inputs(self.model, self._inputs, inputs)
+            check_slots(self.model, self._spec, inputs)
         except SpecMismatchError as error:
             raise SpecMismatchError(
                 f"{error} (version {self._version} on the Triton server at {self.url})"
@@ -286,13 +302,18 @@ class TritonBackend:
         return min(self.batch_size, self._max_batch_size, fitting)
 
     def _pad(self, inputs: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-        """Pad ``constituents`` and ``mask`` with masked-out slots up to the model's length."""
+        """Pad ``constituents`` and ``mask`` with masked-out slots up to the model's length,
+        or for a model with a dynamic constituent axis up to :func:`request_width`."""
         specs = {spec.name: spec for spec in self._inputs}
         constituents, mask = inputs.get("constituents"), inputs.get("mask")
         if "constituents" not in specs or constituents is None or mask is None:
             return inputs
+        if constituents.ndim != 3 or mask.ndim != 2:
+            return inputs
         length = specs["constituents"].shape[1]
-        if constituents.ndim != 3 or mask.ndim != 2 or length is None:
+        if length is None and self._spec.constituents is not None:
+            length = request_width(constituents.shape[1], self._spec.constituents.max_count)
+        if length is None:
             return inputs
         short = length - constituents.shape[1]
         if short <= 0 or mask.shape[1] != constituents.shape[1]:

@@ -14,11 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from bsym.contract import FEATURE_SPEC_KEY, SCORE, SPEC_VERSION_KEY, checksum_key, metadata_key
+from bsym.contract import (
+    CONSTITUENTS,
+    FEATURE_SPEC_KEY,
+    MASK,
+    SCORE,
+    SPEC_VERSION_KEY,
+    checksum_key,
+    metadata_key,
+)
 from bsym.errors import ServerError, SpecMismatchError, did_you_mean
 from bsym.export.triton.common import TRITON_DTYPES
 from bsym.features import FEATURE_SPEC_VERSION, FeatureSpec
-from bsym.serving.backend import TensorSpec, model_identity, spec_tensors
+from bsym.serving.backend import TensorSpec, model_identity, shape_accepts, spec_tensors
 
 DTYPES: dict[str, np.dtype[np.generic]] = {
     triton: np.dtype(name) for name, triton in TRITON_DTYPES.items()
@@ -120,12 +128,14 @@ def _tensor(entry: Any, kind: str, where: str) -> TensorSpec:
             f"not handle (expected one of {sorted(DTYPES)})"
         )
     shape = tuple(int(dim) for dim in entry.shape)
-    if not shape or shape[0] != -1 or any(dim < 0 for dim in shape[1:]):
+    free = 2 if kind == "input" and entry.name in (CONSTITUENTS, MASK) else 1
+    if not shape or shape[0] != -1 or any(dim < 0 for dim in shape[free:]):
         raise SpecMismatchError(
             f"{where}: {kind} '{entry.name}' has shape {list(shape)}; expected a variable batch "
             "axis (-1) first and fixed dimensions after it"
+            + (" (the constituent axis may be variable too)" if free == 2 else "")
         )
-    return TensorSpec(entry.name, dtype, (None, *shape[1:]))
+    return TensorSpec(entry.name, dtype, tuple(None if dim < 0 else dim for dim in shape))
 
 
 def _check_inputs_against_spec(
@@ -139,7 +149,7 @@ def _check_inputs_against_spec(
                 f"{where} takes input '{served.name}', which its feature spec does not make "
                 f"(it makes {', '.join(map(repr, made)) or 'nothing'})"
             )
-        if (expected.dtype, expected.shape) != (served.dtype, served.shape):
+        if expected.dtype != served.dtype or not shape_accepts(served.shape, expected.shape):
             raise SpecMismatchError(
                 f"{where}: input '{served.name}' is {served.describe()} on the server but its "
                 f"feature spec makes {expected.describe()}"

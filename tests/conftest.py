@@ -153,7 +153,10 @@ def model_repository(
     shutil.copytree(repository / PFN, bad)
     text = (bad / CONFIG_FILENAME).read_text(encoding="utf-8")
     text = text.replace(f'name: "{PFN}"', f'name: "{BAD_SPEC}"', 1)
-    (bad / CONFIG_FILENAME).write_text(text.replace('max_count\\":32', 'max_count\\":16'))
+    # one global more than the model takes (the constituent axis is dynamic: any max_count fits)
+    spoiled = text.replace('\\"globals\\":[{', '\\"globals\\":[{\\"branch\\":\\"Muon_eta\\"},{', 1)
+    assert spoiled != text
+    (bad / CONFIG_FILENAME).write_text(spoiled)
     return repository
 
 

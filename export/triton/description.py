@@ -1,7 +1,8 @@
 """The typed description of one Triton model, read off an exported ONNX file.
 
 :func:`describe_onnx` checks the graph against :mod:`bsym.contract` (tensor names, dtypes,
-ranks, a dynamic batch axis, fixed other dimensions) and the class labels against ``score``.
+ranks, a dynamic batch axis, fixed other dimensions but for a dynamic constituent axis) and
+the class labels against ``score``.
 """
 
 from __future__ import annotations
@@ -69,8 +70,13 @@ class Batching(StrictModel):
         return tuple(sorted({max(1, self.max_batch_size // 4), self.max_batch_size}))
 
 
+DYNAMIC = -1
+"""Triton's dimension of any size: the constituent axis of a model exported with one."""
+
+
 class TensorConfig(StrictModel):
-    """One input or output: name, Triton data type, dimensions without the batch axis."""
+    """One input or output: name, Triton data type, dimensions without the batch axis
+    (:data:`DYNAMIC` for the constituent axis of a model that takes any number of slots)."""
 
     name: str
     data_type: str
@@ -222,12 +228,15 @@ def _tensor(model: str, value: onnx.ValueInfoProto, kind: str) -> TensorConfig:
             f"model '{model}' {kind} '{value.name}': expected a dynamic batch axis first, found "
             f"shape {_show(shape)}; export with a dynamic axis 0"
         )
-    if any(dim is None for dim in shape[1:]):
+    free = [axis for axis, dim in enumerate(shape) if axis > 0 and dim is None]
+    allowed = [1] if value.name in (CONSTITUENTS, MASK) and kind == "input" else []
+    if any(axis not in allowed for axis in free):
         raise SpecMismatchError(
-            f"model '{model}' {kind} '{value.name}': expected fixed non-batch dimensions, found "
-            f"shape {_show(shape)}"
+            f"model '{model}' {kind} '{value.name}': expected fixed non-batch dimensions"
+            f"{' (but for the constituent axis)' if allowed else ''}, found shape {_show(shape)}"
         )
-    return TensorConfig(name=value.name, data_type=data_type, dims=tuple(d or 0 for d in shape[1:]))
+    dims = tuple(DYNAMIC if dim is None else dim for dim in shape[1:])
+    return TensorConfig(name=value.name, data_type=data_type, dims=dims)
 
 
 def _show(shape: list[int | None]) -> str:

@@ -132,29 +132,34 @@ def run_batched(
     requests: Sequence[Mapping[str, Array]],
     output_names: Sequence[str],
 ) -> list[dict[str, Array]]:
-    """Run several requests as one ONNX Runtime call and split the outputs back per request.
+    """Run several requests as few ONNX Runtime calls and split the outputs back per request.
 
-    The config fixes every non-batch dimension, so the requests concatenate along axis 0.
+    Requests whose tensors agree on every non-batch dimension are concatenated along axis 0
+    into one call; a dynamic constituent axis can make them differ, one call per shape then.
     """
-    if not requests:
-        return []
-    sizes = [len(next(iter(request.values()))) for request in requests]
-    if len(requests) == 1:
-        feeds = dict(requests[0])
-    else:
-        feeds = {
-            name: np.concatenate([request[name] for request in requests], axis=0)
-            for name in requests[0]
-        }
-    outputs = session.run(list(output_names), feeds)
-    bounds = np.cumsum([0, *sizes])
-    return [
-        {
-            name: np.ascontiguousarray(value[start:stop])
-            for name, value in zip(output_names, outputs, strict=True)
-        }
-        for start, stop in itertools.pairwise(bounds)
-    ]
+    answers: list[dict[str, Array]] = [{} for _ in requests]
+    by_shape: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+    for index, request in enumerate(requests):
+        shape = tuple(tuple(array.shape[1:]) for array in request.values())
+        by_shape.setdefault(shape, []).append(index)
+    for indices in by_shape.values():
+        group = [requests[index] for index in indices]
+        sizes = [len(next(iter(request.values()))) for request in group]
+        if len(group) == 1:
+            feeds = dict(group[0])
+        else:
+            feeds = {
+                name: np.concatenate([request[name] for request in group], axis=0)
+                for name in group[0]
+            }
+        outputs = session.run(list(output_names), feeds)
+        bounds = np.cumsum([0, *sizes])
+        for index, (start, stop) in zip(indices, itertools.pairwise(bounds), strict=True):
+            answers[index] = {
+                name: np.ascontiguousarray(value[start:stop])
+                for name, value in zip(output_names, outputs, strict=True)
+            }
+    return answers
 
 
 def session_providers(kind: str, device_id: int) -> list[Any]:

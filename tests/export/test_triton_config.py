@@ -16,6 +16,7 @@ from bsym.contract import checksum_key, sha256_of
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.export.triton.common import Flavour
 from bsym.export.triton.description import (
+    DYNAMIC,
     Batching,
     TensorConfig,
     TritonModelConfig,
@@ -70,8 +71,8 @@ def golden_model() -> TritonModelConfig:
     return TritonModelConfig(
         name="tagger",
         inputs=(
-            TensorConfig(name="constituents", data_type="TYPE_FP32", dims=(16, 4)),
-            TensorConfig(name="mask", data_type="TYPE_BOOL", dims=(16,)),
+            TensorConfig(name="constituents", data_type="TYPE_FP32", dims=(DYNAMIC, 4)),
+            TensorConfig(name="mask", data_type="TYPE_BOOL", dims=(DYNAMIC,)),
             TensorConfig(name="globals", data_type="TYPE_FP32", dims=(3,)),
         ),
         outputs=(
@@ -104,6 +105,31 @@ def test_describe_onnx_reads_tensors_labels_and_checksum(tmp_path: Path) -> None
     assert [(t.name, t.dims) for t in model.outputs] == [("score", (1,)), ("symmetry_weight", (2,))]
     assert model.labels == ("prompt",)
     assert model.checksums == {3: sha256_of(path)}
+
+
+def test_dynamic_constituent_axis_is_minus_one(tmp_path: Path) -> None:
+    inputs = {
+        "constituents": (TensorProto.FLOAT, ["N", "P", 4]),
+        "mask": (TensorProto.BOOL, ["N", "P"]),
+        "globals": (TensorProto.FLOAT, ["N", 3]),
+    }
+    model = describe_onnx(write_onnx(tmp_path / "model.onnx", inputs=inputs), "tagger")
+    assert [t.dims for t in model.inputs] == [(-1, 4), (-1,), (3,)]
+    config = parse_config(render_config(model, Flavour.cpu))
+    assert [list(i.dims) for i in config.input] == [[-1, 4], [-1], [3]]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "shape"),
+    [("globals", ["N", "G"]), ("constituents", ["N", 16, "F"]), ("score", ["N", "C"])],
+)
+def test_other_dynamic_axes_are_refused(tmp_path: Path, tensor: str, shape: Shape) -> None:
+    inputs, outputs = dict(TAGGER_INPUTS), dict(TAGGER_OUTPUTS)
+    table = outputs if tensor == "score" else inputs
+    table[tensor] = (table[tensor][0], shape)
+    path = write_onnx(tmp_path / "model.onnx", inputs=inputs, outputs=outputs)
+    with pytest.raises(SpecMismatchError, match=f"'{tensor}': expected fixed non-batch"):
+        describe_onnx(path, "tagger")
 
 
 def test_globals_only_multiclass_model(tmp_path: Path) -> None:

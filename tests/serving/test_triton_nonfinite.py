@@ -23,6 +23,8 @@ aio = pytest.importorskip("tritonclient.grpc.aio", reason="tritonclient[grpc] no
 
 Array = npt.NDArray[Any]
 ROWS = 6
+SLOTS = 5
+"""Constituent slots sent to the PFN, whose constituent axis is dynamic (-1)."""
 
 
 def pfn_inputs(url: str, seed: int) -> dict[str, Array]:
@@ -32,7 +34,7 @@ def pfn_inputs(url: str, seed: int) -> dict[str, Array]:
         metadata = client.get_model_metadata(PFN, as_json=True)
     inputs = {}
     for tensor in metadata["inputs"]:
-        shape = [ROWS, *(int(dim) for dim in tensor["shape"][1:])]
+        shape = [ROWS, *(SLOTS if int(dim) < 0 else int(dim) for dim in tensor["shape"][1:])]
         if tensor["datatype"] == "BOOL":
             inputs[tensor["name"]] = rng.random(shape) < 0.5
         else:

@@ -79,6 +79,9 @@ class BsymModel(nn.Module):
 
     kind: ClassVar[str]
     trainable: ClassVar[bool] = True
+    dynamic_constituents: ClassVar[bool] = True
+    """The model takes any number of constituent slots up to the spec's ``max_count``, so it
+    is exported with a dynamic constituent axis and scored without padding to the maximum."""
     input_names: tuple[str, ...]
     init_kwargs: dict[str, Any]
 

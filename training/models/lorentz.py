@@ -145,6 +145,9 @@ class InvariantSubnet(nn.Module):
 class LorentzNetwork(NetworkModel):
     """Common plumbing: the head, fitting from a feature batch or from tensors."""
 
+    # The invariants index muons 0 and 1, so both slots must always be there.
+    dynamic_constituents: ClassVar[bool] = False
+
     def __init__(self) -> None:
         super().__init__()
         self.init_kwargs: dict[str, Any] = {}
