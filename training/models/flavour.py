@@ -31,7 +31,6 @@ from bsym.training.models.base import (
     ModelSettings,
     NetworkModel,
     Standardise,
-    n_globals_of,
     need,
 )
 from bsym.training.models.sets import PFN, PFNConfig
@@ -372,15 +371,7 @@ class FlavourPFNConfig(PFNConfig):
     )
 
     def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
-        constituents = need(batch.constituents, "constituents")
-        return FlavourPFN(
-            constituents.shape[2],
-            n_globals_of(batch) if self.use_globals else 0,
-            self.phi_sizes,
-            self.f_sizes,
-            self.latent,
-            self.use_globals,
-        )
+        return FlavourPFN(**super().build(spec, batch).init_kwargs)
 
 
 class FlavourPFN(PFN):
@@ -397,7 +388,12 @@ class FlavourPFN(PFN):
         f_sizes: Sequence[int],
         latent: int | None = None,
         use_globals: bool = True,
+        n_classes: int = N_FLAVOURS,
     ) -> None:
+        if n_classes != N_FLAVOURS:
+            raise SpecMismatchError(
+                f"model 'flavour_pfn' has {N_FLAVOURS} classes (light, c, b), the label {n_classes}"
+            )
         super().__init__(n_features, n_globals, phi_sizes, f_sizes, latent, use_globals)
         self.out = nn.Linear(self.out.in_features, N_FLAVOURS)
 
