@@ -57,6 +57,8 @@ CLASS_LABELS_KEY = "bsym_class_labels"
 PARITY_MAX_ABS_DIFF_KEY = "bsym_parity_max_abs_diff"
 PARITY_TOLERANCE_KEY = "bsym_parity_tolerance"
 PARITY_ROWS_KEY = "bsym_parity_rows"
+DISCRIMINANT_KEY = "bsym_discriminant"
+"""A multi-class model's discriminant (:class:`bsym.discriminant.Discriminant` as JSON)."""
 SPEC_VERSION_KEY = "bsym_spec_version"
 """Not in the ONNX file: added where the feature spec is served, so a client can refuse a spec
 newer than it reads before parsing it."""
@@ -69,6 +71,7 @@ SERVED_METADATA: tuple[str, ...] = (
     GIT_COMMIT_KEY,
     MODEL_TYPE_KEY,
     CLASS_LABELS_KEY,
+    DISCRIMINANT_KEY,
 )
 """Metadata served in a Triton config, in this order (the training config and parity numbers
 stay in the file: clients do not need them)."""

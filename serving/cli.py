@@ -96,6 +96,16 @@ def score_command(
             "(see the input report); its friend tree is not written."
         ),
     ] = False,
+    f_c: Annotated[
+        float | None,
+        typer.Option(
+            "--f-c",
+            min=0,
+            max=1,
+            help="Charm fraction of a flavour tagger's D_b branch (default: the one it was "
+            "trained with).",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     debug: Annotated[
         bool,
@@ -178,6 +188,7 @@ def score_command(
                 force=force,
                 progress=progress,
                 strict_inputs=strict_inputs,
+                f_c=f_c,
             )
         else:
             from bsym.serving.distributed import (
@@ -197,6 +208,7 @@ def score_command(
                 step_size=_step_size(step_size),
                 force=force,
                 strict_inputs=strict_inputs,
+                f_c=f_c,
             )
             with dask_client(dask, connect_timeout=dask_timeout) as client:
                 summary = score_files_distributed(

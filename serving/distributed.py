@@ -93,6 +93,7 @@ class ScoreSettings:
     step_size: int | str = DEFAULT_STEP_SIZE
     force: bool = False
     strict_inputs: bool = False
+    f_c: float | None = None
 
 
 # The scorer of this worker process; a task with other settings replaces it.
@@ -122,6 +123,7 @@ def worker_scorer(settings: ScoreSettings) -> _Scorer:
             force=settings.force,
             progress=False,
             strict=settings.strict_inputs,
+            f_c=settings.f_c,
         )
     except BaseException:
         stack.close()

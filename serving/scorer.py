@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bsym.contract import GIT_COMMIT_KEY, VERSION_KEY, sha256_of
+from bsym.contract import DISCRIMINANT_KEY, GIT_COMMIT_KEY, VERSION_KEY, sha256_of
 from bsym.errors import (
     BadValueError,
     BsymError,
@@ -56,6 +56,7 @@ from bsym.serving.backend import (
     probe_outputs,
 )
 from bsym.serving.defaults import DEFAULT_STEP_SIZE
+from bsym.serving.discriminant import with_discriminant
 from bsym.serving.friend_tree import (
     Column,
     FriendTreeWriter,
@@ -182,6 +183,7 @@ def score_files(
     force: bool = False,
     progress: bool = True,
     strict_inputs: bool = False,
+    f_c: float | None = None,
 ) -> ScoreSummary:
     """Score every input (``file.root``, ``dir/*.root``, ``file.root:tree``) into ``out_dir``.
 
@@ -192,10 +194,11 @@ def score_files(
     Every file's inputs are counted against the training ranges in the model's feature spec
     (:mod:`bsym.input_ranges`), and the report goes to ``<out_dir>/<model>.inputs.json``;
     with ``strict_inputs`` a file with a flagged feature fails and keeps no output.
+    A flavour tagger's discriminant is written too, with the charm fraction ``f_c`` if given.
     """
     summary = new_summary(backend, out_dir, strict_inputs=strict_inputs)
     scorer = _Scorer(
-        backend, step_size=step_size, force=force, progress=progress, strict=strict_inputs
+        backend, step_size=step_size, force=force, progress=progress, strict=strict_inputs, f_c=f_c
     )
     start = time.perf_counter()
     queue = plan_outputs(inputs, backend.feature_spec, backend.name, out_dir, summary)
@@ -313,9 +316,17 @@ class _Scorer:
     """Scores one source at a time with a model whose outputs have been probed."""
 
     def __init__(
-        self, backend: Backend, *, step_size: int | str, force: bool, progress: bool, strict: bool
+        self,
+        backend: Backend,
+        *,
+        step_size: int | str,
+        force: bool,
+        progress: bool,
+        strict: bool,
+        f_c: float | None = None,
     ) -> None:
-        self.backend = backend
+        self.backend = with_discriminant(backend, f_c)
+        backend = self.backend
         self.spec: FeatureSpec = backend.feature_spec
         self.examples = probe_outputs(backend)
         self.columns: list[Column] = plan_columns(
@@ -396,6 +407,7 @@ class _Scorer:
             model_bsym_version=metadata.get(VERSION_KEY, ""),
             model_git_commit=metadata.get(GIT_COMMIT_KEY, ""),
             branches=",".join(self._branch_names(layout)),
+            discriminant=metadata.get(DISCRIMINANT_KEY, ""),
         )
 
     def _branch_names(self, layout: Layout) -> list[str]:

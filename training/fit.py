@@ -39,7 +39,7 @@ from tqdm import tqdm
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
 from bsym.settings import StrictModel
-from bsym.training.losses import LossBatch, LossTerm, classification_loss
+from bsym.training.losses import LossBatch, LossTerm, class_weighted, classification_loss
 from bsym.training.metrics import roc_auc
 from bsym.training.models.base import BsymModel, NetworkModel, model_inputs
 
@@ -170,12 +170,14 @@ def fit(
     on_epoch: Callable[[FitState], None] | None = None,
     progress: bool = False,
     description: str = "train",
+    class_weights: Sequence[float] | None = None,
 ) -> FitState:
     """Train ``model`` (already built, seeded and fitted to the data) and return its state.
 
     ``loss_weight`` multiplies the classification loss (c1 of encouraged invariance); each
     of ``terms`` is added to it. ``state`` resumes a run; ``on_epoch`` sees the state after
     every epoch, the model holding that epoch's weights (to save checkpoints).
+    ``class_weights`` (one per class) multiply the training rows' weights in the loss.
     """
     check_classes(train.label, "training", model.n_classes)
     check_classes(validation.label, "validation", model.n_classes)
@@ -204,6 +206,8 @@ def fit(
         state.best_state = _copy_state(model)
     label = torch.from_numpy(train.label)
     weight = None if train.weight is None else torch.from_numpy(train.weight)
+    if class_weights is not None:
+        weight = class_weighted(label, weight, class_weights)
     bar = tqdm(
         total=state.budget.epochs,
         initial=state.epoch,

@@ -32,7 +32,7 @@ from bsym.training.fit import (
     deterministic,
     fit,
 )
-from bsym.training.losses import InvarianceTerm, LossTerm
+from bsym.training.losses import InvarianceTerm, LossTerm, resolve_class_weights
 from bsym.training.metrics import roc_auc
 from bsym.training.models import BsymModel, NetworkModel, build_model
 from bsym.training.models.base import need
@@ -137,9 +137,16 @@ class _Run:
         state = None
         if previous is not None:
             state = self._restore(model, previous)
+        rows = Rows.of(model, train_rows, copies=copies)
+        class_weights = None
+        if self.config.class_weights is not None:
+            class_weights = resolve_class_weights(
+                self.config.class_weights, rows.label, rows.weight, model.n_classes
+            )
+            log.info("class weights %s", ", ".join(f"{w:.4g}" for w in class_weights))
         self.state = fit(
             model,
-            Rows.of(model, train_rows, copies=copies),
+            rows,
             Rows.of(model, validation_rows),
             self.config.optimizer,
             seed=self.config.seed,
@@ -149,6 +156,7 @@ class _Run:
             on_epoch=lambda state: self._save(model, state),
             progress=progress,
             description=f"train {self.config.name}",
+            class_weights=class_weights,
         )
 
     def fixed(
