@@ -3,7 +3,7 @@ flavour tagger's training config for it, shared by the multi-class tests.
 
 Each event holds 0–4 jets of flavour 0, 4 or 5 (``Jet_hadronFlavour``) and a few entries of
 ``JetPFCands`` linked to their jet by ``JetPFCands_jetIdx``; a track's
-``JetPFCands_btagSip3dSig`` grows with its jet's flavour, so a tagger can tell them apart.
+``JetPFCands_btagSip3dVal`` grows with its jet's flavour, so a tagger can tell them apart.
 The spec reads only branches the real PFNano file has too, so the model scores it.
 """
 
@@ -61,7 +61,7 @@ def write_jets(path: Path, events: int, *, seed: int, odd_flavour: int | None = 
             "JetPFCands": ak.zip(
                 {
                     "pt": per_event(track_pt, tracks_per_event),
-                    "btagSip3dSig": per_event(significance, tracks_per_event),
+                    "btagSip3dVal": per_event(significance, tracks_per_event),
                     "jetIdx": per_event(local[jet_of], tracks_per_event),
                 }
             ),
@@ -80,7 +80,7 @@ def flavour_config(train: list[str], out: Path, *overrides: tuple[str, Any]) -> 
             "constituents": {
                 "features": [
                     {"branch": "JetPFCands_pt", "transform": "log"},
-                    {"branch": "JetPFCands_btagSip3dSig"},
+                    {"branch": "JetPFCands_btagSip3dVal"},
                 ],
                 "max_count": 8,
                 "link": "JetPFCands_jetIdx",
