@@ -10,6 +10,7 @@ from bsym.export.cli import export_command, repository_app
 from bsym.serving.cli import score_command, serve_command
 from bsym.simulate.calo_rotation_cli import calo_rotation_command
 from bsym.simulate.cli import simulate_app
+from bsym.simulate.flavour_cli import flavour_command
 from bsym.simulate.lorentz_cli import lorentz_command
 from bsym.training.cli import evaluate_command, train_command
 from bsym.training.studies.cli import study_app
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 simulate_app.command("lorentz")(lorentz_command)
 simulate_app.command("calo-rotation")(calo_rotation_command)
+simulate_app.command("flavour")(flavour_command)
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(study_app, name="study")
 app.command("train")(train_command)

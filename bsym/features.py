@@ -17,7 +17,7 @@ keeping every branch-to-tensor step here is what makes training and scoring agre
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +27,7 @@ import numpy.typing as npt
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from bsym.contract import CONSTITUENTS, GLOBALS, MASK
-from bsym.errors import BadValueError, SpecMismatchError
+from bsym.errors import BadValueError, SpecMismatchError, did_you_mean
 from bsym.input_ranges import InputRanges
 from bsym.settings import StrictModel
 
@@ -41,8 +41,57 @@ FEATURE_SPEC_VERSION = 1
 DEFAULT_CONE_RADII = tuple(round(0.025 * k, 3) for k in range(1, 19))
 
 
+class DeltaR(StrictModel):
+    """ΔR of a constituent to the object's axis: the feature's branch is the constituent η."""
+
+    phi: str = Field(description="constituent φ branch")
+    axis_eta: str = Field(description="object η branch")
+    axis_phi: str = Field(description="object φ branch")
+
+
+class LifetimeSign(StrictModel):
+    """The lifetime sign of an impact parameter relative to the object's (jet's) axis.
+
+    ``transverse``: s = sign(d0 · sin(φ_axis − φ_track)), which is the sign of r⊥ · ĵ⊥ for
+    the closest approach r⊥ = d0 · (−sin φ, cos φ) of CMS's d0 convention: positive when the
+    track's closest approach lies on the side of the axis, as decay products of a particle
+    flying along the axis do. ``longitudinal``: s = sign(dz · (η_axis − η_track)). The value
+    becomes |value| · s (s = +1 where the product is 0).
+    """
+
+    plane: Literal["transverse", "longitudinal"]
+    track: str = Field(description="constituent φ (transverse) or η (longitudinal) branch")
+    axis: str = Field(description="object φ (transverse) or η (longitudinal) branch")
+
+
+_FEATURE_OPTIONS: dict[str, object] = {
+    "name": None,
+    "from_object": False,
+    "ratio_to": None,
+    "divide_by": None,
+    "delta_r": None,
+    "lifetime_sign": None,
+}
+_CONSTITUENT_ONLY = ("from_object", "ratio_to", "divide_by", "delta_r", "lifetime_sign")
+
+
+def _without_defaults(data: Any, defaults: dict[str, object]) -> Any:
+    # Specs written before these optional fields existed stay byte for byte what they were.
+    if isinstance(data, dict):
+        for key, default in defaults.items():
+            if key in data and data[key] == default:
+                data.pop(key)
+    return data
+
+
 class Feature(StrictModel):
-    """One input branch and how it is transformed."""
+    """One input branch and how it is transformed.
+
+    Constituent features are computed in this order: the branch's value (``from_object``: the
+    object's value, repeated on each of its constituents); minus ``relative_to`` (wrapped
+    with ``periodic``); over ``ratio_to``; over ``divide_by``; ``delta_r`` replaces the value
+    by ΔR to the axis; ``lifetime_sign`` signs |value|; then ``transform``.
+    """
 
     branch: str
     transform: Literal["none", "log", "log1p"] = "none"
@@ -50,6 +99,72 @@ class Feature(StrictModel):
         default=None, description="object branch subtracted from a constituent branch"
     )
     periodic: bool = Field(default=False, description="wrap the difference into [-pi, pi)")
+    name: str | None = Field(default=None, description="the column's name (default: derived)")
+    from_object: bool = Field(
+        default=False, description="an object branch, repeated on each of its constituents"
+    )
+    ratio_to: str | None = Field(default=None, description="object branch the value is divided by")
+    divide_by: str | None = Field(
+        default=None, description="constituent branch the value is divided by (an error)"
+    )
+    delta_r: DeltaR | None = Field(default=None, description="ΔR of the constituent to the axis")
+    lifetime_sign: LifetimeSign | None = Field(
+        default=None, description="sign |value| by the constituent's side of the axis"
+    )
+
+    @model_validator(mode="after")
+    def _compatible_options(self) -> Feature:
+        where = f"feature '{self.name or self.branch}'"
+        if self.from_object and any(
+            getattr(self, key) not in (None, False) for key in _CONSTITUENT_ONLY[1:]
+        ):
+            raise ValueError(f"{where}: from_object takes no relative_to/ratio_to/divide_by/...")
+        if self.from_object and self.relative_to is not None:
+            raise ValueError(f"{where}: from_object takes no relative_to")
+        if self.delta_r is not None and (
+            self.relative_to is not None or self.ratio_to is not None or self.divide_by is not None
+        ):
+            raise ValueError(
+                f"{where}: delta_r replaces the value; drop relative_to/ratio_to/divide_by"
+            )
+        if self.lifetime_sign is not None and self.transform != "none":
+            raise ValueError(
+                f"{where}: a lifetime-signed value can be negative; transform must be 'none', "
+                f"not '{self.transform}'"
+            )
+        if self.lifetime_sign is not None and self.delta_r is not None:
+            raise ValueError(f"{where}: delta_r and lifetime_sign do not combine")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_options(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return _without_defaults(handler(self), _FEATURE_OPTIONS)
+
+    @property
+    def constituent_only(self) -> list[str]:
+        """The options set here that only constituent features can have."""
+        return [key for key in _CONSTITUENT_ONLY if getattr(self, key) not in (None, False)]
+
+    @property
+    def column_name(self) -> str:
+        """``name``, else one derived from the branch and the steps (for plain features: the
+        branch, or ``log(branch)``)."""
+        if self.name is not None:
+            return self.name
+        value = self.branch
+        if self.ratio_to is not None:
+            value = f"{value}/{self.ratio_to}"
+        if self.divide_by is not None:
+            value = f"{value}/{self.divide_by}"
+        if self.delta_r is not None:
+            value = f"dR({self.branch}, {self.delta_r.phi})"
+        if self.lifetime_sign is not None:
+            value = f"signed({value})"
+        if self.transform != "none":
+            value = f"{self.transform}({value})"
+        if self.relative_to is not None:
+            value = f"{value} - {self.relative_to}"
+        return value
 
 
 class Constituents(StrictModel):
@@ -63,6 +178,42 @@ class Constituents(StrictModel):
     link: str | None = Field(
         default=None, description="event layout: index branch linking a constituent to its object"
     )
+    index: str | None = Field(
+        default=None,
+        description="event layout, two-level link: branch of the link collection indexing the "
+        "constituent collection (JetPFCands_pFCandsIdx)",
+    )
+    sort_abs: bool = Field(default=False, description="sort by |sort_by|, descending")
+
+    @model_validator(mode="after")
+    def _valid_names(self) -> Constituents:
+        names = [f.column_name for f in self.features]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"constituent column names {repeated} are not unique; set 'name'")
+        if self.index is not None and self.link is None:
+            raise ValueError(f"index '{self.index}' needs the link branch ('link') it belongs to")
+        if self.index is not None and self.link is not None:
+            prefix = _collection(self.link)
+            if _collection(self.index) != prefix:
+                raise ValueError(
+                    f"index '{self.index}' and link '{self.link}' must belong to one collection "
+                    f"(both '{prefix}_*')"
+                )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_options(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return _without_defaults(handler(self), {"index": None, "sort_abs": False})
+
+    @property
+    def column_names(self) -> list[str]:
+        return [f.column_name for f in self.features]
+
+
+def _collection(branch: str) -> str:
+    """'JetPFCands_jetIdx' → 'JetPFCands'."""
+    return branch.split("_", 1)[0]
 
 
 class Cones(StrictModel):
@@ -243,6 +394,12 @@ class FeatureSpec(StrictModel):
             and self.efps is None
         ):
             raise ValueError("a feature spec needs constituents, globals, cones or efps")
+        for feature in self.globals:
+            if feature.constituent_only:
+                raise ValueError(
+                    f"global '{feature.branch}': {', '.join(feature.constituent_only)} apply to "
+                    "constituent features only"
+                )
         return self
 
     @property
@@ -252,15 +409,25 @@ class FeatureSpec(StrictModel):
     @property
     def global_names(self) -> list[str]:
         """Names of the columns of the ``globals`` tensor, in order."""
-        names = [
-            f.branch if f.transform == "none" else f"{f.transform}({f.branch})"
-            for f in self.globals
-        ]
+        names = [f.column_name for f in self.globals]
         if self.cones is not None:
             names += [f"cone{r:g}" for r in self.cones.radii]
         if self.efps is not None:
             names += [efp.polynomial().name for efp in self.efps.polynomials]
         return names
+
+    @property
+    def constituent_names(self) -> list[str]:
+        """Names of the columns of the ``constituents`` tensor, in order."""
+        return [] if self.constituents is None else self.constituents.column_names
+
+    def constituent_column(self, name: str) -> int:
+        """The column of the ``constituents`` tensor named ``name``."""
+        return _column_of(name, self.constituent_names, CONSTITUENTS)
+
+    def global_column(self, name: str) -> int:
+        """The column of the ``globals`` tensor named ``name``."""
+        return _column_of(name, self.global_names, GLOBALS)
 
     def to_json(self) -> str:
         # A spec without ranges keeps the JSON (and hash) it had before the field existed.
@@ -272,6 +439,15 @@ class FeatureSpec(StrictModel):
     @classmethod
     def from_json(cls, text: str) -> FeatureSpec:
         return cls.model_validate(json.loads(text))
+
+
+def _column_of(name: str, names: list[str], tensor: str) -> int:
+    if name not in names:
+        raise SpecMismatchError(
+            f"tensor '{tensor}' has no column '{name}' (columns: {', '.join(names) or 'none'})"
+            f"{did_you_mean(name, names)}"
+        )
+    return names.index(name)
 
 
 @dataclass
@@ -313,10 +489,14 @@ def required_branches(spec: FeatureSpec, layout: Layout, *, with_label: bool) ->
             names.append(feature.branch)
             if feature.relative_to:
                 names.append(feature.relative_to)
-        if spec.constituents.sort_by:
-            names.append(spec.constituents.sort_by)
+            names += _option_branches(feature)
+        sort_by = spec.constituents.sort_by
+        if sort_by and sort_by not in spec.constituents.column_names:
+            names.append(sort_by)
         if layout == "event" and spec.constituents.link:
             names.append(spec.constituents.link)
+            if spec.constituents.index:
+                names.append(spec.constituents.index)
     for feature in spec.globals:
         names.append(feature.branch)
     if spec.cones is not None:
@@ -346,6 +526,15 @@ def required_branches(spec: FeatureSpec, layout: Layout, *, with_label: bool) ->
     return list(dict.fromkeys(names))
 
 
+def _option_branches(feature: Feature) -> list[str]:
+    names = [b for b in (feature.ratio_to, feature.divide_by) if b is not None]
+    if feature.delta_r is not None:
+        names += [feature.delta_r.phi, feature.delta_r.axis_eta, feature.delta_r.axis_phi]
+    if feature.lifetime_sign is not None:
+        names += [feature.lifetime_sign.track, feature.lifetime_sign.axis]
+    return names
+
+
 class _Rows:
     """Branches of one chunk viewed per object row: objects flat, constituents jagged."""
 
@@ -358,6 +547,7 @@ class _Rows:
             self.counts = np.asarray(arrays[spec.count_branch], dtype=np.int64)
         self.n_rows = int(self.counts.sum()) if self.counts is not None else len(arrays)
         self._grouping: dict[str | None, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
+        self._indexing: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
 
     def per_object(self, branch: str) -> npt.NDArray[np.float64]:
         """One value per row: an object branch (or an event branch broadcast to its objects)."""
@@ -375,16 +565,44 @@ class _Rows:
         return flat
 
     def per_constituent(
-        self, branch: str, link: str | None
+        self, branch: str, link: str | None, index: str | None = None
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-        """Flat constituent values in row order and the row offsets (length n_rows + 1)."""
+        """Flat constituent values in row order and the row offsets (length n_rows + 1).
+
+        With ``index`` (event layout), ``link`` and ``index`` are branches of one link
+        collection: ``branch`` is read per link if it is of that collection too, else through
+        ``index`` from its own collection (jet → JetPFCands → PFCands).
+        """
         order, offsets = self._group(branch, link)
         flat = _as_flat(ak.flatten(self.jagged(branch)), branch)
+        linked = self.layout == "event" and index is not None and link is not None
+        if linked and _collection(branch) != _collection(str(link)):
+            flat = flat[self._through_index(branch, str(index))]
         if len(flat) != len(order):
             raise SpecMismatchError(
                 f"constituent branch '{branch}' has {len(flat)} values, expected {len(order)}"
             )
         return flat[order], offsets
+
+    def _through_index(self, branch: str, index: str) -> npt.NDArray[np.int64]:
+        """Positions in the flattened ``branch`` of the constituents the links point to."""
+        if index not in self._indexing:
+            values = self.jagged(index)
+            event_of = np.repeat(np.arange(len(values)), np.asarray(ak.num(values, axis=1)))
+            local = np.asarray(ak.flatten(values), dtype=np.int64)
+            self._indexing[index] = (event_of, local)
+        event_of, local = self._indexing[index]
+        sizes = np.asarray(ak.num(self.jagged(branch), axis=1), dtype=np.int64)
+        outside = (local < 0) | (local >= sizes[event_of])
+        if np.any(outside):
+            entry = int(event_of[np.argmax(outside)])
+            raise BadValueError(
+                f"index branch '{index}' points outside '{branch}' ({int(outside.sum())} "
+                f"values; first in entry {entry}: {int(local[np.argmax(outside)])} not in "
+                f"[0, {int(sizes[entry])}))"
+            )
+        first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        return np.asarray(first[event_of] + local, dtype=np.int64)
 
     def jagged(self, branch: str) -> ak.Array:
         """A constituent (or link) branch, checked to hold one list per entry."""
@@ -465,22 +683,23 @@ def build_features(
 def _build_constituents(
     rows: _Rows, spec: Constituents
 ) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
-    link = spec.link
-    columns = []
-    offsets = np.zeros(1, dtype=np.int64)
-    for feature in spec.features:
-        values, offsets = rows.per_constituent(feature.branch, link)
-        if feature.relative_to is not None:
-            axis = rows.per_object(feature.relative_to)
-            values = values - np.repeat(axis, np.diff(offsets))
-            if feature.periodic:
-                values = (values + np.pi) % (2 * np.pi) - np.pi
-        columns.append(_transform(values, feature))
+    reference = next((f.branch for f in spec.features if not f.from_object), None)
+    if reference is None:
+        raise SpecMismatchError(
+            "constituents need at least one constituent branch, but every feature is from_object"
+        )
+    offsets = rows.per_constituent(reference, spec.link, spec.index)[1]
+    columns = [_constituent_feature(rows, spec, f, np.diff(offsets)) for f in spec.features]
     counts = np.diff(offsets)
     row = np.repeat(np.arange(rows.n_rows), counts)
     position = np.arange(len(row)) - np.repeat(offsets[:-1], counts)
     if spec.sort_by is not None:
-        key, _ = rows.per_constituent(spec.sort_by, link)
+        if spec.sort_by in spec.column_names:
+            key = columns[spec.column_names.index(spec.sort_by)]
+        else:
+            key, _ = rows.per_constituent(spec.sort_by, spec.link, spec.index)
+        if spec.sort_abs:
+            key = np.abs(key)
         # Files usually store constituents sorted already; the check is far cheaper than a sort.
         if np.any((key[1:] > key[:-1]) & (row[1:] == row[:-1])):
             order = np.lexsort((-key, row))
@@ -491,8 +710,65 @@ def _build_constituents(
     for index, column in enumerate(columns):
         dense[row[keep], position[keep], index] = column[keep]
     mask[row[keep], position[keep]] = True
-    _check_finite(dense, [f.branch for f in spec.features], "constituents")
+    _check_finite(dense, [f.name or f.branch for f in spec.features], "constituents")
     return dense, mask
+
+
+def _constituent_feature(
+    rows: _Rows, spec: Constituents, feature: Feature, counts: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float64]:
+    """One constituent column in row order, through the steps of :class:`Feature`."""
+
+    def values(branch: str) -> npt.NDArray[np.float64]:
+        return rows.per_constituent(branch, spec.link, spec.index)[0]
+
+    def axis(branch: str) -> npt.NDArray[np.float64]:
+        return np.repeat(rows.per_object(branch), counts)
+
+    if feature.from_object:
+        return _transform(axis(feature.branch), feature)
+    value = values(feature.branch)
+    raw = value
+    if feature.relative_to is not None:
+        value = value - axis(feature.relative_to)
+        if feature.periodic:
+            value = _wrap(value)
+    if feature.ratio_to is not None:
+        value = value / _nonzero(axis(feature.ratio_to), feature.ratio_to)
+    if feature.divide_by is not None:
+        value = value / _nonzero(values(feature.divide_by), feature.divide_by)
+    if feature.delta_r is not None:
+        delta = feature.delta_r
+        d_phi = _wrap(values(delta.phi) - axis(delta.axis_phi))
+        value = np.hypot(value - axis(delta.axis_eta), d_phi)
+    if feature.lifetime_sign is not None:
+        value = np.abs(value) * _lifetime_sign(raw, values, axis, feature.lifetime_sign)
+    return _transform(value, feature)
+
+
+def _lifetime_sign(
+    raw: npt.NDArray[np.float64],
+    values: Callable[[str], npt.NDArray[np.float64]],
+    axis: Callable[[str], npt.NDArray[np.float64]],
+    sign: LifetimeSign,
+) -> npt.NDArray[np.float64]:
+    """+1 where the constituent's closest approach lies on the side of the axis, else -1."""
+    difference = axis(sign.axis) - values(sign.track)
+    side = np.sin(difference) if sign.plane == "transverse" else difference
+    return np.where(raw * side < 0, -1.0, 1.0)
+
+
+def _wrap(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return np.asarray((values + np.pi) % (2 * np.pi) - np.pi, dtype=np.float64)
+
+
+def _nonzero(values: npt.NDArray[np.float64], branch: str) -> npt.NDArray[np.float64]:
+    if np.any(values == 0):
+        raise BadValueError(
+            f"branch '{branch}' has {int(np.sum(values == 0))} values equal to 0; "
+            "the feature spec divides by it"
+        )
+    return values
 
 
 def _cone_isolations(rows: _Rows, cones: Cones) -> list[npt.NDArray[np.float64]]:

@@ -78,14 +78,7 @@ def feature_columns(
             yield name, "globals", column, batch.globals[:, column].astype(np.float64)
     if batch.constituents is not None and batch.mask is not None and spec.constituents:
         real = batch.constituents[batch.mask]
-        for column, feature in enumerate(spec.constituents.features):
-            name = (
-                feature.branch
-                if feature.transform == "none"
-                else (f"{feature.transform}({feature.branch})")
-            )
-            if feature.relative_to is not None:
-                name = f"{name} - {feature.relative_to}"
+        for column, name in enumerate(spec.constituent_names):
             yield name, "constituents", column, real[:, column].astype(np.float64)
 
 
