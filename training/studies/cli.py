@@ -582,7 +582,7 @@ def flavour_command(
     error, and the verdicts on the claims. Writes flavour_study.json, rejection_vs_beff.png
     (puma style: log y, a ratio panel per background class to DIPS) and
     light_rejection_vs_size.png (the training-size scan). A tagger whose model type is
-    missing is skipped with a note. See docs/flavour.md.
+    missing is skipped with a note. See docs/flavour-study.md.
     """
     from bsym.training.studies.flavour import QUICK, StudySettings, run_study, write_outputs
     from bsym.training.studies.plots import flavour_plots

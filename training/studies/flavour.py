@@ -1,4 +1,4 @@
-"""Flavour tagging of b, c and light jets (docs/papers.md, "Flavour tagging"): one table, the
+"""Flavour tagging of b, c and light jets (docs/flavour-study.md): one table, the
 claims, rejection curves and a training-size scan.
 
 Rows are three-class taggers (light, c, b), each a model section and a shipped feature spec
