@@ -23,6 +23,7 @@ from bsym.discriminant import Discriminant
 from bsym.errors import BsymError, ConfigError
 from bsym.export.onnx_export import export_to_repository
 from bsym.features import build_features, detect_layout, required_branches
+from bsym.rootio import TreeSource
 from bsym.serving.friend_tree import read_provenance
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.scorer import score_files
@@ -172,3 +173,61 @@ def test_triton_scoring_writes_the_same_branches(
     assert not summary.failed and len(summary.scored) == 3
     for name in names:
         check_friend(tmp_path / f"{Path(name).stem}.{MODEL}.root", checkpoint, inputs / name, 0.3)
+
+
+@pytest.fixture(scope="module")
+def dips_tagger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(checkpoint, model.onnx, simulated sample) of a small three-class network on the
+    shipped DIPS track features, trained on the training layout (tree Jets)."""
+    from bsym.simulate.flavour import write_flavour
+    from bsym.training.studies.flavour import Row, StudySettings, train_config
+
+    folder = tmp_path_factory.mktemp("dips_tagger")
+    write_flavour(folder / "sample", 1500, seed=31)
+    row = Row("two-level", {"type": "pfn", "phi_sizes": [16], "f_sizes": [16]}, "flavour_dips")
+    settings = StudySettings(max_epochs=2)
+    sources = [TreeSource(folder / "sample" / "flavour_jets_000.root", "Jets")]
+    config = train_config(row, settings, sources, folder, train_rows=None)
+    checkpoint = train(config, progress=False).checkpoint
+    repository = folder / "repository"
+    parity = [f"{sources[0]}"]
+    entry = export_to_repository(checkpoint, repository, parity_data=parity)
+    return checkpoint, entry.export.onnx_path, folder / "sample"
+
+
+def test_two_level_link_scores_align_with_the_training_layout_and_real_pfnano(
+    dips_tagger: tuple[Path, Path, Path], inputs: Path, tmp_path: Path
+) -> None:
+    checkpoint, model_path, sample = dips_tagger
+    loaded = load_checkpoint(checkpoint)
+    name = loaded.name
+    events = sample / "flavour_events_000.root"
+    sources = [str(events), str(inputs / "pfnano.root"), str(inputs / "pfnano_rntuple.root")]
+    with OnnxRuntimeBackend(model_path, threads=1) as backend:
+        summary = score_files(sources, backend, tmp_path, progress=False)
+    assert not summary.failed and len(summary.scored) == 3
+    # the same jets in the training layout, one entry per jet, in event order
+    with uproot.open(sample / "flavour_jets_000.root") as file:
+        tree = file["Jets"]
+        arrays = tree.arrays(required_branches(loaded.spec, "object", with_label=False))
+    flat = predict_probabilities(loaded, build_features(arrays, loaded.spec, "object"))
+    with uproot.open(tmp_path / f"flavour_events_000.{name}.root") as file:
+        friend = file["Events"].arrays()
+    with uproot.open(events) as file:
+        n_jet = file["Events"]["nJet"].array(library="np")
+    np.testing.assert_array_equal(friend["nJet"], n_jet)
+    pb = ak.to_numpy(ak.flatten(friend[f"Jet_{name}_pb"]))
+    np.testing.assert_allclose(pb, flat[:, 2], atol=1e-5)
+    for stem in ("pfnano", "pfnano_rntuple"):
+        with uproot.open(tmp_path / f"{stem}.{name}.root") as file:
+            scored = file["Events"].arrays()
+        with uproot.open(inputs / f"{stem}.root") as file:
+            tree = file["Events"]
+            real = tree.arrays(required_branches(loaded.spec, "event", with_label=False))
+        expected = predict_probabilities(loaded, build_features(real, loaded.spec, "event"))
+        np.testing.assert_array_equal(scored["nJet"], np.asarray(real["nJet"]))
+        for index, label in enumerate(CLASS_LABELS):
+            column = ak.to_numpy(ak.flatten(scored[f"Jet_{name}_{label}"]))
+            np.testing.assert_allclose(column, expected[:, index], atol=1e-5)
+        d = ak.to_numpy(ak.flatten(scored[f"Jet_{name}_Db"]))
+        np.testing.assert_allclose(d, Discriminant().of(expected, CLASS_LABELS), atol=1e-4)
