@@ -46,7 +46,7 @@ from bsym.errors import ConfigError
 from bsym.rootio import TreeSource
 from bsym.settings import Settings
 from bsym.training.metrics import B_EFFICIENCIES, flavour_figures, roc_curve
-from bsym.training.studies.harness import bootstrap, cached_sample, write_json
+from bsym.training.studies.harness import bootstrap, simulated_sample, write_json
 
 if TYPE_CHECKING:
     from bsym.training.config import TrainConfig
@@ -239,12 +239,14 @@ def simulate_samples(settings: StudySettings, data_dir: Path) -> tuple[list[Path
 def _sample(data_dir: Path, kind: str, n_jets: int, *, seed: int) -> list[Path]:
     from bsym.simulate.flavour import write_flavour
 
-    def write(out: Path) -> list[Path]:
-        written = write_flavour(out, n_jets, seed=seed)
-        return [path for path in written if path.name.startswith("flavour_jets_")]
-
-    return cached_sample(
-        data_dir / f"{kind}_n{n_jets}_s{seed}", {"jets": n_jets, "seed": seed}, write
+    return simulated_sample(
+        data_dir,
+        kind,
+        n_jets,
+        seed=seed,
+        unit="jets",
+        write=lambda out, size, seed: write_flavour(out, size, seed=seed),
+        prefix="flavour_jets_",
     )
 
 

@@ -40,6 +40,25 @@ def cached_sample(
     return paths
 
 
+def simulated_sample(
+    data_dir: Path,
+    kind: str,
+    size: int,
+    *,
+    seed: int,
+    unit: str,
+    write: Callable[[Path, int, int], list[Path]],
+    prefix: str,
+) -> list[Path]:
+    """The files named ``prefix*`` of ``write(folder, size, seed)``, cached in
+    ``<data_dir>/<kind>_n<size>_s<seed>`` under the key ``{unit: size, "seed": seed}``."""
+
+    def written(out: Path) -> list[Path]:
+        return [path for path in write(out, size, seed) if path.name.startswith(prefix)]
+
+    return cached_sample(data_dir / f"{kind}_n{size}_s{seed}", {unit: size, "seed": seed}, written)
+
+
 def spread(values: Sequence[float]) -> float:
     """Standard deviation over runs (divisor n − 1); 0 for a single run."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0

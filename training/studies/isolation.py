@@ -46,7 +46,7 @@ from bsym.rootio import TreeSource, check_branches, open_input
 from bsym.settings import Settings
 from bsym.training.cwola import CwolaRows, SupervisionConfig, prompt_fractions, read_cwola_rows
 from bsym.training.metrics import roc_auc, roc_curve, signal_efficiency
-from bsym.training.studies.harness import bootstrap, cached_sample, write_json
+from bsym.training.studies.harness import bootstrap, simulated_sample, write_json
 
 if TYPE_CHECKING:
     from bsym.features import FeatureSpec
@@ -189,12 +189,14 @@ def simulate_samples(settings: StudySettings, data_dir: Path) -> tuple[list[Path
 def _sample(data_dir: Path, kind: str, n_events: int, *, seed: int) -> list[Path]:
     from bsym.simulate import write_isolation
 
-    def write(out: Path) -> list[Path]:
-        written = write_isolation(out, n_events, seed=seed)
-        return [path for path in written if path.name.startswith("isolation_muons_")]
-
-    return cached_sample(
-        data_dir / f"{kind}_n{n_events}_s{seed}", {"events": n_events, "seed": seed}, write
+    return simulated_sample(
+        data_dir,
+        kind,
+        n_events,
+        seed=seed,
+        unit="events",
+        write=lambda out, size, seed: write_isolation(out, size, seed=seed),
+        prefix="isolation_muons_",
     )
 
 
