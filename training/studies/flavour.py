@@ -198,7 +198,7 @@ class StudyResult:
 
     def document(self) -> dict[str, object]:
         """The numbers of the study, as written to ``flavour_study.json``."""
-        return _finite(
+        document: dict[str, object] = _finite(
             {
                 "settings": self.settings.model_dump(mode="json"),
                 "skipped": self.skipped,
@@ -216,6 +216,7 @@ class StudyResult:
                 "verdicts": [asdict(verdict) for verdict in self.verdicts],
             }
         )
+        return document
 
 
 def _finite(value: Any) -> Any:
@@ -308,12 +309,12 @@ def run_study(
         _with_errors(result, scored, truth, weights, settings)
         result.curves = {title: rejection_curves(truth, d, weights) for title, d in scored.items()}
     for title in settings.scan:
-        row = next((r for r in rows if r.title == title), None)
-        if row is None:
+        scanned = next((r for r in rows if r.title == title), None)
+        if scanned is None:
             continue
         for size in settings.scan_sizes:
             run, _, _ = _train_and_score(
-                row, settings, train_sources, test_sources, out_dir, train_rows=size
+                scanned, settings, train_sources, test_sources, out_dir, train_rows=size
             )
             result.scan.append(run)
             if on_run is not None:
