@@ -44,13 +44,8 @@ Width = Annotated[int, Field(gt=0)]
 
 
 def constituent_names(spec: FeatureSpec) -> list[str]:
-    """Names of the ``constituents`` columns: the branch, or ``transform(branch)``."""
-    if spec.constituents is None:
-        return []
-    return [
-        f.branch if f.transform == "none" else f"{f.transform}({f.branch})"
-        for f in spec.constituents.features
-    ]
+    """Names of the ``constituents`` columns (a feature's ``name``, else its derived name)."""
+    return spec.constituent_names
 
 
 def column_index(names: Sequence[str], name: str, what: str, tensor: str) -> int:

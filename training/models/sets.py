@@ -124,10 +124,11 @@ class PFN(NetworkModel):
             "latent": latent,
             "use_globals": use_globals,
         }
-        # binary models keep the checkpoint kwargs they always had
+        # binary models keep the checkpoint kwargs they always had (and a subclass its
+        # class-level n_classes)
         if n_classes != 1:
             self.init_kwargs["n_classes"] = n_classes
-        self.n_classes = n_classes
+            self.n_classes = n_classes
         self.use_globals = use_globals and n_globals > 0
         self.input_names = (
             ("constituents", "mask", "globals")
@@ -172,7 +173,7 @@ class DNN(NetworkModel):
         self.init_kwargs = {"n_globals": n_globals, "hidden_sizes": list(hidden_sizes)}
         if n_classes != 1:
             self.init_kwargs["n_classes"] = n_classes
-        self.n_classes = n_classes
+            self.n_classes = n_classes
         self.norm = Standardise(n_globals)
         self.hidden = mlp(n_globals, hidden_sizes)
         self.out = nn.Linear(hidden_sizes[-1] if hidden_sizes else n_globals, n_classes)
