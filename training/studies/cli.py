@@ -544,8 +544,8 @@ def flavour_command(
     quick: Annotated[
         bool,
         typer.Option(
-            help="8k training and 6k test jets, at most 6 epochs, 8 bootstraps, a DIPS-only "
-            "size scan of 2k, 4k, 8k jets."
+            help="8k training and 6k test jets, at most 6 epochs, 8 bootstraps, Vector and "
+            "Tensor PFN at width 16, a DIPS-only size scan of 2k, 4k, 8k jets."
         ),
     ] = False,
     jets: Annotated[

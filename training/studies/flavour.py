@@ -129,7 +129,18 @@ class StudySettings(Settings):
     scan_sizes: tuple[int, ...] = (25_000, 50_000, 100_000)
 
 
+SO2_TYPES = ("vector_pfn", "tensor_pfn")
+QUICK_SO2 = {"width": 16, "head_sizes": [64, 64]}
+"""--quick runs the Vector and Tensor PFN at a quarter of their width: at full width one epoch
+of the Tensor PFN costs more than the rest of the quick study."""
+QUICK_ROWS = tuple(
+    Row(row.title, {**row.model, **QUICK_SO2}, row.features, row.max_epochs)
+    if row.model["type"] in SO2_TYPES
+    else row
+    for row in ROWS
+)
 QUICK = StudySettings(
+    rows=QUICK_ROWS,
     train_jets=8_000,
     test_jets=6_000,
     max_epochs=6,

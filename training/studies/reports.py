@@ -210,8 +210,8 @@ def flavour_table(result: FlavourResult) -> Table:
         table.add_row(
             run.title,
             *(columns[key][index] for key in FIGURES),
-            f"{run.seconds_per_epoch:.1f}",
-            f"{run.epochs} ({run.epochs_to_converge})",
+            "—" if math.isnan(run.seconds_per_epoch) else f"{run.seconds_per_epoch:.1f}",
+            f"{run.epochs} ({run.epochs_to_converge})" if run.epochs else "fitted",
         )
     return table
 
