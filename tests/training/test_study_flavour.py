@@ -158,7 +158,7 @@ def test_cli_quick_options_reach_the_settings() -> None:
 
 @pytest.mark.slow
 def test_full_flavour_study(tmp_path: Path) -> None:
-    """The full study: 200k training and 100k test jets, every tagger, the size scan.
+    """The full study: 200k training and 300k test jets, every tagger, the size scan.
 
     Expected wall time on two shared CPU cores: several hours (see docs/flavour.md)."""
     from bsym.training.studies.flavour import QUICK

@@ -544,7 +544,7 @@ def flavour_command(
     quick: Annotated[
         bool,
         typer.Option(
-            help="8k training and 6k test jets, at most 6 epochs, 8 bootstraps, Vector and "
+            help="8k training and 30k test jets, at most 6 epochs, 8 bootstraps, Vector and "
             "Tensor PFN at width 16, a DIPS-only size scan of 2k, 4k, 8k jets."
         ),
     ] = False,
@@ -552,7 +552,7 @@ def flavour_command(
         int | None, typer.Option(min=100, help="Training jets (default 200,000).")
     ] = None,
     test_jets: Annotated[
-        int | None, typer.Option(min=100, help="Test jets (default 100,000).")
+        int | None, typer.Option(min=100, help="Test jets (default 300,000).")
     ] = None,
     sizes: Annotated[
         str | None,

@@ -114,7 +114,7 @@ class StudySettings(Settings):
     """Everything that defines one flavour study."""
 
     train_jets: int = Field(default=200_000, ge=100)
-    test_jets: int = Field(default=100_000, ge=100)
+    test_jets: int = Field(default=300_000, ge=100)
     max_epochs: int = Field(default=40, ge=1)
     patience: int = Field(default=5, ge=1)
     batch_size: int = Field(default=512, ge=2)
@@ -142,7 +142,7 @@ QUICK_ROWS = tuple(
 QUICK = StudySettings(
     rows=QUICK_ROWS,
     train_jets=8_000,
-    test_jets=6_000,
+    test_jets=30_000,
     max_epochs=6,
     patience=3,
     batch_size=256,
