@@ -545,7 +545,7 @@ def flavour_command(
         bool,
         typer.Option(
             help="8k training and 30k test jets, at most 6 epochs, 8 bootstraps, Vector and "
-            "Tensor PFN at width 16, a DIPS-only size scan of 2k, 4k, 8k jets."
+            "Tensor PFN at width 16, a DIPS-only size scan of 1.6k, 3.2k, 6.4k jets."
         ),
     ] = False,
     jets: Annotated[

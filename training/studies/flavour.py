@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bsym.configs import shipped_features
 from bsym.discriminant import DEFAULT_FC
@@ -59,6 +59,7 @@ CLASS_LABELS = ["pu", "pc", "pb"]
 LABEL = {"branch": "Jet_hadronFlavour", "classes": [[0], [4], [5]]}
 BACKGROUNDS = {"light": 0, "c": 1}
 SIGNAL = 2
+VALIDATION_FRACTION = 0.2
 FIGURES = ("light_rej70", "light_rej77", "c_rej70", "c_rej77", "light_auc", "c_auc")
 CURVE_EFFICIENCIES = tuple(round(0.5 + 0.005 * k, 3) for k in range(97))
 """b-efficiencies of the rejection curves: 0.50 to 0.98."""
@@ -128,6 +129,17 @@ class StudySettings(Settings):
     scan: tuple[str, ...] = (DIPS, PFN)
     scan_sizes: tuple[int, ...] = (25_000, 50_000, 100_000)
 
+    @model_validator(mode="after")
+    def _scan_fits(self) -> StudySettings:
+        available = self.train_jets - round(VALIDATION_FRACTION * self.train_jets)
+        too_large = [size for size in self.scan_sizes if size > available]
+        if too_large:
+            raise ValueError(
+                f"scan sizes {too_large} exceed the {available} training jets left of "
+                f"{self.train_jets} after validation"
+            )
+        return self
+
 
 SO2_TYPES = ("vector_pfn", "tensor_pfn")
 QUICK_SO2 = {"width": 16, "head_sizes": [64, 64]}
@@ -148,7 +160,7 @@ QUICK = StudySettings(
     batch_size=256,
     bootstraps=8,
     scan=(DIPS,),
-    scan_sizes=(2_000, 4_000, 8_000),
+    scan_sizes=(1_600, 3_200, 6_400),
 )
 
 
@@ -358,7 +370,7 @@ def train_config(
         "train": [str(source) for source in train_sources],
         "tree": "Jets",
         "test_fraction": 0.0,
-        "validation_fraction": 0.2,
+        "validation_fraction": VALIDATION_FRACTION,
     }
     if train_rows is not None:
         data["train_rows"] = train_rows
