@@ -5,12 +5,14 @@ inputs in both. The spec speaks in branch names; the same branch names serve two
 
 - *object layout*: one tree entry per object (``Muon_pt`` scalar, ``CaloCell_et`` jagged);
 - *event layout* (NanoAOD): one entry per event, ``nMuon`` and jagged ``Muon_*``, with
-  constituents linked to their object by an index branch (``CaloCell_muonIdx``).
+  constituents linked to their object by an index branch (``CaloCell_muonIdx``), or through
+  a link collection (PFNano: jet → ``JetPFCands_jetIdx`` / ``JetPFCands_pFCandsIdx`` →
+  ``PFCands_*``).
 
 The layout is read off the tree (is there an ``n<objects>`` branch?), so a model trained on
 one layout scores the other.
 
-One module, near 500 lines, on purpose: the spec and the builder change together, and
+One module, over 800 lines, on purpose: the spec and the builder change together, and
 keeping every branch-to-tensor step here is what makes training and scoring agree.
 """
 
@@ -115,25 +117,23 @@ class Feature(StrictModel):
     @model_validator(mode="after")
     def _compatible_options(self) -> Feature:
         where = f"feature '{self.name or self.branch}'"
-        if self.from_object and any(
-            getattr(self, key) not in (None, False) for key in _CONSTITUENT_ONLY[1:]
-        ):
-            raise ValueError(f"{where}: from_object takes no relative_to/ratio_to/divide_by/...")
-        if self.from_object and self.relative_to is not None:
-            raise ValueError(f"{where}: from_object takes no relative_to")
-        if self.delta_r is not None and (
-            self.relative_to is not None or self.ratio_to is not None or self.divide_by is not None
-        ):
+        steps = [*self.constituent_only, *(["relative_to"] if self.relative_to else [])]
+        if self.from_object and len(steps) > 1:
+            others = ", ".join(step for step in steps if step != "from_object")
             raise ValueError(
-                f"{where}: delta_r replaces the value; drop relative_to/ratio_to/divide_by"
+                f"{where}: from_object takes the object's value as is, without {others}"
             )
+        if self.delta_r is not None and len(set(steps) & {"relative_to", "ratio_to", "divide_by"}):
+            raise ValueError(
+                f"{where}: delta_r replaces the value; drop relative_to, ratio_to and divide_by"
+            )
+        if self.lifetime_sign is not None and self.delta_r is not None:
+            raise ValueError(f"{where}: delta_r and lifetime_sign do not combine")
         if self.lifetime_sign is not None and self.transform != "none":
             raise ValueError(
                 f"{where}: a lifetime-signed value can be negative; transform must be 'none', "
                 f"not '{self.transform}'"
             )
-        if self.lifetime_sign is not None and self.delta_r is not None:
-            raise ValueError(f"{where}: delta_r and lifetime_sign do not combine")
         return self
 
     @model_serializer(mode="wrap")

@@ -27,6 +27,7 @@ from bsym.export.onnx_export import export_to_repository
 from bsym.serving.serve import ServedRepository
 from bsym.serving.triton_server import find_tritonserver
 from bsym.simulate.calo_rotation import preset_detector, write_calo_rotation
+from bsym.simulate.flavour import write_flavour
 from bsym.simulate.isolation import write_isolation
 from bsym.simulate.lorentz import write_lorentz
 from bsym.training.config import load_config
@@ -37,6 +38,7 @@ ISOLATION_EVENTS = 2400
 that a 40% test split gives the export's parity check its 2000 rows, while one file's muons
 (about 2500) fit in one request to the served models."""
 CALO_EVENTS = 600
+FLAVOUR_JETS = 6000
 # One shipped config per model type, shrunk to train in well under a second.
 MODEL_TYPES = {
     "pfn": ("isolation_pfn", ["model.phi_sizes=[16, 16]", "model.f_sizes=[16]"]),
@@ -81,6 +83,15 @@ def lorentz_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3000 dimuon events (seed 12) for the Lorentz taggers, lorentz_000.root."""
     out = tmp_path_factory.mktemp("lorentz")
     write_lorentz(out, 3000, seed=12)
+    return out
+
+
+@pytest.fixture(scope="session")
+def flavour_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``FLAVOUR_JETS`` b/c/light jets (seed 13), 2000 a file, both layouts:
+    flavour_jets_00{0,1,2}.root (tree Jets), flavour_events_00{0,1,2}.root (tree Events)."""
+    out = tmp_path_factory.mktemp("flavour")
+    write_flavour(out, FLAVOUR_JETS, seed=13, jets_per_file=2000)
     return out
 
 

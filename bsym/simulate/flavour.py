@@ -199,11 +199,12 @@ def _deflect(u: FloatArray, theta: FloatArray, azimuth: FloatArray) -> FloatArra
     e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
     e2 = np.cross(u, e1)
     sin = np.sin(theta)[:, None]
-    return (
+    deflected = (
         np.cos(theta)[:, None] * u
         + sin * np.cos(azimuth)[:, None] * e1
         + sin * np.sin(azimuth)[:, None] * e2
     )
+    return np.asarray(deflected, dtype=np.float64)
 
 
 def _species(rng: np.random.Generator, table: tuple[Hadron, ...], n: int) -> IntArray:
@@ -372,7 +373,7 @@ def _heavy_decays(
             np.broadcast_to(angle, rows.shape),
             rng.uniform(0, 2 * np.pi, rows.size),
         )
-        return direction * (x * p_jet[rows])[:, None]
+        return np.asarray(direction * (x * p_jet[rows])[:, None], dtype=np.float64)
 
     def record(
         prefix: str,
@@ -462,7 +463,7 @@ def _soft_parent(
     p = rng.uniform(0.05, 0.3, size=rows.size) * p_jet[rows]
     kt = rng.rayleigh(0.4, size=rows.size)
     direction = _deflect(jets.axis[rows], np.arctan2(kt, p), rng.uniform(0, 2 * np.pi, rows.size))
-    return direction * p[:, None]
+    return np.asarray(direction * p[:, None], dtype=np.float64)
 
 
 def _fragmentation(
@@ -689,6 +690,7 @@ def _training_layout(sample: _Sample) -> ak.Array:
     order = associated[np.lexsort((-sample.tracks["pt"][associated], sample.track_jet[associated]))]
     counts = np.bincount(sample.track_jet[order], minlength=sample.event_of_jet.size)
     fields: dict[str, object] = {f"Jet_{k}": _column(k, v) for k, v in sample.jets.items()}
+    fields["nPFCands"] = counts.astype(np.int32)
     for k in _TRACK_FIELDS:
         fields[f"PFCands_{k}"] = ak.unflatten(_column(k, sample.tracks[k][order]), counts)
     return ak.Array(fields)
@@ -706,9 +708,10 @@ def _event_layout(sample: _Sample) -> ak.Array:
     position = np.empty_like(by_event)
     position[by_event] = np.arange(by_event.size) - first_track[sample.track_event[by_event]]
 
-    fields: dict[str, object] = {}
+    fields: dict[str, object] = {"nJet": jets_per_event.astype(np.int32)}
     for k, v in sample.jets.items():
         fields[f"Jet_{k}"] = ak.unflatten(_column(k, v), jets_per_event)
+    fields["nPFCands"] = tracks_per_event.astype(np.int32)
     for k in _TRACK_FIELDS:
         fields[f"PFCands_{k}"] = ak.unflatten(
             _column(k, sample.tracks[k][by_event]), tracks_per_event
@@ -718,6 +721,7 @@ def _event_layout(sample: _Sample) -> ak.Array:
     link_event = sample.track_event[links]
     links_per_event = np.bincount(link_event, minlength=n_events)
     jet_idx = sample.track_jet[links] - first_jet[link_event]
+    fields["nJetPFCands"] = links_per_event.astype(np.int32)
     fields["JetPFCands_jetIdx"] = ak.unflatten(jet_idx.astype(np.int32), links_per_event)
     fields["JetPFCands_pFCandsIdx"] = ak.unflatten(
         position[links].astype(np.int32), links_per_event

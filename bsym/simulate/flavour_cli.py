@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from bsym.console import stdout, user_errors
+from bsym.simulate.flavour_config import FlavourConfig
 
 
 def flavour_command(
@@ -17,6 +18,12 @@ def flavour_command(
     ] = Path("data/flavour"),
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 1,
     jets_per_file: Annotated[int, typer.Option(min=1, help="Jets per output file.")] = 100_000,
+    b_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of b jets.")
+    ] = FlavourConfig().b_fraction,
+    c_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of c jets (the rest are light).")
+    ] = FlavourConfig().c_fraction,
 ) -> None:
     """b (hadronFlavour 5), c (4) and light (0) jets with displaced and prompt tracks.
 
@@ -28,6 +35,7 @@ def flavour_command(
     from bsym.simulate.flavour import write_flavour
 
     with user_errors():
-        paths = write_flavour(out, jets, seed=seed, jets_per_file=jets_per_file)
+        config = FlavourConfig(b_fraction=b_fraction, c_fraction=c_fraction)
+        paths = write_flavour(out, jets, seed=seed, config=config, jets_per_file=jets_per_file)
     for path in paths:
         stdout.print(f"wrote {path}")

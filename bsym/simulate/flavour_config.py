@@ -40,8 +40,8 @@ class FlavourConfig(Settings):
     b_decay_kt: Positive = 1.0
     d_decay_kt: Positive = 0.6
     decay_charged_share: tuple[Fraction, Fraction] = (0.5, 0.9)
-    fragmentation_tracks: float = Field(default=6.0, ge=0)
-    fragmentation_tracks_per_log_pt: float = Field(default=3.0, ge=0)
+    fragmentation_tracks: float = Field(default=10.0, ge=0)
+    fragmentation_tracks_per_log_pt: float = Field(default=5.0, ge=0)
     fragmentation_charged_share: Fraction = 0.6
     fragmentation_kt: Positive = 0.3
     k0s_fraction: Fraction = 0.10

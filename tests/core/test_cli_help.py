@@ -59,6 +59,7 @@ def test_help_of_every_command_imports_no_heavy_package() -> None:
     for stage in ("", "train", "evaluate", "export", "score", "serve", "simulate", "study"):
         assert stage in helps
     assert {"simulate isolation", "simulate lorentz", "simulate calo-rotation"} <= set(helps)
+    assert "simulate flavour" in helps
     assert {"study learning-curve", "study augmentation", "study isolation"} <= set(helps)
     for command, answer in helps.items():
         assert answer == {"code": 0, "usage": True}, command
