@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from bsym.errors import ConfigError, SpecMismatchError
@@ -29,13 +30,14 @@ from bsym.training.fit import (
     FitState,
     Rows,
     check_classes,
+    classifier_auc,
     deterministic,
     fit,
 )
 from bsym.training.losses import InvarianceTerm, LossTerm, resolve_class_weights
 from bsym.training.metrics import roc_auc
 from bsym.training.models import BsymModel, NetworkModel, build_model
-from bsym.training.models.base import need
+from bsym.training.models.base import model_inputs, need
 
 log = logging.getLogger(__name__)
 _RANGES: Any = {"features": {"input_ranges"}}
@@ -163,10 +165,14 @@ class _Run:
         self, model: BsymModel, train_rows: FeatureBatch, validation_rows: FeatureBatch
     ) -> None:
         """A model not trained by gradient: one validation, one checkpoint."""
-        check_classes(need(train_rows.label, "label"), "training", 1)
+        n_classes = int(getattr(model, "n_classes", 1))
+        check_classes(need(train_rows.label, "label"), "training", n_classes)
         label = need(validation_rows.label, "label")
-        check_classes(label, "validation", 1)
-        auc = roc_auc(label, predict(model, validation_rows), validation_rows.weight)
+        check_classes(label, "validation", n_classes)
+        if n_classes == 1:
+            auc = roc_auc(label, predict(model, validation_rows), validation_rows.weight)
+        else:
+            auc = _multi_class_auc(model, validation_rows, label)
         record: EpochRecord = {"epoch": 1, "train_loss": None, "val_loss": None, "val_auc": auc}
         self.state = FitState(
             epoch=1,
@@ -253,3 +259,11 @@ def _check_same_split(recorded: Split, split: Split, path: Path | None) -> None:
             f"cannot resume {path}: the training data changed since it was written "
             f"({split.n_rows} rows now, {recorded.n_rows} then, or a different split)"
         )
+
+
+def _multi_class_auc(model: BsymModel, rows: FeatureBatch, label: npt.NDArray[np.int64]) -> float:
+    """Mean one-against-the-rest AUC of a fixed model's class probabilities."""
+    model.eval()
+    with torch.inference_mode():
+        probabilities = model(*model_inputs(model, rows))
+    return classifier_auc(label, torch.log(probabilities.clamp_min(1e-30)), rows.weight)

@@ -3,9 +3,9 @@ and the scalar PFN baseline.
 
 Every model reads ``constituents`` [N, T, F] (the tracks) and ``mask`` [N, T] (the scalar
 PFN also ``globals``) and returns ``score`` [N, 3], the probabilities of (light, c, b) for
-the integer labels 0, 1, 2. Config fields name track features by branch (``PFCands_d0``, or
-``log(PFCands_pt)`` for a transformed one); ``build`` turns names into column indices of the
-feature spec, so a config says what it reads and a wrong name fails at load time.
+the integer labels 0, 1, 2. Config fields name features by their column names in the feature
+spec (``sd0sig``, ``PFCands_px``); ``build`` turns them into column indices, so a config says
+what it reads and a wrong name fails at load time.
 
 DIPS normalises each per-track layer with :class:`MaskedBatchNorm`: batch statistics over
 the real tracks only, so padding never shifts them; in eval mode (export included) it is the
@@ -31,7 +31,6 @@ from bsym.training.models.base import (
     ModelSettings,
     NetworkModel,
     Standardise,
-    n_globals_of,
     need,
 )
 from bsym.training.models.sets import PFN, PFNConfig
@@ -43,24 +42,20 @@ N_FLAVOURS = len(FLAVOURS)
 Width = Annotated[int, Field(gt=0)]
 
 
-def constituent_names(spec: FeatureSpec) -> list[str]:
-    """Names of the ``constituents`` columns (a feature's ``name``, else its derived name)."""
-    return spec.constituent_names
-
-
-def column_index(names: Sequence[str], name: str, what: str, tensor: str) -> int:
-    """Index of ``name`` among ``names`` (a ``tensor``'s columns), or a ``ValueError``."""
-    if name in names:
-        return list(names).index(name)
-    raise ValueError(
-        f"{what} '{name}' is not a column of the {tensor} "
-        f"(the feature spec gives {', '.join(names) or 'none'})"
-    )
-
-
 def constituent_column(spec: FeatureSpec, name: str, what: str) -> int:
-    """Column of the constituent feature ``name`` in ``spec``."""
-    return column_index(constituent_names(spec), name, what, "constituents")
+    """Column of the track feature ``name``; a ``ValueError`` naming the config key ``what``."""
+    try:
+        return spec.constituent_column(name)
+    except SpecMismatchError as error:
+        raise ValueError(f"{what} '{name}': {error}") from None
+
+
+def global_column(spec: FeatureSpec, name: str, what: str) -> int:
+    """Column of the globals feature ``name``; a ``ValueError`` naming the config key ``what``."""
+    try:
+        return spec.global_column(name)
+    except SpecMismatchError as error:
+        raise ValueError(f"{what} '{name}': {error}") from None
 
 
 def need_constituents(spec: FeatureSpec, model_type: str) -> None:
@@ -366,22 +361,17 @@ def log_density(counts: npt.NDArray[np.float64], pseudocount: float) -> npt.NDAr
 
 class FlavourPFNConfig(PFNConfig):
     """The scalar particle-flow baseline of the tensor-network paper: Φ 2×128, F 3×128, three
-    classes. The jet's pT, η, φ come in as globals, joined to the track sum."""
+    classes; the jet's pT, η, φ are track columns (``use_globals`` joins globals to the sum)."""
 
     type: Literal["flavour_pfn"] = "flavour_pfn"  # type: ignore[assignment]
     phi_sizes: list[Width] = Field(default_factory=lambda: [128, 128], min_length=1)
     f_sizes: list[Width] = Field(default_factory=lambda: [128, 128, 128])
+    use_globals: bool = Field(
+        default=False, description="concatenate the globals to the sum (the paper: no)"
+    )
 
     def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
-        constituents = need(batch.constituents, "constituents")
-        return FlavourPFN(
-            constituents.shape[2],
-            n_globals_of(batch) if self.use_globals else 0,
-            self.phi_sizes,
-            self.f_sizes,
-            self.latent,
-            self.use_globals,
-        )
+        return FlavourPFN(**super().build(spec, batch).init_kwargs)
 
 
 class FlavourPFN(PFN):
@@ -398,7 +388,12 @@ class FlavourPFN(PFN):
         f_sizes: Sequence[int],
         latent: int | None = None,
         use_globals: bool = True,
+        n_classes: int = N_FLAVOURS,
     ) -> None:
+        if n_classes != N_FLAVOURS:
+            raise SpecMismatchError(
+                f"model 'flavour_pfn' has {N_FLAVOURS} classes (light, c, b), the label {n_classes}"
+            )
         super().__init__(n_features, n_globals, phi_sizes, f_sizes, latent, use_globals)
         self.out = nn.Linear(self.out.in_features, N_FLAVOURS)
 

@@ -41,8 +41,8 @@ from bsym.training.models.base import (
 )
 from bsym.training.models.flavour import (
     N_FLAVOURS,
-    column_index,
     constituent_column,
+    global_column,
     need_constituents,
 )
 
@@ -437,7 +437,7 @@ class _SO2Settings(ModelSettings):
     def columns(self, spec: FeatureSpec) -> tuple[list[int], list[list[int]], list[int]]:
         scalars = [constituent_column(spec, n, "model.scalars") for n in self.scalars]
         vectors = [[constituent_column(spec, n, "model.vectors") for n in v] for v in self.vectors]
-        axis = [column_index(spec.global_names, n, "model.axis", "globals") for n in self.axis]
+        axis = [global_column(spec, n, "model.axis") for n in self.axis]
         return scalars, vectors, axis
 
     def build_class(self, cls: type[SO2PFN], spec: FeatureSpec) -> SO2PFN:
