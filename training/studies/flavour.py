@@ -46,7 +46,7 @@ from bsym.errors import ConfigError
 from bsym.rootio import TreeSource
 from bsym.settings import Settings
 from bsym.training.metrics import B_EFFICIENCIES, flavour_figures, roc_curve
-from bsym.training.studies.harness import bootstrap, simulated_sample, write_json
+from bsym.training.studies.harness import bootstrap, simulated_samples, write_json
 
 if TYPE_CHECKING:
     from bsym.training.config import TrainConfig
@@ -255,19 +255,12 @@ def _finite(value: Any) -> Any:
 
 def simulate_samples(settings: StudySettings, data_dir: Path) -> tuple[list[Path], list[Path]]:
     """The training and test jets (files of the 'Jets' tree), simulated or reused."""
-    train = _sample(data_dir, "train", settings.train_jets, seed=2 * settings.seed + 201)
-    test = _sample(data_dir, "test", settings.test_jets, seed=2 * settings.seed + 202)
-    return train, test
-
-
-def _sample(data_dir: Path, kind: str, n_jets: int, *, seed: int) -> list[Path]:
     from bsym.simulate.flavour import write_flavour
 
-    return simulated_sample(
+    return simulated_samples(
         data_dir,
-        kind,
-        n_jets,
-        seed=seed,
+        (settings.train_jets, settings.test_jets),
+        seeds=(2 * settings.seed + 201, 2 * settings.seed + 202),
         unit="jets",
         write=lambda out, size, seed: write_flavour(out, size, seed=seed),
         prefix="flavour_jets_",

@@ -40,23 +40,27 @@ def cached_sample(
     return paths
 
 
-def simulated_sample(
+def simulated_samples(
     data_dir: Path,
-    kind: str,
-    size: int,
+    sizes: tuple[int, int],
     *,
-    seed: int,
+    seeds: tuple[int, int],
     unit: str,
     write: Callable[[Path, int, int], list[Path]],
     prefix: str,
-) -> list[Path]:
-    """The files named ``prefix*`` of ``write(folder, size, seed)``, cached in
-    ``<data_dir>/<kind>_n<size>_s<seed>`` under the key ``{unit: size, "seed": seed}``."""
+) -> tuple[list[Path], list[Path]]:
+    """The training and test samples: the files named ``prefix*`` of ``write(folder, size,
+    seed)``, each cached in ``<data_dir>/<train|test>_n<size>_s<seed>`` under the key
+    ``{unit: size, "seed": seed}``."""
+    samples = []
+    for kind, size, seed in zip(("train", "test"), sizes, seeds, strict=True):
 
-    def written(out: Path) -> list[Path]:
-        return [path for path in write(out, size, seed) if path.name.startswith(prefix)]
+        def written(out: Path, size: int = size, seed: int = seed) -> list[Path]:
+            return [path for path in write(out, size, seed) if path.name.startswith(prefix)]
 
-    return cached_sample(data_dir / f"{kind}_n{size}_s{seed}", {unit: size, "seed": seed}, written)
+        key = {unit: size, "seed": seed}
+        samples.append(cached_sample(data_dir / f"{kind}_n{size}_s{seed}", key, written))
+    return samples[0], samples[1]
 
 
 def spread(values: Sequence[float]) -> float:
