@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -380,21 +380,13 @@ class FlavourPFN(PFN):
     kind = "flavour_pfn"
     n_classes = N_FLAVOURS
 
-    def __init__(
-        self,
-        n_features: int,
-        n_globals: int,
-        phi_sizes: Sequence[int],
-        f_sizes: Sequence[int],
-        latent: int | None = None,
-        use_globals: bool = True,
-        n_classes: int = N_FLAVOURS,
-    ) -> None:
+    def __init__(self, *args: Any, n_classes: int = N_FLAVOURS, **kwargs: Any) -> None:
+        """PFN's arguments; ``n_classes`` (from a three-class label) must be 3."""
         if n_classes != N_FLAVOURS:
             raise SpecMismatchError(
                 f"model 'flavour_pfn' has {N_FLAVOURS} classes (light, c, b), the label {n_classes}"
             )
-        super().__init__(n_features, n_globals, phi_sizes, f_sizes, latent, use_globals)
+        super().__init__(*args, **kwargs)
         self.out = nn.Linear(self.out.in_features, N_FLAVOURS)
 
 
