@@ -16,7 +16,6 @@ from bsym.training.studies.flavour import (
     PFN,
     ROWS,
     VECTOR,
-    Figure,
     Row,
     RunResult,
     StudyResult,
@@ -26,6 +25,7 @@ from bsym.training.studies.flavour import (
     verdicts,
     write_outputs,
 )
+from bsym.training.studies.harness import Figure
 from bsym.training.studies.plots import flavour_plots
 from bsym.training.studies.reports import flavour_claims_table, flavour_scan_table, flavour_table
 

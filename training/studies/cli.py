@@ -15,7 +15,7 @@ from bsym.simulate.geometry import Geometry
 if TYPE_CHECKING:
     from bsym.training.studies.augmentation import RunResult as AugmentationRun
     from bsym.training.studies.efp_search import Step
-    from bsym.training.studies.isolation import Figure
+    from bsym.training.studies.harness import Figure
     from bsym.training.studies.isolation import RunResult as IsolationRun
     from bsym.training.studies.learning_curve import RunResult
     from bsym.training.tables import Table

@@ -46,7 +46,7 @@ from bsym.errors import ConfigError
 from bsym.rootio import TreeSource
 from bsym.settings import Settings
 from bsym.training.metrics import B_EFFICIENCIES, flavour_figures, roc_curve
-from bsym.training.studies.harness import bootstrap, simulated_samples, write_json
+from bsym.training.studies.harness import Figure, bootstrap, simulated_samples, write_json
 
 if TYPE_CHECKING:
     from bsym.training.config import TrainConfig
@@ -162,14 +162,6 @@ QUICK = StudySettings(
     scan=(DIPS,),
     scan_sizes=(1_600, 3_200, 6_400),
 )
-
-
-@dataclass(frozen=True)
-class Figure:
-    """A value and its bootstrap standard deviation."""
-
-    value: float
-    error: float
 
 
 @dataclass(frozen=True)

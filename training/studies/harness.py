@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +39,14 @@ def cached_sample(
     document = {"sample": wanted, "files": [path.name for path in paths]}
     write_json(manifest, document)
     return paths
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A value and its bootstrap standard deviation."""
+
+    value: float
+    error: float
 
 
 def simulated_samples(

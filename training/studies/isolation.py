@@ -46,7 +46,7 @@ from bsym.rootio import TreeSource, check_branches, open_input
 from bsym.settings import Settings
 from bsym.training.cwola import CwolaRows, SupervisionConfig, prompt_fractions, read_cwola_rows
 from bsym.training.metrics import roc_auc, roc_curve, signal_efficiency
-from bsym.training.studies.harness import bootstrap, simulated_samples, write_json
+from bsym.training.studies.harness import Figure, bootstrap, simulated_samples, write_json
 
 if TYPE_CHECKING:
     from bsym.features import FeatureSpec
@@ -111,14 +111,6 @@ class UserData:
 
     train: tuple[TreeSource, ...]
     test: tuple[TreeSource, ...]
-
-
-@dataclass(frozen=True)
-class Figure:
-    """A value and its bootstrap standard deviation."""
-
-    value: float
-    error: float
 
 
 @dataclass(frozen=True)

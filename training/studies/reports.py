@@ -11,9 +11,8 @@ from bsym.training.tables import Column, Table, Value, best_of
 if TYPE_CHECKING:
     from bsym.training.studies.augmentation import StudyResult as AugmentationResult
     from bsym.training.studies.efp_search import SearchResult
-    from bsym.training.studies.flavour import Figure as FlavourFigure
     from bsym.training.studies.flavour import StudyResult as FlavourResult
-    from bsym.training.studies.isolation import Figure
+    from bsym.training.studies.harness import Figure
     from bsym.training.studies.isolation import StudyResult as IsolationResult
     from bsym.training.studies.learning_curve import StudyResult as LearningCurveResult
 
@@ -220,7 +219,7 @@ def _class_counts(result: FlavourResult) -> str:
     return ", ".join(f"{count} {name}" for name, count in result.n_test_by_class.items())
 
 
-def _figure_value(figure: FlavourFigure, key: str) -> Value:
+def _figure_value(figure: Figure, key: str) -> Value:
     return Value(figure.value, figure.error, ".4f" if key.endswith("auc") else ".1f")
 
 
