@@ -160,9 +160,9 @@ def test_cli_quick_options_reach_the_settings() -> None:
 def test_full_flavour_study(tmp_path: Path) -> None:
     """The full study: 200k training and 300k test jets, every tagger, the size scan.
 
-    Expected wall time on one thread of two shared CPU cores: 5-10 hours for the DIPS,
-    RNNIP, IP3D and PFN rows and the scan, and roughly 3-12 days for the four Vector/Tensor PFN
-    rows at width 64 (docs/flavour-study.md)."""
+    Expected wall time on one thread of an idle core: about 2 hours for the DIPS, RNNIP, IP3D
+    and PFN rows and the scan, 1 to 3.5 days for the four Vector/Tensor PFN rows at width 64
+    (docs/flavour-study.md)."""
     from bsym.training.studies.flavour import QUICK
 
     settings = StudySettings()
