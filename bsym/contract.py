@@ -70,6 +70,8 @@ PRECISION_ROWS_KEY = "bsym_precision_rows"
 PRECISION_CALIBRATION_ROWS_KEY = "bsym_precision_calibration_rows"
 PRECISION_SPEEDUP_KEY = "bsym_precision_speedup"
 """Rows/s of the model over rows/s of fp32, one ONNX Runtime CPU thread, measured at export."""
+DISCRIMINANT_KEY = "bsym_discriminant"
+"""A multi-class model's discriminant (:class:`bsym.discriminant.Discriminant` as JSON)."""
 SPEC_VERSION_KEY = "bsym_spec_version"
 """Not in the ONNX file: added where the feature spec is served, so a client can refuse a spec
 newer than it reads before parsing it."""
@@ -86,6 +88,7 @@ SERVED_METADATA: tuple[str, ...] = (
     PRECISION_FORMAT_KEY,
     PRECISION_AUC_LOSS_KEY,
     PRECISION_MAX_ABS_DIFF_KEY,
+    DISCRIMINANT_KEY,
 )
 """Metadata served in a Triton config, in this order (the training config and parity numbers
 stay in the file: clients do not need them); the precision keys only where the model has

@@ -286,12 +286,19 @@ class Label(StrictModel):
     one of the ``negative`` values (without ``negative``: every value that is not positive).
 
     With ``negative`` given, rows of neither class are left out of training and evaluation.
+
+    Multi-class truth: ``classes`` lists the values of each class, ``[[0], [4], [5]]`` for
+    light, c and b jets by ``Jet_hadronFlavour``; a row gets the index of its class,
+    0 … C−1, and rows of no class are left out. ``positive`` and ``negative`` do not apply.
     """
 
     branch: str = "Muon_genPartFlav"
     positive: list[int] = Field(default_factory=lambda: [1])
     negative: list[int] | None = Field(
         default=None, description="absent: every value that is not positive"
+    )
+    classes: list[list[int]] | None = Field(
+        default=None, description="multi-class: the values of each class, in class order"
     )
 
     @model_validator(mode="after")
@@ -301,18 +308,57 @@ class Label(StrictModel):
             raise ValueError(
                 f"label values {both} of '{self.branch}' are both positive and negative"
             )
+        if self.classes is not None:
+            self._check_classes(self.classes)
         return self
+
+    def _check_classes(self, classes: list[list[int]]) -> None:
+        if "positive" in self.model_fields_set or self.negative is not None:
+            raise ValueError(
+                f"label of '{self.branch}': give either classes or positive/negative, not both"
+            )
+        if len(classes) < 2 or not all(classes):
+            raise ValueError(
+                f"label classes of '{self.branch}' must be at least two non-empty lists of "
+                f"values, found {classes}"
+            )
+        values = [value for values in classes for value in values]
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            raise ValueError(f"label values {repeated} of '{self.branch}' are in two classes")
 
     @model_serializer(mode="wrap")
     def _without_absent_negative(self, handler: SerializerFunctionWrapHandler) -> Any:
-        # Specs written before `negative` existed stay byte for byte what they were.
+        # Specs written before `negative` and `classes` existed stay byte for byte what they
+        # were; a multi-class label is its branch and classes.
         data = handler(self)
-        if isinstance(data, dict) and data.get("negative") is None:
-            data.pop("negative", None)
+        if isinstance(data, dict):
+            if data.get("negative") is None:
+                data.pop("negative", None)
+            if data.get("classes") is None:
+                data.pop("classes", None)
+            else:
+                data.pop("positive", None)
         return data
 
+    @property
+    def n_classes(self) -> int:
+        """Outputs a model of this label has: 1 for a binary label, C for C classes."""
+        return 1 if self.classes is None else len(self.classes)
+
+    @property
+    def leaves_out(self) -> bool:
+        """Whether some values belong to no class (their rows are left out)."""
+        return self.negative is not None or self.classes is not None
+
     def classify(self, truth: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """1 for positive values, 0 for negative ones, -1 for values of neither class."""
+        """1 for positive values, 0 for negative ones, -1 for values of neither class; with
+        ``classes``, the index of the value's class, -1 for values of none."""
+        if self.classes is not None:
+            label = np.full(truth.shape, -1, dtype=np.int64)
+            for index, values in enumerate(self.classes):
+                label[np.isin(truth, values)] = index
+            return label
         label = np.isin(truth, self.positive).astype(np.int64)
         if self.negative is not None:
             label[~label.astype(np.bool_) & ~np.isin(truth, self.negative)] = -1

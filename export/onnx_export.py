@@ -566,6 +566,8 @@ def _torch_outputs(
 
 def _metadata(loaded: LoadedModel, model_name: str, parity: ParityReport) -> dict[str, str]:
     labels = loaded.config.class_labels
+    discriminant = loaded.config.discriminant
+    flavour = {} if discriminant is None else {contract.DISCRIMINANT_KEY: discriminant.to_json()}
     return {
         contract.FEATURE_SPEC_KEY: loaded.spec.to_json(),
         contract.CONFIG_KEY: loaded.config.model_dump_json(),
@@ -577,6 +579,7 @@ def _metadata(loaded: LoadedModel, model_name: str, parity: ParityReport) -> dic
         contract.PARITY_MAX_ABS_DIFF_KEY: repr(parity.worst),
         contract.PARITY_TOLERANCE_KEY: repr(parity.tolerance),
         contract.PARITY_ROWS_KEY: str(parity.rows),
+        **flavour,
     }
 
 

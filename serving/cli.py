@@ -98,6 +98,16 @@ def score_command(
             "(see the input report); its friend tree is not written."
         ),
     ] = False,
+    f_c: Annotated[
+        float | None,
+        typer.Option(
+            "--f-c",
+            min=0,
+            max=1,
+            help="Charm fraction of a flavour tagger's D_b branch (default: the one it was "
+            "trained with).",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     device: Annotated[
         str,
@@ -199,6 +209,7 @@ def score_command(
                 progress=progress,
                 strict_inputs=strict_inputs,
                 padding=padding,
+                f_c=f_c,
             )
         else:
             from bsym.serving.distributed import (
@@ -219,6 +230,7 @@ def score_command(
                 force=force,
                 strict_inputs=strict_inputs,
                 padding=padding,
+                f_c=f_c,
             )
             with dask_client(dask, connect_timeout=dask_timeout) as client:
                 summary = score_files_distributed(

@@ -101,6 +101,7 @@ class ScoreSettings:
     force: bool = False
     strict_inputs: bool = False
     padding: Padding = DEFAULT_PADDING
+    f_c: float | None = None
 
 
 # The scorer of this worker process; a task with other settings replaces it.
@@ -131,6 +132,7 @@ def worker_scorer(settings: ScoreSettings) -> _Scorer:
             progress=False,
             strict=settings.strict_inputs,
             padding=settings.padding,
+            f_c=settings.f_c,
         )
     except BaseException:
         stack.close()

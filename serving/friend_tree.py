@@ -106,9 +106,14 @@ class Provenance:
     model_bsym_version: str
     model_git_commit: str
     branches: str
+    discriminant: str = ""
+    """A flavour tagger's discriminant as written (its f_c included); not kept when empty."""
 
     def strings(self) -> dict[str, str]:
-        return {key: str(value) for key, value in asdict(self).items()}
+        strings = {key: str(value) for key, value in asdict(self).items()}
+        if not self.discriminant:
+            del strings["discriminant"]
+        return strings
 
 
 # The model as a rerun compares it (the bsym version and git commit are recorded, not compared:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from bsym.contract import GIT_COMMIT_KEY, MASK, VERSION_KEY, sha256_of
+from bsym.contract import DISCRIMINANT_KEY, GIT_COMMIT_KEY, MASK, VERSION_KEY, sha256_of
 from bsym.errors import (
     BadValueError,
     BsymError,
@@ -65,6 +65,7 @@ from bsym.serving.defaults import (
     DEFAULT_STEP_SIZE,
     Padding,
 )
+from bsym.serving.discriminant import with_discriminant
 from bsym.serving.friend_tree import (
     Column,
     FriendTreeWriter,
@@ -195,6 +196,7 @@ def score_files(
     progress: bool = True,
     strict_inputs: bool = False,
     padding: Padding | str = DEFAULT_PADDING,
+    f_c: float | None = None,
 ) -> ScoreSummary:
     """Score every input (``file.root``, ``dir/*.root``, ``file.root:tree``) into ``out_dir``.
 
@@ -207,6 +209,7 @@ def score_files(
     with ``strict_inputs`` a file with a flagged feature fails and keeps no output.
     ``padding`` says how rows are padded for a model with a dynamic constituent axis
     (:data:`Padding`); the scores are the same whichever is chosen.
+    A flavour tagger's discriminant is written too, with the charm fraction ``f_c`` if given.
     """
     summary = new_summary(backend, out_dir, strict_inputs=strict_inputs)
     scorer = _Scorer(
@@ -216,6 +219,7 @@ def score_files(
         progress=progress,
         strict=strict_inputs,
         padding=padding,
+        f_c=f_c,
     )
     start = time.perf_counter()
     queue = plan_outputs(inputs, backend.feature_spec, backend.name, out_dir, summary)
@@ -341,13 +345,15 @@ class _Scorer:
         progress: bool,
         strict: bool,
         padding: Padding | str = DEFAULT_PADDING,
+        f_c: float | None = None,
     ) -> None:
         try:
             chosen = Padding(padding)
         except ValueError:
             choices = [member.value for member in Padding]
             raise ConfigError(f"unknown padding '{padding}'; expected one of {choices}") from None
-        self.backend = backend
+        self.backend = with_discriminant(backend, f_c)
+        backend = self.backend
         self.padding = chosen if dynamic_constituents(backend) else Padding.fixed
         self.group_rows = int(getattr(backend, "batch_size", DEFAULT_BATCH_SIZE))
         self.spec: FeatureSpec = backend.feature_spec
@@ -430,6 +436,7 @@ class _Scorer:
             model_bsym_version=metadata.get(VERSION_KEY, ""),
             model_git_commit=metadata.get(GIT_COMMIT_KEY, ""),
             branches=",".join(self._branch_names(layout)),
+            discriminant=metadata.get(DISCRIMINANT_KEY, ""),
         )
 
     def _branch_names(self, layout: Layout) -> list[str]:

@@ -96,21 +96,30 @@ def predict(
     model: BsymModel | LoadedModel, batch: FeatureBatch, *, batch_size: int = 4096
 ) -> npt.NDArray[np.float32]:
     """Scores [N] (probability of the positive class) for every row of ``batch``."""
+    return predict_probabilities(model, batch, batch_size=batch_size)[:, 0].copy()
+
+
+def predict_probabilities(
+    model: BsymModel | LoadedModel, batch: FeatureBatch, *, batch_size: int = 4096
+) -> npt.NDArray[np.float32]:
+    """Scores [N, C] (the probability of each class; C = 1 for binary models)."""
     network = model.model if isinstance(model, LoadedModel) else model
     inputs = model_inputs(network, batch)
     was_training = network.training
     network.eval()
-    scores = np.empty(batch.n_rows, dtype=np.float32)
+    parts: list[npt.NDArray[np.float32]] = []
     try:
         with torch.inference_mode():
             for start in range(0, batch.n_rows, batch_size):
                 rows = [tensor[start : start + batch_size] for tensor in inputs]
                 outputs = network(*rows)
                 score = outputs[0] if isinstance(outputs, tuple) else outputs
-                scores[start : start + batch_size] = score[:, 0].numpy()
+                parts.append(score.numpy().astype(np.float32).reshape(len(score), -1))
     finally:
         network.train(was_training)
-    return scores
+    if not parts:
+        return np.empty((0, 1), dtype=np.float32)
+    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)

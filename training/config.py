@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from bsym.discriminant import Discriminant
 from bsym.errors import ConfigError, did_you_mean
 from bsym.features import FeatureSpec
 from bsym.rootio import atomic_output
@@ -90,6 +91,13 @@ class TrainConfig(StrictModel):
     decorrelation: DecorrelationConfig | None = Field(
         default=None, description="training-only decorrelation of the score from a variable"
     )
+    class_weights: Literal["balanced"] | list[Annotated[float, Field(gt=0)]] | None = Field(
+        default=None,
+        description="loss weight per class: 'balanced' (inverse class frequency) or one each",
+    )
+    discriminant: Discriminant | None = Field(
+        default=None, description="multi-class: D_b from the class probabilities (flavour)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +129,30 @@ class TrainConfig(StrictModel):
                 "decorrelation and augmentation do not combine: the rotated copies carry no "
                 "decorrelation variable; drop one of them"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _classes_agree(self) -> TrainConfig:
+        n_classes = 1 if self.features.label is None else self.features.label.n_classes
+        if n_classes > 1 and len(self.class_labels) != n_classes:
+            raise ValueError(
+                f"class_labels {self.class_labels} must name the {n_classes} classes of "
+                "features.label.classes, in order"
+            )
+        n_weights = max(n_classes, 2)
+        if isinstance(self.class_weights, list) and len(self.class_weights) != n_weights:
+            raise ValueError(
+                f"class_weights has {len(self.class_weights)} values for {n_weights} classes"
+            )
+        if self.discriminant is not None:
+            if n_classes < 3:
+                raise ValueError("discriminant needs a label of at least three classes")
+            missing = self.discriminant.missing(self.class_labels)
+            if missing:
+                raise ValueError(
+                    f"discriminant class label(s) {missing} are not in class_labels "
+                    f"{self.class_labels}"
+                )
         return self
 
 

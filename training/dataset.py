@@ -219,7 +219,7 @@ def _leave_out_neither(
     batch: FeatureBatch, spec: FeatureSpec, sources: Sequence[TreeSource]
 ) -> FeatureBatch:
     """The rows of ``batch`` whose truth is of one class; the others are counted in the log."""
-    if batch.label is None or spec.label is None or spec.label.negative is None:
+    if batch.label is None or spec.label is None or not spec.label.leaves_out:
         return batch
     neither = batch.label < 0
     if not neither.any():

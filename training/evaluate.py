@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from bsym.errors import BadValueError, ConfigError, SpecMismatchError
 from bsym.rootio import atomic_output
-from bsym.training.metrics import background_rejection, roc_auc, roc_curve
+from bsym.training.metrics import background_rejection, flavour_figures, roc_auc, roc_curve
 from bsym.training.tables import Column, Table, Value
 
 if TYPE_CHECKING:
@@ -33,6 +33,13 @@ METRICS_FILENAME = "metrics.json"
 ROC_FILENAME = "roc.png"
 PREDICT_BATCH = 8192
 HELD_OUT_TITLE = "Held-out performance"
+FLAVOUR_COLUMNS = {
+    "light_rej70": "light rej70",
+    "light_rej77": "light rej77",
+    "c_rej70": "c rej70",
+    "c_rej77": "c rej77",
+}
+"""Flavour taggers' extra columns: rejection at 70% and 77% b-efficiency on D_b."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,10 @@ class ModelMetrics:
     signal_yield_err: float = math.nan
     n_positive: int = 0
     """Rows of the positive class among the ``n_test`` (sWeighted CWoLa rows: 0)."""
+    flavour: dict[str, float] = field(default_factory=dict)
+    """Multi-class taggers: light and c rejection at 70% and 77% b-efficiency and the AUCs
+    on D_b (:func:`~bsym.training.metrics.flavour_figures`); empty for binary models."""
+    flavour_err: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,9 +121,15 @@ def evaluate(
         batch, source, files = _rows(loaded, data)
         if batch.label is None:
             raise SpecMismatchError(f"{source} gives no labels for model '{loaded.name}'")
-        scores = predict(loaded, batch, batch_size=PREDICT_BATCH).astype(np.float64)
         name = _unique(loaded.name, [m.name for m in metrics])
         labels, weights = batch.label, batch.weight
+        flavour: tuple[dict[str, float], dict[str, float]] = ({}, {})
+        if getattr(loaded.model, "n_classes", 1) == 1:
+            scores = predict(loaded, batch, batch_size=PREDICT_BATCH).astype(np.float64)
+        else:
+            labels, scores, flavour = _multi_class(
+                loaded, batch, n_bootstrap=n_bootstrap, seed=seed
+            )
         n_positive = int(np.count_nonzero(labels == 1))
         cwola = None
         if loaded.config.supervision.type == "cwola":
@@ -154,6 +171,8 @@ def evaluate(
                 auc_sweighted_err=math.nan if cwola is None else cwola.auc_sweighted_err,
                 signal_yield=math.nan if cwola is None else cwola.fit.signal_yield,
                 signal_yield_err=math.nan if cwola is None else cwola.fit.signal_yield_err,
+                flavour=flavour[0],
+                flavour_err=flavour[1],
             )
         )
         curves.append(_Curve(name, auc, tpr, fpr))
@@ -175,7 +194,15 @@ def comparison_table(
     """The models side by side, best AUC first, under ``title`` (what the rows are)."""
     # CWoLa models: the sWeighted AUC from the mass fit beside the AUC (truth where known)
     cwola = any(m.supervision == "cwola" for m in models)
-    headers = ["rows", "AUC", "rej50", "rej90", *(["sWeighted AUC"] if cwola else [])]
+    flavour = [key for key in FLAVOUR_COLUMNS if any(key in m.flavour for m in models)]
+    headers = [
+        "rows",
+        "AUC",
+        "rej50",
+        "rej90",
+        *(["sWeighted AUC"] if cwola else []),
+        *(FLAVOUR_COLUMNS[key] for key in flavour),
+    ]
     table = Table(
         title,
         [
@@ -185,6 +212,14 @@ def comparison_table(
         ],
         notes=[
             "rej50, rej90: background rejection 1/ε_B at 50% and 90% signal efficiency;",
+            *(
+                [
+                    "flavour taggers: signal b against the rest on D_b; light and c rejection "
+                    "at 70% and 77% b-efficiency;"
+                ]
+                if flavour
+                else []
+            ),
             f"± bootstrap standard deviation over {n_bootstrap} resamplings",
         ],
         compact=True,
@@ -199,8 +234,16 @@ def comparison_table(
             Value(m.rej50, m.rej50_err, ".1f"),
             Value(m.rej90, m.rej90_err, ".1f"),
             *([None if math.isnan(m.auc_sweighted) else sweighted] if cwola else []),
+            *(_flavour_cell(m, key) for key in flavour),
         )
     return table
+
+
+def _flavour_cell(metrics: ModelMetrics, key: str) -> Value | None:
+    if key not in metrics.flavour:
+        return None
+    value, error = metrics.flavour[key], metrics.flavour_err.get(key, math.nan)
+    return Value(value, error, ".4f" if key.endswith("auc") else ".1f")
 
 
 def _title(files: str | None, metrics: ModelMetrics | None, objects: str) -> str:
@@ -257,6 +300,52 @@ def _bootstrap(
     return (_std(values[:, 0]), _std(values[:, 1]), _std(values[:, 2]))
 
 
+def _multi_class(
+    loaded: LoadedModel, batch: FeatureBatch, *, n_bootstrap: int, seed: int
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.float64], tuple[dict[str, float], dict[str, float]]
+]:
+    """A multi-class model as one signal class against the rest (its D_b, or the log-odds of
+    its last class without a discriminant), and its flavour figures with bootstrap errors."""
+    from bsym.training.checkpoint import predict_probabilities
+
+    label = need_label(batch)
+    probabilities = predict_probabilities(loaded, batch, batch_size=PREDICT_BATCH)
+    names = loaded.config.class_labels
+    discriminant = loaded.config.discriminant
+    if discriminant is not None:
+        scores = discriminant.of(probabilities, names)
+        signal, charm, light = discriminant.columns(names)
+        backgrounds = {"light": light, "c": charm}
+    else:
+        signal = len(names) - 1
+        p = np.clip(probabilities[:, signal].astype(np.float64), 1e-30, 1 - 1e-7)
+        scores = np.log(p) - np.log1p(-p)
+        backgrounds = {names[k]: k for k in range(signal)}
+    weights = batch.weight
+    figures = flavour_figures(label, scores, backgrounds, signal, weights)
+    rng = np.random.default_rng(seed)
+    samples: list[dict[str, float]] = []
+    for _ in range(n_bootstrap):
+        rows = rng.integers(0, len(label), size=len(label))
+        try:
+            w = None if weights is None else weights[rows]
+            samples.append(flavour_figures(label[rows], scores[rows], backgrounds, signal, w))
+        except ValueError:  # a resampling without one of the classes
+            continue
+    errors = {
+        key: _std(np.asarray([sample[key] for sample in samples], dtype=np.float64))
+        for key in figures
+    }
+    return (label == signal).astype(np.int64), scores, (figures, errors)
+
+
+def need_label(batch: FeatureBatch) -> npt.NDArray[np.int64]:
+    if batch.label is None:
+        raise SpecMismatchError("the evaluation rows have no labels")
+    return batch.label
+
+
 def _std(values: npt.NDArray[np.float64]) -> float:
     finite = values[np.isfinite(values)]
     # Resamplings with no background left at the working point have infinite rejection;
@@ -286,6 +375,8 @@ def _write_json(path: Path, models: Sequence[ModelMetrics], *, n_bootstrap: int,
 
 def _json_number(value: object) -> object:
     """Infinite or undefined figures become ``null``: JSON has no infinity."""
+    if isinstance(value, dict):
+        return {key: _json_number(item) for key, item in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

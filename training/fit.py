@@ -45,7 +45,13 @@ from tqdm import tqdm
 from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
 from bsym.settings import StrictModel
-from bsym.training.losses import LossBatch, LossTerm, TrainedTerm, classification_loss
+from bsym.training.losses import (
+    LossBatch,
+    LossTerm,
+    TrainedTerm,
+    class_weighted,
+    classification_loss,
+)
 from bsym.training.metrics import roc_auc
 from bsym.training.models.base import BsymModel, NetworkModel, model_inputs
 
@@ -195,6 +201,7 @@ def fit(
     description: str = "train",
     device: torch.device | None = None,
     keep_last: bool = False,
+    class_weights: Sequence[float] | None = None,
 ) -> FitState:
     """Train ``model`` (already built, seeded and fitted to the data) and return its state.
 
@@ -206,6 +213,7 @@ def fit(
     first epoch, updated before every step and restored from ``state``. ``keep_last`` makes
     every epoch the best one, so the run ends with its last weights and never stops early
     (decorrelation: the validation AUC would prefer the least decorrelated epoch).
+    ``class_weights`` (one per class) multiply the training rows' weights in the loss.
     """
     check_classes(train.label, "training", model.n_classes)
     check_classes(validation.label, "validation", model.n_classes)
@@ -237,6 +245,8 @@ def fit(
         state.best_state = _copy_state(model)
     label = torch.from_numpy(train.label).to(device)
     weight = None if train.weight is None else torch.from_numpy(train.weight).to(device)
+    if class_weights is not None:
+        weight = class_weighted(label, weight, class_weights)
     trained = _trained_terms(terms, state)
     if trained and state.epoch == 0:
         everything = LossBatch(train.inputs, label, weight, train.copies, dict(train.extras))

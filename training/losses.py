@@ -6,18 +6,24 @@ divided by the summed weight of the batch (the plain mean without weights). Extr
 (:class:`LossTerm`) see the batch's logits and rows and return a scalar added to it; the
 encouraged-invariance term of rotation augmentation is one, and decorrelation terms plug in
 the same way.
+
+Class weights (``class_weights`` in the config) multiply each training row's weight by its
+class's weight: :func:`resolve_class_weights` turns ``balanced`` into numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bsym.errors import SpecMismatchError
+from bsym.errors import ConfigError, SpecMismatchError
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,36 @@ def classification_loss(logits: Tensor, label: Tensor, weight: Tensor | None) ->
     if weight is None:
         return losses.mean()
     return (losses * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def resolve_class_weights(
+    wanted: Literal["balanced"] | Sequence[float],
+    label: npt.NDArray[np.int64],
+    weight: npt.NDArray[np.float32] | None,
+    n_classes: int,
+) -> list[float]:
+    """One loss weight per class (two for a binary label): the given ones, or ``balanced``,
+    the summed row weight over C times that of the class, so every class weighs the same."""
+    size = max(n_classes, 2)
+    if wanted != "balanced":
+        if len(wanted) != size:
+            raise ConfigError(f"class_weights has {len(wanted)} values for {size} classes")
+        return [float(w) for w in wanted]
+    rows = np.ones(len(label)) if weight is None else weight.astype(np.float64)
+    totals = np.bincount(label, weights=rows, minlength=size)[:size]
+    if np.any(totals <= 0):
+        raise ConfigError(
+            f"class_weights: balanced needs every class in the training rows, found totals "
+            f"{totals.tolist()}"
+        )
+    return [float(totals.sum() / (size * total)) for total in totals]
+
+
+def class_weighted(label: Tensor, weight: Tensor | None, class_weights: Sequence[float]) -> Tensor:
+    """The rows' weights times their class's weight (the class weight alone without them)."""
+    per_class = torch.tensor(list(class_weights), dtype=torch.float32, device=label.device)
+    per_class = per_class[label.long()]
+    return per_class if weight is None else per_class * weight
 
 
 def invariance_penalty(logits: Tensor, n_copies: int) -> Tensor:

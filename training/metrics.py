@@ -126,3 +126,35 @@ def _validated(
     if not (np.sum(w * y) > 0 and np.sum(w * (1 - y)) > 0):
         raise ValueError("a ROC curve needs both classes with positive total weight")
     return y, s, w
+
+
+B_EFFICIENCIES = (0.70, 0.77)
+"""The b-jet efficiencies at which flavour taggers quote their light and c rejection."""
+
+
+def flavour_figures(
+    label: npt.ArrayLike,
+    discriminant: npt.ArrayLike,
+    backgrounds: dict[str, int],
+    signal: int,
+    weights: npt.ArrayLike | None = None,
+    efficiencies: tuple[float, ...] = B_EFFICIENCIES,
+) -> dict[str, float]:
+    """A multi-class tagger's figures on its discriminant (D_b), signal against each
+    background class alone: ``<name>_rej<eff%>`` (1/ε of that background at each signal
+    efficiency) and ``<name>_auc``, for every ``name: class index`` of ``backgrounds``."""
+    y = np.asarray(label).reshape(-1)
+    d = np.asarray(discriminant, dtype=np.float64).reshape(-1)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    figures: dict[str, float] = {}
+    for name, background in backgrounds.items():
+        rows = (y == signal) | (y == background)
+        binary = (y[rows] == signal).astype(np.int64)
+        chosen = None if w is None else w[rows]
+        fpr, tpr, _ = roc_curve(binary, d[rows], chosen)
+        for efficiency in efficiencies:
+            figures[f"{name}_rej{round(100 * efficiency)}"] = background_rejection(
+                fpr, tpr, efficiency
+            )
+        figures[f"{name}_auc"] = roc_auc(binary, d[rows], chosen)
+    return figures

@@ -36,7 +36,7 @@ from bsym.training.fit import (
     deterministic,
     fit,
 )
-from bsym.training.losses import InvarianceTerm, LossTerm
+from bsym.training.losses import InvarianceTerm, LossTerm, resolve_class_weights
 from bsym.training.metrics import roc_auc
 from bsym.training.models import BsymModel, NetworkModel, build_model
 from bsym.training.models.base import model_inputs, need
@@ -164,9 +164,16 @@ class _Run:
         if previous is not None:
             state = self._restore(model, previous)
         extras = extras or {}
+        rows = replace(Rows.of(model, train_rows, copies=copies), extras=extras.get("train", {}))
+        class_weights = None
+        if self.config.class_weights is not None:
+            class_weights = resolve_class_weights(
+                self.config.class_weights, rows.label, rows.weight, model.n_classes
+            )
+            log.info("class weights %s", ", ".join(f"{w:.4g}" for w in class_weights))
         self.state = fit(
             model,
-            replace(Rows.of(model, train_rows, copies=copies), extras=extras.get("train", {})),
+            rows,
             replace(Rows.of(model, validation_rows), extras=extras.get("validation", {})),
             self.config.optimizer,
             seed=self.config.seed,
@@ -178,6 +185,7 @@ class _Run:
             description=f"train {self.config.name}",
             device=self.device,
             keep_last=self.config.decorrelation is not None,
+            class_weights=class_weights,
         )
 
     def fixed(

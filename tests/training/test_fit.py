@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -36,7 +35,7 @@ class LinearClassifier(NetworkModel):
 
 
 class ThreeClasses(LinearClassifier):
-    n_classes: ClassVar[int] = 3
+    n_classes = 3
 
 
 def blobs(n: int, n_classes: int, *, seed: int, spread: float = 0.5) -> Rows:

@@ -104,7 +104,7 @@ class NetworkModel(BsymModel):
     training loop then takes the cross entropy against integer labels.
     """
 
-    n_classes: ClassVar[int] = 1
+    n_classes: int = 1
 
     def logits(self, *inputs: Tensor) -> Tensor:
         raise NotImplementedError
@@ -124,6 +124,11 @@ def model_inputs(model: BsymModel, batch: FeatureBatch) -> tuple[Tensor, ...]:
             f"the features give {', '.join(available) or 'none'}"
         )
     return tuple(torch.from_numpy(available[name]) for name in model.input_names)
+
+
+def n_classes_of(spec: FeatureSpec) -> int:
+    """Outputs of a classifier of ``spec``'s label: 1 (binary) or the number of classes."""
+    return 1 if spec.label is None else spec.label.n_classes
 
 
 def need(array: npt.NDArray[Any] | None, name: str) -> npt.NDArray[Any]:

@@ -24,6 +24,7 @@ from bsym.training.models.base import (
     NetworkModel,
     Standardise,
     mlp,
+    n_classes_of,
     n_globals_of,
     need,
 )
@@ -72,6 +73,7 @@ class PFNConfig(ModelSettings):
             self.f_sizes,
             self.latent,
             self.use_globals,
+            n_classes_of(spec),
         )
 
 
@@ -86,7 +88,7 @@ class DNNConfig(ModelSettings):
             raise ValueError("model type 'dnn' needs features.globals or features.cones")
 
     def build(self, spec: FeatureSpec, batch: FeatureBatch) -> BsymModel:
-        return DNN(n_globals_of(batch), self.hidden_sizes)
+        return DNN(n_globals_of(batch), self.hidden_sizes, n_classes_of(spec))
 
 
 class ConeCutConfig(ModelSettings):
@@ -135,6 +137,7 @@ class PFN(NetworkModel):
         f_sizes: Sequence[int],
         latent: int | None = None,
         use_globals: bool = True,
+        n_classes: int = 1,
     ) -> None:
         super().__init__()
         self.init_kwargs = {
@@ -145,6 +148,11 @@ class PFN(NetworkModel):
             "latent": latent,
             "use_globals": use_globals,
         }
+        # binary models keep the checkpoint kwargs they always had (and a subclass its
+        # class-level n_classes)
+        if n_classes != 1:
+            self.init_kwargs["n_classes"] = n_classes
+            self.n_classes = n_classes
         self.use_globals = use_globals and n_globals > 0
         self.input_names = (
             ("constituents", "mask", "globals")
@@ -159,7 +167,7 @@ class PFN(NetworkModel):
         self.norm_globals = Standardise(n_globals)
         n_head = widths[-1] + (n_globals if self.use_globals else 0)
         self.f = mlp(n_head, f_sizes)
-        self.out = nn.Linear(f_sizes[-1] if f_sizes else n_head, 1)
+        self.out = nn.Linear(f_sizes[-1] if f_sizes else n_head, n_classes)
 
     def prepare(self, batch: FeatureBatch) -> None:
         constituents, mask = need(batch.constituents, "constituents"), need(batch.mask, "mask")
@@ -182,12 +190,15 @@ class DNN(NetworkModel):
     kind = "dnn"
     input_names = ("globals",)
 
-    def __init__(self, n_globals: int, hidden_sizes: Sequence[int]) -> None:
+    def __init__(self, n_globals: int, hidden_sizes: Sequence[int], n_classes: int = 1) -> None:
         super().__init__()
         self.init_kwargs = {"n_globals": n_globals, "hidden_sizes": list(hidden_sizes)}
+        if n_classes != 1:
+            self.init_kwargs["n_classes"] = n_classes
+            self.n_classes = n_classes
         self.norm = Standardise(n_globals)
         self.hidden = mlp(n_globals, hidden_sizes)
-        self.out = nn.Linear(hidden_sizes[-1] if hidden_sizes else n_globals, 1)
+        self.out = nn.Linear(hidden_sizes[-1] if hidden_sizes else n_globals, n_classes)
 
     def prepare(self, batch: FeatureBatch) -> None:
         self.norm.fit(need(batch.globals, "globals"))

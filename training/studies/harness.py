@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +39,37 @@ def cached_sample(
     document = {"sample": wanted, "files": [path.name for path in paths]}
     write_json(manifest, document)
     return paths
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A value and its bootstrap standard deviation."""
+
+    value: float
+    error: float
+
+
+def simulated_samples(
+    data_dir: Path,
+    sizes: tuple[int, int],
+    *,
+    seeds: tuple[int, int],
+    unit: str,
+    write: Callable[[Path, int, int], list[Path]],
+    prefix: str,
+) -> tuple[list[Path], list[Path]]:
+    """The training and test samples: the files named ``prefix*`` of ``write(folder, size,
+    seed)``, each cached in ``<data_dir>/<train|test>_n<size>_s<seed>`` under the key
+    ``{unit: size, "seed": seed}``."""
+    samples = []
+    for kind, size, seed in zip(("train", "test"), sizes, seeds, strict=True):
+
+        def written(out: Path, size: int = size, seed: int = seed) -> list[Path]:
+            return [path for path in write(out, size, seed) if path.name.startswith(prefix)]
+
+        key = {unit: size, "seed": seed}
+        samples.append(cached_sample(data_dir / f"{kind}_n{size}_s{seed}", key, written))
+    return samples[0], samples[1]
 
 
 def spread(values: Sequence[float]) -> float:

@@ -46,7 +46,7 @@ from bsym.rootio import TreeSource, check_branches, open_input
 from bsym.settings import Settings
 from bsym.training.cwola import CwolaRows, SupervisionConfig, prompt_fractions, read_cwola_rows
 from bsym.training.metrics import roc_auc, roc_curve, signal_efficiency
-from bsym.training.studies.harness import bootstrap, cached_sample, write_json
+from bsym.training.studies.harness import Figure, bootstrap, simulated_samples, write_json
 
 if TYPE_CHECKING:
     from bsym.features import FeatureSpec
@@ -114,14 +114,6 @@ class UserData:
 
 
 @dataclass(frozen=True)
-class Figure:
-    """A value and its bootstrap standard deviation."""
-
-    value: float
-    error: float
-
-
-@dataclass(frozen=True)
 class RunResult:
     """One training of one row, scored on the common test rows."""
 
@@ -181,20 +173,15 @@ class StudyResult:
 
 def simulate_samples(settings: StudySettings, data_dir: Path) -> tuple[list[Path], list[Path]]:
     """The training and test samples (files of the 'Muons' tree), simulated or reused."""
-    train = _sample(data_dir, "train", settings.train_events, seed=2 * settings.seed + 101)
-    test = _sample(data_dir, "test", settings.test_events, seed=2 * settings.seed + 102)
-    return train, test
-
-
-def _sample(data_dir: Path, kind: str, n_events: int, *, seed: int) -> list[Path]:
     from bsym.simulate import write_isolation
 
-    def write(out: Path) -> list[Path]:
-        written = write_isolation(out, n_events, seed=seed)
-        return [path for path in written if path.name.startswith("isolation_muons_")]
-
-    return cached_sample(
-        data_dir / f"{kind}_n{n_events}_s{seed}", {"events": n_events, "seed": seed}, write
+    return simulated_samples(
+        data_dir,
+        (settings.train_events, settings.test_events),
+        seeds=(2 * settings.seed + 101, 2 * settings.seed + 102),
+        unit="events",
+        write=lambda out, size, seed: write_isolation(out, size, seed=seed),
+        prefix="isolation_muons_",
     )
 
 

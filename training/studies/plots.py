@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from bsym.training.studies.augmentation import StudyResult as AugmentationResult
     from bsym.training.studies.decorrelation import StudyResult as DecorrelationResult
+    from bsym.training.studies.flavour import StudyResult as FlavourResult
     from bsym.training.studies.isolation import StudyResult as IsolationResult
     from bsym.training.studies.learning_curve import StudyResult as LearningCurveResult
 
@@ -211,3 +212,62 @@ def decorrelation_plots(result: DecorrelationResult, out_dir: Path) -> list[Path
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize="x-small")
     return [_save(figure, out_dir / "rejection_vs_jsd.png", tight=False)]
+
+
+def flavour_plots(result: FlavourResult, out_dir: Path) -> list[Path]:
+    """``rejection_vs_beff.png`` in the conventions of ATLAS's puma: light (solid) and c
+    (dashed) rejection against b-efficiency on a log axis, and one ratio panel per background
+    class to the reference tagger; ``light_rejection_vs_size.png`` for the size scan."""
+    from bsym.training.studies.flavour import CURVE_EFFICIENCIES
+
+    efficiency = np.asarray(CURVE_EFFICIENCIES)
+    reference = result.curves.get(result.settings.reference)
+    figure = _figure(6.4, 7.2, layout="constrained")
+    main, light_ratio, c_ratio = figure.subplots(
+        3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1, 1]}
+    )
+    colours = {title: f"C{index}" for index, title in enumerate(result.curves)}
+    for title, curves in result.curves.items():
+        colour = colours[title]
+        main.plot(efficiency, _finite_or_nan(curves["light"]), color=colour, label=title)
+        main.plot(efficiency, _finite_or_nan(curves["c"]), color=colour, ls="--")
+        if reference is None:
+            continue
+        for axes, background in ((light_ratio, "light"), (c_ratio, "c")):
+            ratio = _finite_or_nan(curves[background]) / _finite_or_nan(reference[background])
+            axes.plot(efficiency, ratio, color=colour, ls="-" if background == "light" else "--")
+    main.set_yscale("log")
+    main.set_ylabel("background rejection")
+    main.plot([], [], color="black", label="light-jet rejection")
+    main.plot([], [], color="black", ls="--", label="c-jet rejection")
+    main.legend(fontsize="small", ncol=2)
+    main.grid(True, which="both", alpha=0.3)
+    main.set_title(f"{result.n_test} test jets, f_c = {result.settings.f_c:g}")
+    for axes, background in ((light_ratio, "light"), (c_ratio, "c")):
+        axes.axhline(1.0, color="black", lw=0.8)
+        axes.set_ylabel(f"{background} ratio\nto {result.settings.reference}", fontsize="small")
+        axes.grid(True, alpha=0.3)
+    c_ratio.set_xlabel("b-jet efficiency")
+    c_ratio.set_xlim(efficiency[0], efficiency[-1])
+    paths = [_save(figure, out_dir / "rejection_vs_beff.png", tight=False)]
+    if result.scan:
+        figure = _figure(6, 4)
+        axes = figure.add_subplot()
+        for title in dict.fromkeys(run.title for run in result.scan):
+            runs = sorted((r for r in result.scan if r.title == title), key=lambda r: r.train_jets)
+            rows = {
+                r.train_jets: (r.figures["light_rej70"].value, r.figures["light_rej70"].error)
+                for r in runs
+            }
+            _errorbars(axes, rows, title)
+        axes.set_xscale("log")
+        axes.set_xlabel("training jets")
+        axes.set_ylabel("light rejection at 70% b-efficiency")
+        axes.legend()
+        paths.append(_save(figure, out_dir / "light_rejection_vs_size.png"))
+    return paths
+
+
+def _finite_or_nan(values: list[float]) -> Any:
+    array = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(array), array, np.nan)

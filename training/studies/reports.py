@@ -12,12 +12,14 @@ if TYPE_CHECKING:
     from bsym.training.studies.augmentation import StudyResult as AugmentationResult
     from bsym.training.studies.decorrelation import StudyResult as DecorrelationResult
     from bsym.training.studies.efp_search import SearchResult
-    from bsym.training.studies.isolation import Figure
+    from bsym.training.studies.flavour import StudyResult as FlavourResult
+    from bsym.training.studies.harness import Figure
     from bsym.training.studies.isolation import StudyResult as IsolationResult
     from bsym.training.studies.learning_curve import StudyResult as LearningCurveResult
 
 ISOLATION_WIDTH = 150
 DECORRELATION_WIDTH = 140
+FLAVOUR_WIDTH = 150
 
 
 def auc_table(result: LearningCurveResult) -> Table:
@@ -206,4 +208,87 @@ def decorrelation_table(result: DecorrelationResult) -> Table:
             Value(run.sweighted_bias.value, run.sweighted_bias.error, "+.4f"),
             Value(run.bias_change.value, run.bias_change.error, "+.4f"),
         )
+    return table
+
+
+def flavour_table(result: FlavourResult) -> Table:
+    """One row per tagger: light and c rejection at 70% and 77% b-efficiency, the AUCs on
+    D_b, seconds per epoch and epochs to converge; best of each column in bold."""
+    from bsym.training.studies.flavour import FIGURES
+
+    settings = result.settings
+    headers = {
+        "light_rej70": "light rej 70%",
+        "light_rej77": "light rej 77%",
+        "c_rej70": "c rej 70%",
+        "c_rej77": "c rej 77%",
+        "light_auc": "AUC b/light",
+        "c_auc": "AUC b/c",
+    }
+    table = Table(
+        f"flavour tagging on {result.n_test} test jets ({_class_counts(result)})",
+        [
+            Column("tagger", "left", no_wrap=True),
+            *(Column(headers[key], "right", no_wrap=True) for key in FIGURES),
+            Column("s/epoch", "right"),
+            Column("epochs (conv.)", "right"),
+        ],
+        notes=[
+            f"on D_b with f_c = {settings.f_c:g}; ± bootstrap std over {settings.bootstraps} "
+            "resamplings of the test jets (weighted by Jet_weight)",
+            "s/epoch: wall seconds per epoch (training and validation); epochs: run "
+            f"(converged: first within {100 * settings.converge_tolerance:g}% of the best "
+            "validation loss)",
+        ],
+        compact=True,
+        min_width=FLAVOUR_WIDTH,
+    )
+    columns = {
+        key: best_of([_figure_value(run.figures[key], key) for run in result.runs])
+        for key in FIGURES
+    }
+    for index, run in enumerate(result.runs):
+        table.add_row(
+            run.title,
+            *(columns[key][index] for key in FIGURES),
+            "—" if math.isnan(run.seconds_per_epoch) else f"{run.seconds_per_epoch:.1f}",
+            f"{run.epochs} ({run.epochs_to_converge})" if run.epochs else "fitted",
+        )
+    return table
+
+
+def _class_counts(result: FlavourResult) -> str:
+    return ", ".join(f"{count} {name}" for name, count in result.n_test_by_class.items())
+
+
+def _figure_value(figure: Figure, key: str) -> Value:
+    return Value(figure.value, figure.error, ".4f" if key.endswith("auc") else ".1f")
+
+
+def flavour_scan_table(result: FlavourResult) -> Table:
+    """Light rejection at 70% b-efficiency against the training size, per scanned tagger."""
+    titles = list(dict.fromkeys(run.title for run in result.scan))
+    sizes = sorted({run.train_jets for run in result.scan})
+    table = Table(
+        "training-size scan: light rejection at 70% b-efficiency",
+        [Column("training jets", "right"), *(Column(title) for title in titles)],
+    )
+    for size in sizes:
+        cells = []
+        for title in titles:
+            run = next((r for r in result.scan if r.title == title and r.train_jets == size), None)
+            cells.append(None if run is None else _figure_value(run.figures["light_rej70"], ""))
+        table.add_row(str(size), *cells)
+    return table
+
+
+def flavour_claims_table(result: FlavourResult) -> Table:
+    """The issue's claims and whether this run bears them out."""
+    table = Table(
+        "claims",
+        [Column("claim", "left"), Column("here", "left"), Column("verdict", "left", no_wrap=True)],
+    )
+    for verdict in result.verdicts:
+        word = {True: "holds", False: "does not hold", None: "not tested"}[verdict.holds]
+        table.add_row(verdict.claim, verdict.evidence, word)
     return table
