@@ -45,8 +45,7 @@ from bsym.rootio import TreeSource
 from bsym.settings import Settings
 from bsym.training.cwola import CwolaRows, SupervisionConfig, read_cwola_rows
 from bsym.training.metrics import roc_auc
-from bsym.training.studies.harness import bootstrap, write_json
-from bsym.training.studies.isolation import Figure
+from bsym.training.studies.harness import Figure, bootstrap, write_json
 
 if TYPE_CHECKING:
     from bsym.training.sweights import MassFit
