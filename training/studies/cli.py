@@ -48,6 +48,12 @@ TestFiles = Annotated[
 ]
 MaxEpochs = Annotated[int | None, typer.Option(min=1, help="Maximum epochs per training.")]
 Seed = Annotated[int | None, typer.Option(help="Seed of the data and the trainings.")]
+IsolationEvents = Annotated[
+    int | None, typer.Option(min=1000, help="Training events (default 60,000).")
+]
+TestBootstraps = Annotated[
+    int | None, typer.Option(min=2, help="Bootstrap resamplings of the test rows.")
+]
 StudyOut = Annotated[
     Path | None,
     typer.Option(
@@ -308,12 +314,8 @@ def isolation_command(
         bool,
         typer.Option(help="8k training and 6k test events, at most 4 epochs, 8 bootstraps."),
     ] = False,
-    events: Annotated[
-        int | None, typer.Option(min=1000, help="Training events (default 60,000).")
-    ] = None,
-    bootstraps: Annotated[
-        int | None, typer.Option(min=2, help="Bootstrap resamplings of the test rows.")
-    ] = None,
+    events: IsolationEvents = None,
+    bootstraps: TestBootstraps = None,
     epochs: MaxEpochs = None,
     seed: Seed = None,
     out: Annotated[
@@ -547,15 +549,11 @@ def decorrelation_command(
         bool,
         typer.Option(help="8k training and 6k test events, at most 6 epochs, 10 bootstraps."),
     ] = False,
-    events: Annotated[
-        int | None, typer.Option(min=1000, help="Training events (default 60,000).")
-    ] = None,
+    events: IsolationEvents = None,
     test_events: Annotated[
         int | None, typer.Option(min=1000, help="Test events (default 20,000).")
     ] = None,
-    bootstraps: Annotated[
-        int | None, typer.Option(min=2, help="Bootstrap resamplings of the test rows.")
-    ] = None,
+    bootstraps: TestBootstraps = None,
     epochs: MaxEpochs = None,
     seed: Seed = None,
     out: Annotated[
