@@ -900,6 +900,19 @@ def slot_lengths(mask: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
     return np.where(mask.any(axis=1), mask.shape[1] - last_from_end, 0).astype(np.int64)
 
 
+SLOT_QUANTUM = 8
+"""Batches cut to their longest row keep a multiple of this many constituent slots: ONNX
+Runtime plans memory per input shape, and Triton's dynamic batcher merges only requests of
+one shape, so widths are kept to a few values (4 for 32 slots)."""
+
+
+def request_width(longest: int, max_count: int) -> int:
+    """The constituent slots of a batch whose longest row has ``longest``: the next
+    multiple of :data:`SLOT_QUANTUM`, at most ``max_count`` (and never below ``longest``)."""
+    rounded = -(-max(longest, 1) // SLOT_QUANTUM) * SLOT_QUANTUM
+    return max(min(rounded, max_count), longest)
+
+
 def narrowed(
     tensors: dict[str, npt.NDArray[np.generic]],
     width: int,

@@ -35,6 +35,7 @@ from bsym.features import (
     build_features,
     detect_layout,
     narrowed,
+    request_width,
     required_branches,
     slot_lengths,
 )
@@ -571,12 +572,13 @@ def padded_feeds(feed: dict[str, Tensor], padding: Padding, group_rows: int) -> 
     if padding is Padding.fixed or MASK not in feed:
         return PaddedFeeds([feed])
     lengths = slot_lengths(feed[MASK])
+    max_count = feed[MASK].shape[1]
+    longest = request_width(int(lengths.max()), max_count)
     if padding is Padding.longest:
-        return PaddedFeeds([narrowed(feed, max(int(lengths.max()), 1))])
-    longest = max(int(lengths.max()), 1)
+        return PaddedFeeds([narrowed(feed, longest)])
     order = np.argsort(lengths, kind="stable")
     groups = [order[start : start + group_rows] for start in range(0, len(order), group_rows)]
-    widths = [max(int(lengths[group[-1]]), 1) for group in groups]
+    widths = [request_width(int(lengths[group[-1]]), max_count) for group in groups]
     slots = sum(len(group) * width for group, width in zip(groups, widths, strict=True))
     if slots > GROUPING_WORTH * len(order) * longest:
         # most rows are as long as the longest: gathering the groups would cost more

@@ -29,7 +29,7 @@ import numpy as np
 
 from bsym.errors import ServerError, SpecMismatchError, did_you_mean
 from bsym.extras import require
-from bsym.features import FeatureSpec
+from bsym.features import FeatureSpec, request_width
 from bsym.serving.aio_thread import LoopThread
 from bsym.serving.backend import Tensor, TensorSpec, check_inputs, check_slots
 from bsym.serving.defaults import (
@@ -51,19 +51,6 @@ _HEADROOM = 64 * 1024  # request framing, names and shapes beside the raw tensor
 _UNAVAILABLE = "StatusCode.UNAVAILABLE"
 _NOT_FOUND = "StatusCode.NOT_FOUND"
 _DEADLINE = "StatusCode.DEADLINE_EXCEEDED"
-
-
-SLOT_QUANTUM = 8
-"""Requests to a model with a dynamic constituent axis are padded to a multiple of this many
-slots: Triton's dynamic batcher merges only requests of one shape, so widths are kept to a
-few values (4 for 32 slots) for requests of several clients to merge."""
-
-
-def request_width(longest: int, max_count: int) -> int:
-    """The constituent slots of a request whose longest row has ``longest``: the next
-    multiple of :data:`SLOT_QUANTUM`, at most ``max_count`` (and never below ``longest``)."""
-    rounded = -(-max(longest, 1) // SLOT_QUANTUM) * SLOT_QUANTUM
-    return max(min(rounded, max_count), longest)
 
 
 @dataclass(frozen=True)

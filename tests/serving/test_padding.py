@@ -22,10 +22,12 @@ from bsym.export.triton.common import Flavour
 from bsym.export.triton.description import DYNAMIC, describe_onnx
 from bsym.export.triton.render import render_config
 from bsym.features import (
+    SLOT_QUANTUM,
     FeatureSpec,
     build_features,
     detect_layout,
     narrowed,
+    request_width,
     required_branches,
     slot_lengths,
 )
@@ -33,7 +35,6 @@ from bsym.serving.backend import dynamic_constituents
 from bsym.serving.defaults import Padding
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.scorer import score_files
-from bsym.serving.triton_client import SLOT_QUANTUM, request_width
 from bsym.training.config import load_config
 from bsym.training.models.lorentz import UnconstrainedNet
 from bsym.training.models.sets import PFN
@@ -130,7 +131,8 @@ def test_every_padding_gives_the_scores_of_full_padding_in_input_order(
 
 
 def test_groups_are_narrower_than_the_maximum(pfn_path: Path, isolation_sample: Path) -> None:
-    """What the backend is given: every group cut to its own longest row, none wider."""
+    """What the backend is given: every group cut to its own longest row rounded up to a
+    multiple of SLOT_QUANTUM slots, none wider."""
     seen: list[tuple[int, int]] = []
 
     class Recording(OnnxRuntimeBackend):
@@ -145,7 +147,8 @@ def test_groups_are_narrower_than_the_maximum(pfn_path: Path, isolation_sample: 
     summary = score_files([source], backend, isolation_sample / "out_groups", progress=False)
     assert not summary.failed
     widths = [width for width, _ in seen[1:]]  # the first call is the probe of one row
-    assert all(width == max(longest, 1) for width, longest in seen[1:])
+    assert all(width == request_width(longest, max_count) for width, longest in seen[1:])
+    assert all(width % SLOT_QUANTUM == 0 or width == max_count for width in widths)
     assert max(widths) <= max_count
     if max_count == 128:  # most muons have fewer; with 32 cells most have 32 or more
         assert min(widths) < 48 and len(set(widths)) > 1
