@@ -13,7 +13,7 @@ holds at most ``batch_size`` rows, never more than the model's ``max_batch_size`
 fits in one gRPC message. Constituents shorter than the model's fixed length are padded
 (masked out), because Triton's dynamic batcher merges only requests of identical shape; for
 a model with a dynamic constituent axis they are padded only to the next multiple of
-:data:`SLOT_QUANTUM` slots, so requests of similar rows still share a shape.
+:data:`bsym.features.SLOT_QUANTUM` slots, so requests of similar rows still share a shape.
 """
 
 from __future__ import annotations
