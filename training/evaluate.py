@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -297,7 +297,7 @@ def _bootstrap(
         rej50, rej90 = (background_rejection(fpr, tpr, point) for point in WORKING_POINTS)
         samples.append((auc, rej50, rej90))
     values = np.asarray(samples, dtype=np.float64).reshape(-1, 3)
-    return (_std(values[:, 0]), _std(values[:, 1]), _std(values[:, 2]))
+    return (finite_std(values[:, 0]), finite_std(values[:, 1]), finite_std(values[:, 2]))
 
 
 def _multi_class(
@@ -333,10 +333,7 @@ def _multi_class(
             samples.append(flavour_figures(label[rows], scores[rows], backgrounds, signal, w))
         except ValueError:  # a resampling without one of the classes
             continue
-    errors = {
-        key: _std(np.asarray([sample[key] for sample in samples], dtype=np.float64))
-        for key in figures
-    }
+    errors = {key: finite_std([sample[key] for sample in samples]) for key in figures}
     return (label == signal).astype(np.int64), scores, (figures, errors)
 
 
@@ -346,8 +343,10 @@ def need_label(batch: FeatureBatch) -> npt.NDArray[np.int64]:
     return batch.label
 
 
-def _std(values: npt.NDArray[np.float64]) -> float:
-    finite = values[np.isfinite(values)]
+def finite_std(values: npt.ArrayLike) -> float:
+    """The spread (ddof 1) of the finite values; NaN with fewer than two."""
+    array = np.asarray(values, dtype=np.float64)
+    finite = array[np.isfinite(array)]
     # Resamplings with no background left at the working point have infinite rejection;
     # the spread is taken over the others, and is undefined if fewer than two remain.
     return float(np.std(finite, ddof=1)) if len(finite) >= 2 else math.nan
@@ -367,16 +366,19 @@ def _write_json(path: Path, models: Sequence[ModelMetrics], *, n_bootstrap: int,
         "working_points": {"rej50": WORKING_POINTS[0], "rej90": WORKING_POINTS[1]},
         "n_bootstrap": n_bootstrap,
         "seed": seed,
-        "models": [{k: _json_number(v) for k, v in asdict(m).items()} for m in models],
+        "models": [{k: json_number(v) for k, v in asdict(m).items()} for m in models],
     }
     with atomic_output(path) as temporary:
         temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-def _json_number(value: object) -> object:
-    """Infinite or undefined figures become ``null``: JSON has no infinity."""
+def json_number(value: object) -> Any:
+    """Infinite or undefined figures become ``null`` (in dicts and lists too): JSON has no
+    infinity."""
     if isinstance(value, dict):
-        return {key: _json_number(item) for key, item in value.items()}
+        return {key: json_number(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_number(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -45,6 +45,7 @@ from bsym.discriminant import DEFAULT_FC
 from bsym.errors import ConfigError
 from bsym.rootio import TreeSource
 from bsym.settings import Settings
+from bsym.training.evaluate import finite_std, json_number
 from bsym.training.metrics import B_EFFICIENCIES, flavour_figures, roc_curve
 from bsym.training.studies.harness import Figure, bootstrap, simulated_samples, write_json
 
@@ -213,7 +214,7 @@ class StudyResult:
 
     def document(self) -> dict[str, object]:
         """The numbers of the study, as written to ``flavour_study.json``."""
-        document: dict[str, object] = _finite(
+        document: dict[str, object] = json_number(
             {
                 "settings": self.settings.model_dump(mode="json"),
                 "skipped": self.skipped,
@@ -232,17 +233,6 @@ class StudyResult:
             }
         )
         return document
-
-
-def _finite(value: Any) -> Any:
-    """Infinite or undefined numbers become ``null``: JSON has neither."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def simulate_samples(settings: StudySettings, data_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -493,12 +483,7 @@ def _bootstrapped(
         n_bootstrap=settings.bootstraps,
         rng=np.random.default_rng([settings.seed, 15]),
     )
-    return {key: Figure(central[key], _std([s[key] for s in samples])) for key in FIGURES}
-
-
-def _std(values: Sequence[float]) -> float:
-    finite = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
-    return float(np.std(finite, ddof=1)) if finite.size >= 2 else math.nan
+    return {key: Figure(central[key], finite_std([s[key] for s in samples])) for key in FIGURES}
 
 
 def _with_errors(
@@ -535,7 +520,7 @@ def _with_errors(
     for name, value in central.items():
         a, b, key = name.split("|")
         result.ratios.setdefault(f"{a} / {b}", {})[key] = Figure(
-            value, _std([sample[name] for sample in samples])
+            value, finite_std([sample[name] for sample in samples])
         )
 
 
