@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from bsym.errors import BadValueError, ConfigError
 from bsym.settings import StrictModel
 from bsym.training.losses import LossBatch
+from bsym.training.models.base import mlp
 
 # the scaled variable's mixture widths stay above this (a spike on one value is not learning)
 _MIN_SIGMA = 1e-3
@@ -152,13 +153,8 @@ class MixtureDensityNetwork(nn.Module):
 
     def __init__(self, n_inputs: int, components: int, hidden_sizes: list[int]) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = n_inputs
-        for size in hidden_sizes:
-            layers += [nn.Linear(width, size), nn.ReLU()]
-            width = size
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, 3 * components)
+        self.body = mlp(n_inputs, hidden_sizes)
+        self.head = nn.Linear(hidden_sizes[-1] if hidden_sizes else n_inputs, 3 * components)
         self.components = components
 
     def negative_log_likelihood(self, inputs: Tensor, variable: Tensor) -> Tensor:
@@ -211,9 +207,12 @@ class AdversaryTerm:
         weight = batch.weight[selected]
         return (nll * weight).sum() / weight.sum().clamp_min(1e-12)
 
+    def to(self, device: torch.device) -> None:
+        """The adversary on ``device`` (before its state is restored, so Adam's is there too)."""
+        self.network.to(device)
+
     def update(self, logits: Tensor, batch: LossBatch) -> None:
         """K adversary steps on the batch's scores (the classifier is not changed)."""
-        self.network.to(logits.device)
         score = torch.sigmoid(_one_score(logits.detach()))
         for _ in range(self.config.adversary_options.steps):
             self._step(score, batch)
@@ -223,7 +222,6 @@ class AdversaryTerm:
         (once per run: a resumed run does not pre-train again)."""
         if self.pretrained:
             return
-        self.network.to(logits.device)
         score = torch.sigmoid(_one_score(logits.detach()))
         size = self.config.adversary_options.batch_size
         for epoch in range(self.config.adversary_options.pretrain_epochs):

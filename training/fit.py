@@ -247,7 +247,7 @@ def fit(
     weight = None if train.weight is None else torch.from_numpy(train.weight).to(device)
     if class_weights is not None:
         weight = class_weighted(label, weight, class_weights)
-    trained = _trained_terms(terms, state)
+    trained = _trained_terms(terms, state, device)
     if trained and state.epoch == 0:
         everything = LossBatch(train.inputs, label, weight, train.copies, dict(train.extras))
         logits = predict_logits(model, train.inputs).clone()  # not an inference tensor
@@ -268,7 +268,17 @@ def fit(
                 np.random.default_rng([seed, 1, state.epoch]), train.n_rows, train.copies
             )
             loss = _epoch(
-                model, optimizer, train, label, weight, order, schedule, state, terms, loss_weight
+                model,
+                optimizer,
+                train,
+                label,
+                weight,
+                order,
+                schedule,
+                state,
+                terms,
+                trained,
+                loss_weight,
             )
             val_loss, val_auc = validate(model, validation)
             if scheduler is not None:
@@ -305,9 +315,14 @@ def fit(
     return state
 
 
-def _trained_terms(terms: Sequence[LossTerm], state: FitState) -> list[TrainedTerm]:
-    """The terms with parameters of their own, restored from ``state`` where it has them."""
+def _trained_terms(
+    terms: Sequence[LossTerm], state: FitState, device: torch.device
+) -> list[TrainedTerm]:
+    """The terms with parameters of their own, on ``device`` and restored from ``state``
+    where it has them."""
     trained = [term for term in terms if isinstance(term, TrainedTerm)]
+    for term in trained:
+        term.to(device)
     if state.term_states:
         if len(state.term_states) != len(trained):
             raise SpecMismatchError(
@@ -341,16 +356,19 @@ def _epoch(
     schedule: OptimizerConfig,
     state: FitState,
     terms: Sequence[LossTerm],
+    trained: Sequence[TrainedTerm],
     loss_weight: float,
 ) -> float:
-    """One pass over the shuffled rows; the mean (weighted) loss of the batches."""
+    """One pass over the shuffled rows; the mean (weighted) loss of the batches (``trained``:
+    the terms of ``terms`` with parameters of their own, updated before every step)."""
     model.train()
     size = batch_rows(schedule.batch_size, train.copies)
     summed = total = 0.0
+    shuffled = torch.from_numpy(order).to(label.device)
     for start in range(0, len(order), size):
         if schedule.max_steps is not None and state.steps >= schedule.max_steps:
             break
-        rows = torch.from_numpy(order[start : start + size]).to(label.device)
+        rows = shuffled[start : start + size]
         if len(rows) < 2:
             continue
         batch = LossBatch(
@@ -363,9 +381,8 @@ def _epoch(
         with autocast(label.device, schedule.autocast):
             logits = model.logits(*batch.inputs)
         logits = logits.float()
-        for term in terms:
-            if isinstance(term, TrainedTerm):
-                term.update(logits, batch)
+        for adversary in trained:
+            adversary.update(logits, batch)
         loss = loss_weight * classification_loss(logits, batch.label, batch.weight)
         for term in terms:
             loss = loss + term(logits, batch)

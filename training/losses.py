@@ -49,13 +49,16 @@ class LossTerm(Protocol):
 class TrainedTerm(Protocol):
     """A loss term with parameters of its own (an adversary), trained by its own optimiser.
 
-    The training loop calls :meth:`pretrain` once before the first epoch (with the logits of
+    The training loop moves it to the run's device with :meth:`to`, calls :meth:`pretrain`
+    once before the first epoch (with the logits of
     the untrained, frozen classifier on every training row), :meth:`update` with each batch's
     logits before the classifier's step, and keeps :meth:`state_dict` in the training state
     after every epoch so that a resumed run restores it.
     """
 
     def __call__(self, logits: Tensor, batch: LossBatch) -> Tensor: ...
+
+    def to(self, device: torch.device) -> None: ...
 
     def pretrain(self, logits: Tensor, batch: LossBatch) -> None: ...
 
