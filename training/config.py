@@ -18,7 +18,7 @@ from bsym.settings import StrictModel
 from bsym.training.cwola import SupervisionConfig
 from bsym.training.decorrelation import DecorrelationConfig
 from bsym.training.fit import OptimizerConfig
-from bsym.training.models.base import ModelSettings
+from bsym.training.models.base import ModelSettings, n_classes_of
 from bsym.training.models.registry import model_config_annotation, model_types
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _classes_agree(self) -> TrainConfig:
-        n_classes = 1 if self.features.label is None else self.features.label.n_classes
+        n_classes = n_classes_of(self.features)
         if n_classes > 1 and len(self.class_labels) != n_classes:
             raise ValueError(
                 f"class_labels {self.class_labels} must name the {n_classes} classes of "

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 from bsym.devices import torch_device
@@ -23,7 +22,13 @@ from bsym.errors import ConfigError, SpecMismatchError
 from bsym.features import FeatureBatch
 from bsym.input_ranges import training_ranges
 from bsym.training.augmentation import augment_training_rows
-from bsym.training.checkpoint import Checkpoint, predict, read_checkpoint, save_checkpoint
+from bsym.training.checkpoint import (
+    Checkpoint,
+    predict,
+    predict_probabilities,
+    read_checkpoint,
+    save_checkpoint,
+)
 from bsym.training.config import TrainConfig, save_config
 from bsym.training.dataset import Split, TrainingData, load_training_data
 from bsym.training.decorrelation import decorrelation_term, unit_scale
@@ -39,7 +44,7 @@ from bsym.training.fit import (
 from bsym.training.losses import InvarianceTerm, LossTerm, resolve_class_weights
 from bsym.training.metrics import roc_auc
 from bsym.training.models import BsymModel, NetworkModel, build_model
-from bsym.training.models.base import model_inputs, need
+from bsym.training.models.base import need
 
 log = logging.getLogger(__name__)
 _RANGES: Any = {"features": {"input_ranges"}}
@@ -199,7 +204,9 @@ class _Run:
         if n_classes == 1:
             auc = roc_auc(label, predict(model, validation_rows), validation_rows.weight)
         else:
-            auc = _multi_class_auc(model, validation_rows, label)
+            probabilities = torch.from_numpy(predict_probabilities(model, validation_rows))
+            logits = torch.log(probabilities.clamp_min(1e-30))
+            auc = classifier_auc(label, logits, validation_rows.weight)
         record: EpochRecord = {"epoch": 1, "train_loss": None, "val_loss": None, "val_auc": auc}
         self.state = FitState(
             epoch=1,
@@ -296,11 +303,3 @@ def _check_same_split(recorded: Split, split: Split, path: Path | None) -> None:
             f"cannot resume {path}: the training data changed since it was written "
             f"({split.n_rows} rows now, {recorded.n_rows} then, or a different split)"
         )
-
-
-def _multi_class_auc(model: BsymModel, rows: FeatureBatch, label: npt.NDArray[np.int64]) -> float:
-    """Mean one-against-the-rest AUC of a fixed model's class probabilities."""
-    model.eval()
-    with torch.inference_mode():
-        probabilities = model(*model_inputs(model, rows))
-    return classifier_auc(label, torch.log(probabilities.clamp_min(1e-30)), rows.weight)
