@@ -593,9 +593,9 @@ def run_padded(backend: Backend, padded: PaddedFeeds) -> Mapping[str, Tensor]:
     if len(parts) == 1 and padded.order is None:
         return parts[0]
     outputs: dict[str, Tensor] = {}
+    sizes = [len(next(iter(feed.values()))) for feed in padded.feeds]
     for name in parts[0]:
         pieces = [part.get(name) for part in parts]
-        sizes = [len(next(iter(feed.values()))) for feed in padded.feeds]
         if any(p is None or len(p) != n for p, n in zip(pieces, sizes, strict=True)):
             return parts[0]  # a part of the wrong shape: the caller names the problem
         merged = np.concatenate([p for p in pieces if p is not None])
