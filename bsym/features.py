@@ -693,16 +693,32 @@ def _build_constituents(
         raise SpecMismatchError(
             "constituents need at least one constituent branch, but every feature is from_object"
         )
-    offsets = rows.per_constituent(reference, spec.link, spec.index)[1]
-    columns = [_constituent_feature(rows, spec, f, np.diff(offsets)) for f in spec.features]
+    read: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = {}
+    repeated: dict[str, npt.NDArray[np.float64]] = {}
+
+    # Features share branches (a track's phi for its sign and its ΔR, the jet axis for
+    # several): each is read, linked and broadcast once per chunk.
+    def values(branch: str) -> npt.NDArray[np.float64]:
+        if branch not in read:
+            read[branch] = rows.per_constituent(branch, spec.link, spec.index)
+        return read[branch][0]
+
+    def axis(branch: str) -> npt.NDArray[np.float64]:
+        if branch not in repeated:
+            repeated[branch] = np.repeat(rows.per_object(branch), counts)
+        return repeated[branch]
+
+    values(reference)
+    offsets = read[reference][1]
     counts = np.diff(offsets)
+    columns = [_constituent_feature(f, values, axis) for f in spec.features]
     row = np.repeat(np.arange(rows.n_rows), counts)
     position = np.arange(len(row)) - np.repeat(offsets[:-1], counts)
     if spec.sort_by is not None:
         if spec.sort_by in spec.column_names:
             key = columns[spec.column_names.index(spec.sort_by)]
         else:
-            key, _ = rows.per_constituent(spec.sort_by, spec.link, spec.index)
+            key = values(spec.sort_by)
         if spec.sort_abs:
             key = np.abs(key)
         # Files usually store constituents sorted already; the check is far cheaper than a sort.
@@ -727,16 +743,12 @@ def _build_constituents(
 
 
 def _constituent_feature(
-    rows: _Rows, spec: Constituents, feature: Feature, counts: npt.NDArray[np.int64]
+    feature: Feature,
+    values: Callable[[str], npt.NDArray[np.float64]],
+    axis: Callable[[str], npt.NDArray[np.float64]],
 ) -> npt.NDArray[np.float64]:
-    """One constituent column in row order, through the steps of :class:`Feature`."""
-
-    def values(branch: str) -> npt.NDArray[np.float64]:
-        return rows.per_constituent(branch, spec.link, spec.index)[0]
-
-    def axis(branch: str) -> npt.NDArray[np.float64]:
-        return np.repeat(rows.per_object(branch), counts)
-
+    """One constituent column in row order, through the steps of :class:`Feature`;
+    ``values`` gives a constituent branch and ``axis`` an object branch, per constituent."""
     if feature.from_object:
         return _transform(axis(feature.branch), feature)
     value = values(feature.branch)
