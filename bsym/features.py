@@ -546,9 +546,10 @@ class _Rows:
         if layout == "event":
             self.counts = np.asarray(arrays[spec.count_branch], dtype=np.int64)
         self.n_rows = int(self.counts.sum()) if self.counts is not None else len(arrays)
-        self._grouping: dict[str | None, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
+        self._grouping: dict[
+            str | None, tuple[npt.NDArray[np.int64] | None, npt.NDArray[np.int64]]
+        ] = {}
         self._indexing: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
-        self._in_order: dict[str | None, bool] = {}
 
     def per_object(self, branch: str) -> npt.NDArray[np.float64]:
         """One value per row: an object branch (or an event branch broadcast to its objects)."""
@@ -579,13 +580,11 @@ class _Rows:
         linked = self.layout == "event" and index is not None and link is not None
         if linked and _collection(branch) != _collection(str(link)):
             flat = flat[self._through_index(branch, str(index))]
-        if len(flat) != len(order):
+        if len(flat) != offsets[-1]:
             raise SpecMismatchError(
-                f"constituent branch '{branch}' has {len(flat)} values, expected {len(order)}"
+                f"constituent branch '{branch}' has {len(flat)} values, expected {offsets[-1]}"
             )
-        if self._in_order.get(link if self.layout == "event" else None, False):
-            return flat, offsets  # the order is the identity: spare the copy
-        return flat[order], offsets
+        return (flat if order is None else flat[order]), offsets
 
     def _through_index(self, branch: str, index: str) -> npt.NDArray[np.int64]:
         """Positions in the flattened ``branch`` of the constituents the links point to."""
@@ -620,14 +619,15 @@ class _Rows:
 
     def _group(
         self, branch: str, link: str | None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    ) -> tuple[npt.NDArray[np.int64] | None, npt.NDArray[np.int64]]:
+        """The order that puts the flat constituents in row order (``None`` where they are
+        already: the identity needs no copy) and the row offsets."""
         key = link if self.layout == "event" else None
         if key in self._grouping:
             return self._grouping[key]
-        in_order = True
+        order: npt.NDArray[np.int64] | None = None
         if self.layout == "object":
             counts = np.asarray(ak.num(self.jagged(branch), axis=1), dtype=np.int64)
-            order = np.arange(int(counts.sum()), dtype=np.int64)
         else:
             if link is None:
                 raise SpecMismatchError(
@@ -645,12 +645,11 @@ class _Rows:
                 )
             first_object = np.concatenate(([0], np.cumsum(self.counts)[:-1]))
             row = first_object[event_of] + local
-            in_order = bool(np.all(row[1:] >= row[:-1]))
-            order = np.arange(len(row)) if in_order else np.argsort(row, kind="stable")
+            if not np.all(row[1:] >= row[:-1]):
+                order = np.argsort(row, kind="stable")
             counts = np.bincount(row, minlength=self.n_rows).astype(np.int64)
         offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         self._grouping[key] = (order, offsets)
-        self._in_order[key] = in_order
         return order, offsets
 
 
