@@ -120,7 +120,7 @@ def read_row_values(
     """``branch``'s value of every row :func:`read_training_rows` gives, in its order."""
     spec, supervision = config.features, config.supervision
     label = spec.label
-    by_truth = supervision.type == "truth" and label is not None and label.negative is not None
+    by_truth = supervision.type == "truth" and label is not None and label.leaves_out
     label_branch = [label.branch] if by_truth and label is not None else []
     columns = read_columns(sources, spec, [branch, *label_branch], max_rows=max_rows)
     keep = np.arange(columns[branch].size, dtype=np.int64)
