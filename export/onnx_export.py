@@ -243,7 +243,9 @@ def _export_loaded(
     metadata = _metadata(loaded, model_name, parity)
     precision_report = None
     if reduced is not None and reduced.precision is not Precision.fp32:
-        proto, precision_report = _reduce(loaded, model_name, proto, batch, source, reduced, out)
+        proto, precision_report = _reduce(
+            loaded, model_name, proto, batch, inputs, source, reduced, out
+        )
         metadata |= precision_report.metadata()
     onnx.helper.set_model_props(proto, metadata)
     with atomic_output(out) as temporary:
@@ -276,12 +278,14 @@ def _reduce(
     model_name: str,
     proto: onnx.ModelProto,
     batch: FeatureBatch,
+    inputs: dict[str, npt.NDArray[Any]],
     source: str,
     reduced: _Reduced,
     out: Path,
 ) -> tuple[onnx.ModelProto, PrecisionReport]:
     """The reduced-precision variant of the verified fp32 ``proto``, refused (before anything
-    is written) when it loses more AUC on ``batch`` than allowed, unless forced."""
+    is written) when it loses more AUC on ``batch`` (whose model ``inputs`` are given) than
+    allowed, unless forced."""
     from bsym.export.precision import reduce_precision
 
     if batch.label is None or len(np.unique(batch.label)) < 2:
@@ -289,7 +293,7 @@ def _reduce(
             f"model '{model_name}': the {reduced.precision.value} parity check needs labelled "
             f"rows of both classes, and {source} has none"
         )
-    held_out = HeldOut(_inputs(batch, loaded.model.input_names), batch.label, batch.weight, source)
+    held_out = HeldOut(inputs, batch.label, batch.weight, source)
     calibration = None
     if reduced.precision is Precision.int8:
         calibration = _inputs(_calibration_batch(loaded), loaded.model.input_names)
