@@ -33,12 +33,13 @@ from bsym.serving.defaults import (
     Padding,
 )
 from bsym.serving.scorer import (
+    NOT_SCORED,
     FileOutcome,
     ScoreSummary,
     _Scorer,
+    finish_summary,
     new_summary,
     plan_outputs,
-    write_input_report,
 )
 
 if TYPE_CHECKING:
@@ -247,16 +248,11 @@ def score_files_distributed(
         if source in outcomes:
             summary.add(outcomes[source])
         else:
-            summary.failed.append(
-                (str(source), "not scored: the run stopped at the server error above")
-            )
+            summary.failed.append((str(source), NOT_SCORED))
     # The partials of workers that died in this run are younger than the stale age.
     for removed in client.run(remove_stale_partials, out_dir, min_age=0.0).values():
         summary.removed_partials += removed
-    summary.seconds = time.perf_counter() - start
-    if summary.input_counts:
-        summary.input_report = write_input_report(summary, out_dir)
-    return summary
+    return finish_summary(summary, start, out_dir)
 
 
 def _absolute(source: TreeSource) -> TreeSource:

@@ -84,6 +84,8 @@ PREFETCH_DEPTH = 2
 # Padding.group cuts a slice into groups only where that leaves at most this fraction of the
 # slots of cutting it to its longest row.
 GROUPING_WORTH = 0.9
+# Why the files after a server error are listed as failed.
+NOT_SCORED = "not scored: the run stopped at the server error above"
 
 
 @dataclass(frozen=True)
@@ -229,11 +231,13 @@ def score_files(
         summary.add(outcome)
         if outcome.server_error:
             # Every later file would fail the same way; say so once instead.
-            summary.failed += [
-                (str(rest), "not scored: the run stopped at the server error above")
-                for rest, _ in queue[number:]
-            ]
+            summary.failed += [(str(rest), NOT_SCORED) for rest, _ in queue[number:]]
             break
+    return finish_summary(summary, start, out_dir)
+
+
+def finish_summary(summary: ScoreSummary, start: float, out_dir: Path) -> ScoreSummary:
+    """``summary`` with the run's wall time since ``start`` and its input report written."""
     summary.seconds = time.perf_counter() - start
     if summary.input_counts:
         summary.input_report = write_input_report(summary, out_dir)
