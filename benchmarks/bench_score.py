@@ -43,7 +43,7 @@ from bsym.features import (
     required_branches,
 )
 from bsym.rootio import TreeSource, iterate_chunks, open_tree
-from bsym.serving.defaults import DEFAULT_BATCH_SIZE
+from bsym.serving.defaults import DEFAULT_BATCH_SIZE, DEFAULT_STEP_SIZE
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.scorer import ENTRIES_PER_BATCH
 from bsym.simulate.rootwrite import write_tree
@@ -298,9 +298,10 @@ if args["mode"] == "score":
     )
     options = {"padding": args["padding"]} if args["padding"] else {}
     wall, cpu = time.perf_counter(), time.process_time()
+    if args["step_size"]:
+        options["step_size"] = args["step_size"]
     summary = score_files(
-        [args["data"]], backend, Path(args["out"]), step_size=args["step_size"], force=True,
-        progress=False, **options,
+        [args["data"]], backend, Path(args["out"]), force=True, progress=False, **options
     )
     if summary.failed:
         raise SystemExit(f"end-to-end run failed: {summary.failed}")
@@ -320,7 +321,8 @@ else:
         tree = file[spec.tree]
         layout = detect_layout(tree.keys(), spec)
         branches = required_branches(spec, layout, with_label=False)
-        for arrays in tree.iterate(branches, step_size=args["step_size"], library="ak"):
+        step_size = args["step_size"] or args["read_step_size"]
+        for arrays in tree.iterate(branches, step_size=step_size, library="ak"):
             inputs = build_features(arrays, spec, layout).inputs()
             rows = len(inputs[names[0]])
             for start in range(0, rows, args["batch_size"]):
@@ -340,6 +342,7 @@ def run_child(python: Path, mode: str, args: argparse.Namespace, **settings: Any
         "model": str(args.model),
         "out": str(args.data_dir / "out"),
         "step_size": args.step_size,
+        "read_step_size": args.read_step_size,
         "batch_size": args.batch_size,
         "threads": args.threads,
         "padding": None,
@@ -402,7 +405,7 @@ def padding_benchmark(args: argparse.Namespace) -> list[PaddingRow]:
         model = make_model(args.data_dir / f"{MODEL_NAME}_p{max_count}.onnx", spec)
         backend = OnnxRuntimeBackend(model, threads=args.threads, batch_size=args.batch_size)
         source = TreeSource(args.data, spec.tree)
-        _, batches = measure_features(source, spec, args.step_size, max_rows=args.padding_rows)
+        _, batches = measure_features(source, spec, args.read_step_size, max_rows=args.padding_rows)
         n_rows = sum(batch.n_rows for batch in batches)
         paddings = ("fixed", "longest", "group")
         timings: dict[str, list[Timing]] = {padding: [] for padding in paddings}
@@ -443,11 +446,11 @@ def main() -> None:
     before = None if args.before_checkout is None else checkout_python(args.before_checkout)
     loads = [load_line()]
     console.print(
-        f"model {backend.name} ({args.model}); {args.step_size} chunks, slices of "
+        f"model {backend.name} ({args.model}); {args.read_step_size} chunks, slices of "
         f"{ENTRIES_PER_BATCH} entries, inference batches of {args.batch_size}, padding "
         f"{args.padding}; {loads[0]}"
     )
-    features, batches = measure_features(source, spec, args.step_size)
+    features, batches = measure_features(source, spec, args.read_step_size)
     rows = sum(batch.n_rows for batch in batches)
     runs: dict[str, list[Timing]] = {}
 
@@ -457,7 +460,7 @@ def main() -> None:
 
     for number in range(args.repeat):  # interleaved, best of each: robust to a busy machine
         console.print(f"run {number + 1}/{args.repeat}")
-        read, entries = measure_read(source, spec, args.step_size)
+        read, entries = measure_read(source, spec, args.read_step_size)
         record("read", read)
         record("inference", measure_inference(backend, batches, args.padding))
         record("inference_fixed", measure_inference(backend, batches, "fixed"))
@@ -580,7 +583,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--model", type=Path, default=None, help="an exported model.onnx (a precision variant)"
     )
-    parser.add_argument("--step-size", default="100 MB", help="uproot step size")
+    parser.add_argument(
+        "--step-size",
+        default=None,
+        help="uproot step size (default: each checkout's scorer default, this one's for (a))",
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each stage; best kept")
@@ -603,7 +610,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--padding-rows", type=int, default=300_000, help="muons in the padding benchmark"
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.read_step_size = args.step_size or DEFAULT_STEP_SIZE
+    return args
 
 
 if __name__ == "__main__":

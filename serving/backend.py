@@ -9,7 +9,8 @@ they are given against what the model declares before running it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -117,6 +118,16 @@ def dynamic_constituents(backend: Backend) -> bool:
         spec.name == CONSTITUENTS and len(spec.shape) > 1 and spec.shape[1] is None
         for spec in specs
     )
+
+
+def sharing_cores(backend: Backend, busy: Callable[[], bool]) -> AbstractContextManager[None]:
+    """A block in which ``backend`` leaves a core to the caller's thread while ``busy()``:
+    the embedded backend's ``sharing_cores``; a backend that runs elsewhere (a Triton server)
+    has none, and the block changes nothing."""
+    share: Callable[[Callable[[], bool]], AbstractContextManager[None]] | None = getattr(
+        backend, "sharing_cores", None
+    )
+    return nullcontext() if share is None else share(busy)
 
 
 def model_identity(metadata: Mapping[str, str], where: str) -> tuple[str, FeatureSpec]:

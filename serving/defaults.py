@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from enum import Enum
 
-DEFAULT_STEP_SIZE = "100 MB"
-"""Entries read per chunk (uproot's step size)."""
+DEFAULT_STEP_SIZE = "10 MB"
+"""Entries read per chunk (uproot's step size). Small enough that reading one chunk takes
+less time than the model takes for the slices queued before it (the reader would otherwise
+leave the model idle at every chunk), large enough that uproot's per-chunk work is noise."""
 DEFAULT_BATCH_SIZE = 1024
 """Rows per inference call (ONNX Runtime) or per request (Triton)."""
 DEFAULT_IN_FLIGHT = 4

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from bsym.devices import parse_device
 from bsym.errors import DeviceError, InputFileError, ServerError, SpecMismatchError
@@ -38,6 +40,9 @@ class OnnxRuntimeBackend:
     size never makes ONNX Runtime allocate activations for all of it at once. ``device``
     (``cpu``, ``cuda``, ``cuda:N``) chooses the execution providers unless ``providers`` are
     given; a session that does not run the device's provider is refused (DeviceError).
+
+    On the CPU, :meth:`sharing_cores` lets the caller's own busy thread (the scorer's reader)
+    have a core while it works, instead of time-slicing with ONNX Runtime's threads.
     """
 
     def __init__(
@@ -49,36 +54,20 @@ class OnnxRuntimeBackend:
         batch_size: int = DEFAULT_BATCH_SIZE,
         device: str = "cpu",
     ) -> None:
-        import onnxruntime as ort
-
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.path = Path(model_path)
         if not self.path.is_file():
             raise InputFileError(f"{self.path}: no such model file")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Idle intra-op threads spin by default, stealing the cores that read and build the
-        # next chunk while this one runs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         device = str(parse_device(device))
-        chosen = list(providers) if providers else execution_providers(device)
-        try:
-            self._session: Any = ort.InferenceSession(
-                str(self.path),
-                sess_options=options,
-                providers=chosen,
-            )
-        except Exception as error:  # onnxruntime raises its own pybind exception types
-            on = "" if device == "cpu" else f" on device '{device}'"
-            raise (InputFileError if device == "cpu" else DeviceError)(
-                f"{self.path}: ONNX Runtime cannot load the model{on} ({error})"
-            ) from error
+        self._providers = list(providers) if providers else execution_providers(device)
+        self.device = device
+        self.threads = threads
+        self._session: Any = self._open_session(threads)
         if not providers:
             check_session_providers(self._session.get_providers(), device, str(self.path))
-        self.device = device
+        self._narrow_session: Any = None
+        self._busy: Callable[[], bool] | None = None
         self._metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         self._name, self._spec = model_identity(self._metadata, str(self.path))
         self._inputs = [_tensor_spec(node) for node in self._session.get_inputs()]
@@ -90,6 +79,48 @@ class OnnxRuntimeBackend:
             )
         self._outputs = ("score", *(name for name in outputs if name != "score"))
         self.batch_size = batch_size
+
+    def _open_session(self, threads: int | None) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle intra-op threads spin by default, stealing the cores that read and build the
+        # next chunk while this one runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            return ort.InferenceSession(
+                str(self.path), sess_options=options, providers=self._providers
+            )
+        except Exception as error:  # onnxruntime raises its own pybind exception types
+            on = "" if self.device == "cpu" else f" on device '{self.device}'"
+            raise (InputFileError if self.device == "cpu" else DeviceError)(
+                f"{self.path}: ONNX Runtime cannot load the model{on} ({error})"
+            ) from error
+
+    @contextmanager
+    def sharing_cores(self, busy: Callable[[], bool]) -> Iterator[None]:
+        """Within the block, a batch that starts while ``busy()`` is true runs on one thread
+        fewer than the session has, leaving that core to the caller's busy thread.
+
+        Three threads time-slicing two cores slow every ONNX Runtime operator to its
+        slowest thread; this keeps the threads at work within the cores there are. It
+        changes nothing on a GPU or for a session of one thread.
+        """
+        # ONNX Runtime's default is one thread per physical core
+        cores = self.threads or psutil.cpu_count(logical=False) or 1
+        if self.device != "cpu" or cores < 2:
+            yield
+            return
+        if self._narrow_session is None:
+            self._narrow_session = self._open_session(cores - 1)
+        self._busy = busy
+        try:
+            yield
+        finally:
+            self._busy = None
 
     @property
     def name(self) -> str:
@@ -121,8 +152,10 @@ class OnnxRuntimeBackend:
         parts: list[list[Tensor]] = [[] for _ in self._outputs]
         for start in range(0, max(rows, 1), self.batch_size):
             feed = {name: array[start : start + self.batch_size] for name, array in inputs.items()}
+            busy = self._busy is not None and self._busy()
+            session = self._narrow_session if busy else self._session
             try:
-                results = self._session.run(list(self._outputs), feed)
+                results = session.run(list(self._outputs), feed)
             except Exception as error:
                 raise ServerError(
                     f"ONNX Runtime failed running model '{self._name}' on rows "
@@ -136,7 +169,7 @@ class OnnxRuntimeBackend:
         }
 
     def close(self) -> None:
-        self._session = None
+        self._session = self._narrow_session = None
 
     def __enter__(self) -> OnnxRuntimeBackend:
         return self

@@ -1,4 +1,4 @@
-"""Run an iterator one step ahead in a background thread, so reading overlaps inference."""
+"""Run an iterator ahead in a background thread, so reading overlaps inference."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -20,8 +20,35 @@ class _End:
         self.error = error
 
 
+class Prefetched(Generic[T]):
+    """The items a background producer made, in order; :attr:`producing` says whether the
+    producer is at work now, so the consumer can leave it a core."""
+
+    def __init__(self, items: queue.Queue[T | _End], finished: threading.Event) -> None:
+        self._items = items
+        self._finished = finished
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        item = self._items.get()
+        if isinstance(item, _End):
+            self._finished.set()
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        return item
+
+    @property
+    def producing(self) -> bool:
+        """Whether the producer is making an item now: it has not finished and is not
+        waiting for room in the queue."""
+        return not self._finished.is_set() and not self._items.full()
+
+
 @contextmanager
-def prefetched(produce: Callable[[], Iterator[T]], *, depth: int = 1) -> Iterator[Iterator[T]]:
+def prefetched(produce: Callable[[], Iterator[T]], *, depth: int = 1) -> Iterator[Prefetched[T]]:
     """Yield an iterator over ``produce()`` whose items are made in a background thread.
 
     At most ``depth`` finished items wait in the queue, so memory stays bounded. An exception
@@ -30,6 +57,7 @@ def prefetched(produce: Callable[[], Iterator[T]], *, depth: int = 1) -> Iterato
     """
     items: queue.Queue[T | _End] = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    finished = threading.Event()
 
     def put(item: T | _End) -> bool:
         while not stop.is_set():
@@ -47,27 +75,20 @@ def prefetched(produce: Callable[[], Iterator[T]], *, depth: int = 1) -> Iterato
                 if not put(item):
                     return
         except BaseException as error:
+            finished.set()
             put(_End(error))
         else:
+            finished.set()
             put(_End(None))
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
 
-    def consume() -> Iterator[T]:
-        while True:
-            item = items.get()
-            if isinstance(item, _End):
-                if item.error is not None:
-                    raise item.error
-                return
-            yield item
-
     thread = threading.Thread(target=work, name="bsym-prefetch", daemon=True)
     thread.start()
     try:
-        yield consume()
+        yield Prefetched(items, finished)
     finally:
         stop.set()
         thread.join()

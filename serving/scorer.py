@@ -59,6 +59,7 @@ from bsym.serving.backend import (
     class_labels,
     dynamic_constituents,
     probe_outputs,
+    sharing_cores,
 )
 from bsym.serving.defaults import (
     DEFAULT_BATCH_SIZE,
@@ -78,9 +79,10 @@ from bsym.serving.prefetch import prefetched
 from bsym.serving.triton_served import SERVED_SHA256_KEY
 
 # Tensors are built for slices of this many entries of each chunk read (see feature_batches),
-# and up to PREFETCH_DEPTH such slices wait for inference.
+# and up to PREFETCH_DEPTH such slices wait for inference: enough to run while the reader
+# reads the next chunk of DEFAULT_STEP_SIZE.
 ENTRIES_PER_BATCH = 8192
-PREFETCH_DEPTH = 2
+PREFETCH_DEPTH = 8
 # Padding.group cuts a slice into groups only where that leaves at most this fraction of the
 # slots of cutting it to its longest row.
 GROUPING_WORTH = 0.9
@@ -492,6 +494,7 @@ class _Scorer:
             try:
                 with (
                     prefetched(produce, depth=PREFETCH_DEPTH) as chunks,
+                    sharing_cores(self.backend, lambda: chunks.producing),
                     tqdm(
                         total=provenance.source_entries,
                         desc=f"{label} {source.name}",
@@ -643,7 +646,7 @@ def feature_batches(
     """(first entry, entries, tensors) for consecutive slices of the tree.
 
     Each chunk read at ``step_size`` is cut into slices of ``entries_per_batch`` before its
-    tensors are built: the padded tensors and the sorting temporaries of a whole 100 MB chunk
+    tensors are built: the padded tensors and the sorting temporaries of a whole large chunk
     would take several times its size, and smaller sorts are faster.
     """
     first = 0
