@@ -11,12 +11,18 @@ rows, repeated) in batches of ``--batch-size``, cycled for at least ``--min-seco
 variants interleaved, best of ``--repeat``. Prints one table with the ratios to fp32, the load
 average before and after, and the target: int8 or bf16 at least 2x fp32 with an AUC loss
 below 0.002.
+
+A second table is the ceiling: one fp32 MatMul against one int8 QLinearMatMul of the same
+shape (65,536 rows, square weights of the shipped networks' widths and wider), nothing else
+in the graph, beside the CPU's matrix instruction sets. A whole network cannot gain more from
+int8 than its matrix products do.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +194,91 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], tuple[float, ...], tup
     return rows, load_before, os.getloadavg()
 
 
+MATRIX_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+CEILING_ROWS = 65_536
+CEILING_WIDTHS = (32, 64, 128, 256)
+
+
+def cpu_matrix_flags() -> str:
+    """Which of :data:`MATRIX_FLAGS` the CPU has, from /proc/cpuinfo."""
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in MATRIX_FLAGS)
+
+
+def matmul_graph(width: int, int8: bool) -> bytes:
+    """One [N, width] x [width, width] product: MatMul in fp32, QLinearMatMul (u8 x s8) in int8."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if int8:
+        scalars = {"xs": np.float32(0.02), "xz": np.uint8(128), "ws": np.float32(0.01)}
+        scalars |= {"wz": np.int8(0), "ys": np.float32(0.5), "yz": np.uint8(128)}
+        weights = [numpy_helper.from_array(rng.integers(-127, 128, (width, width), np.int8), "w")]
+        weights += [numpy_helper.from_array(np.array(v), name) for name, v in scalars.items()]
+        node = helper.make_node(
+            "QLinearMatMul", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"]
+        )
+        dtype = TensorProto.UINT8
+    else:
+        weights = [numpy_helper.from_array(rng.normal(size=(width, width)).astype("f4"), "w")]
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        dtype = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [node],
+        "matmul",
+        [helper.make_tensor_value_info("x", dtype, ["N", width])],
+        [helper.make_tensor_value_info("y", dtype, ["N", width])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def matmul_seconds(width: int, int8: bool, threads: int, repeat: int) -> float:
+    """The best of ``repeat`` runs of :func:`matmul_graph` on :data:`CEILING_ROWS` rows."""
+    session = cpu_session(matmul_graph(width, int8), threads=threads)
+    values = np.random.default_rng(1).random((CEILING_ROWS, width)) * 200
+    x = values.astype(np.uint8 if int8 else np.float32)
+    session.run(None, {"x": x})
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def ceiling_table(threads: int, repeat: int) -> Table:
+    out = Table(
+        title=f"The ceiling: one matrix product of {CEILING_ROWS:,} rows, int8 against fp32"
+    )
+    for column in ("width", "fp32 ms", "int8 ms", "int8 × fp32"):
+        out.add_column(column, justify="right")
+    for width in CEILING_WIDTHS:
+        fp32 = matmul_seconds(width, False, threads, repeat)
+        int8 = matmul_seconds(width, True, threads, repeat)
+        out.add_row(str(width), f"{fp32 * 1e3:.2f}", f"{int8 * 1e3:.2f}", f"{fp32 / int8:.2f}")
+    return out
+
+
 def table(rows: list[Row]) -> Table:
     out = Table(title="fp32 against int8 and bf16, ONNX Runtime CPU")
     for column in (
@@ -237,11 +328,20 @@ def main() -> None:
     )
     parser.add_argument("--configs", nargs="*", help="shipped configs (default: every isolation_*)")
     parser.add_argument("--data-dir", type=Path, default=HERE / ".data" / "precision")
+    parser.add_argument(
+        "--ceiling-only", action="store_true", help="only the matrix-product ceiling table"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows, before, after = measure(args)
     stdout = Console(width=160)
+    if args.ceiling_only:
+        stdout.print(ceiling_table(args.threads, args.repeat))
+        stdout.print(f"CPU: {cpu_matrix_flags()}", highlight=False)
+        return
+    rows, before, after = measure(args)
     stdout.print(table(rows))
+    stdout.print(ceiling_table(args.threads, args.repeat))
+    stdout.print(f"CPU: {cpu_matrix_flags()}", highlight=False)
     stdout.print(
         f"{args.events} simulated events, {args.epochs} epochs, {args.rows} rows cycled in "
         f"batches of {args.batch_size} for >= {args.min_seconds:g} s, {args.threads} ONNX "
