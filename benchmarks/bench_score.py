@@ -1,19 +1,24 @@
 """Throughput of ``bsym score`` against its parts: reading alone, inference alone, end to end.
 
     .venv/bin/python benchmarks/bench_score.py [--muons 1000000] [--model model.onnx]
+        [--precision fp32 bf16 int8]
 
 On one file of N muons (object layout, ~20-25 calorimeter cells each; generated once and
 cached under --data-dir) and one PFN-like model (P=32, F=3), it measures
 (a) uproot reading the branches the model needs, at the scorer's step size;
 (b) ONNX Runtime inference on the prepared tensors, in the same chunks and batches;
 (c) ``score_files`` end to end, in a subprocess so that its peak memory is its own.
-Feature building alone is shown too: the end-to-end run must hide it behind (a) and (b).
-Targets: (c) / ((a) + (b)) <= 1.15 and a peak RSS below 1.5 GiB.
+(b) and (c) are measured for each --precision (default all three): the bf16 and int8
+variants of the fp32 model are built as ``bsym export --precision`` builds them (int8
+calibrated on the first 2,000 rows of the file, the faster of QDQ and QOperator kept) and
+cached under --data-dir. Feature building alone is shown too: the end-to-end run must hide it
+behind (a) and (b). Targets: (c) / ((a) + (b)) <= 1.15 and a peak RSS below 1.5 GiB.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -33,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bsym import contract
+from bsym.export.defaults import CALIBRATION_ROWS, Precision
 from bsym.features import (
     Constituents,
     Feature,
@@ -42,7 +48,7 @@ from bsym.features import (
     detect_layout,
     required_branches,
 )
-from bsym.rootio import TreeSource, iterate_chunks, open_tree
+from bsym.rootio import TreeSource, atomic_output, iterate_chunks, open_tree
 from bsym.serving.defaults import DEFAULT_BATCH_SIZE, DEFAULT_STEP_SIZE
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.scorer import ENTRIES_PER_BATCH
@@ -198,6 +204,76 @@ def make_model(path: Path, spec: FeatureSpec) -> Path:
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
     return path
+
+
+def make_variant(
+    model: Path, precision: Precision, batches: list[FeatureBatch], data_dir: Path
+) -> Path:
+    """The ``precision`` variant of the fp32 ``model``, built as ``bsym export --precision``
+    builds it (int8 calibrated on the first rows of ``batches``), with the model's metadata
+    and the precision and format added; cached under ``data_dir`` by the model's content."""
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()[:12]
+    path = data_dir / f"{model.stem}.{digest}.{precision.value}.onnx"
+    if path.is_file():
+        return path
+    import onnx
+
+    from bsym.export.precision import fastest_variant
+    from bsym.training.dataset import concatenate
+
+    proto = onnx.load_model(str(model))
+    head: list[FeatureBatch] = []
+    for batch in batches:
+        if sum(b.n_rows for b in head) >= CALIBRATION_ROWS:
+            break
+        head.append(batch)
+    graph_inputs = {node.name for node in proto.graph.input}
+    calibration = {
+        name: values[:CALIBRATION_ROWS]
+        for name, values in concatenate(head).inputs().items()
+        if name in graph_inputs
+    }
+    console.print(f"building the {precision.value} variant of {model}…", highlight=False)
+    variant = fastest_variant(proto, precision, calibration, calibration=calibration)
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    metadata |= {
+        contract.PRECISION_KEY: precision.value,
+        contract.PRECISION_FORMAT_KEY: variant.format,
+    }
+    onnx.helper.set_model_props(variant.proto, metadata)
+    with atomic_output(path) as temporary:
+        onnx.save_model(variant.proto, str(temporary))
+    built = ", ".join(f"{name} {rate:,.0f}" for name, rate in variant.format_rates.items())
+    console.print(f"wrote {path} ({built} rows/s on one thread)", highlight=False)
+    return path
+
+
+def model_precision(backend: OnnxRuntimeBackend) -> Precision:
+    return Precision(backend.metadata.get(contract.PRECISION_KEY, Precision.fp32.value))
+
+
+def precision_label(backend: OnnxRuntimeBackend) -> str:
+    """``fp32``, or the precision with its format: ``int8 (QOperator)``, or the format alone
+    where it names the precision (``bf16 weights, fp32 compute``)."""
+    precision: str = model_precision(backend).value
+    quant_format = backend.metadata.get(contract.PRECISION_FORMAT_KEY)
+    if quant_format is None:
+        return precision
+    return quant_format if quant_format.startswith(precision) else f"{precision} ({quant_format})"
+
+
+def chosen_precisions(asked: list[str] | None, own: Precision, model: Path) -> list[Precision]:
+    """The precisions to measure, in the order fp32, bf16, int8; a model that is itself
+    reduced is measured as it is."""
+    if own is not Precision.fp32:
+        if asked not in (None, [own.value]):
+            raise SystemExit(
+                f"--model {model} is already {own.value}; variants are derived from an fp32 "
+                f"model (pass --precision {own.value}, or an fp32 model)"
+            )
+        return [own]
+    names = set(asked or [p.value for p in Precision])
+    return [p for p in Precision if p.value in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,45 +511,74 @@ def load_line() -> str:
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
+Key = tuple[str, Precision | None]
+"""A stage and the precision of the model it ran (``None`` for reading, which has none)."""
+
+
 def main() -> None:
     args = parse_args()
     spec = bench_spec()
     args.data = make_data(args.data_dir / f"bench_muons_{args.muons}.root", args.muons)
     args.model = args.model or make_model(args.data_dir / f"{MODEL_NAME}_p32.onnx", spec)
-    backend = OnnxRuntimeBackend(args.model, threads=args.threads, batch_size=args.batch_size)
-    spec = backend.feature_spec
+    base = OnnxRuntimeBackend(args.model, threads=args.threads, batch_size=args.batch_size)
+    spec = base.feature_spec
+    own = model_precision(base)
+    precisions = chosen_precisions(args.precision, own, args.model)
     source = TreeSource(args.data, spec.tree)
     before = None if args.before_checkout is None else checkout_python(args.before_checkout)
     loads = [load_line()]
     console.print(
-        f"model {backend.name} ({args.model}); {args.read_step_size} chunks, slices of "
+        f"model {base.name} ({args.model}); {args.read_step_size} chunks, slices of "
         f"{ENTRIES_PER_BATCH} entries, inference batches of {args.batch_size}, padding "
         f"{args.padding}; {loads[0]}"
     )
     features, batches = measure_features(source, spec, args.read_step_size)
     rows = sum(batch.n_rows for batch in batches)
-    runs: dict[str, list[Timing]] = {}
+    models = {
+        precision: (
+            args.model
+            if precision is own
+            else make_variant(args.model, precision, batches, args.data_dir)
+        )
+        for precision in precisions
+    }
+    backends = {
+        precision: OnnxRuntimeBackend(path, threads=args.threads, batch_size=args.batch_size)
+        for precision, path in models.items()
+    }
+    labels = {precision: precision_label(backend) for precision, backend in backends.items()}
+    console.print(f"precisions: {', '.join(labels.values())}", highlight=False)
+    runs: dict[Key, list[Timing]] = {}
 
-    def record(stage: str, timing: Timing) -> None:
-        runs.setdefault(stage, []).append(timing)
-        console.print(f"  {stage}: {timing.wall:.2f} s", highlight=False)
+    def record(key: Key, timing: Timing) -> None:
+        runs.setdefault(key, []).append(timing)
+        stage, precision = key
+        label = stage if precision is None else f"{stage} {precision.value}"
+        console.print(f"  {label}: {timing.wall:.2f} s", highlight=False)
 
-    for number in range(args.repeat):  # interleaved, best of each: robust to a busy machine
+    # interleaved, best of each: robust to a busy machine; the precisions side by side
+    for number in range(args.repeat):
         console.print(f"run {number + 1}/{args.repeat}")
         read, entries = measure_read(source, spec, args.read_step_size)
-        record("read", read)
-        record("inference", measure_inference(backend, batches, args.padding))
-        record("inference_fixed", measure_inference(backend, batches, "fixed"))
-        record("end_to_end", run_child(Path(sys.executable), "score", args, padding=args.padding))
+        record(("read", None), read)
+        for precision, backend in backends.items():
+            record(("inference", precision), measure_inference(backend, batches, args.padding))
+        for precision, backend in backends.items():
+            record(("inference_fixed", precision), measure_inference(backend, batches, "fixed"))
+        for precision, path in models.items():
+            end_to_end = run_child(
+                Path(sys.executable), "score", args, model=str(path), padding=args.padding
+            )
+            record(("end_to_end", precision), end_to_end)
         if before is not None:
-            record("before", run_child(before, "score", args))
+            record(("before", own), run_child(before, "score", args))
         if not args.no_plain:
-            record("plain", run_child(Path(sys.executable), "plain", args))
+            record(("plain", own), run_child(Path(sys.executable), "plain", args))
     del batches
     padding_rows = [] if args.no_padding_bench else padding_benchmark(args)
     loads.append(load_line())
-    best = {stage: min(timings, key=lambda t: t.wall) for stage, timings in runs.items()}
-    report(args, entries, rows, features, best, padding_rows, loads)
+    best = {key: min(timings, key=lambda t: t.wall) for key, timings in runs.items()}
+    report(args, entries, rows, features, best, labels, own, padding_rows, loads)
 
 
 def report(
@@ -481,64 +586,100 @@ def report(
     entries: int,
     rows: int,
     features: Timing,
-    best: dict[str, Timing],
+    best: dict[Key, Timing],
+    labels: dict[Precision, str],
+    own: Precision,
     padding_rows: list[PaddingRow],
     loads: list[str],
 ) -> None:
-    out = Console()
+    """The stages with each precision's (b), (b0) and (c) side by side, then the ratios of
+    each (c) to its parts."""
+    out = Console(width=150)
+    read = best[("read", None)]
+    for precision in labels:
+        inference = best[("inference", precision)]
+        best[("parts", precision)] = Timing(read.wall + inference.wall, read.cpu + inference.cpu)
     table = Table(title=f"bsym score benchmark: {rows:,} muons in {entries:,} entries")
-    for column in ("stage", "wall s", "muons/s", "CPU s", "peak RSS GiB"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
-    read, inference, fixed = best["read"], best["inference"], best["inference_fixed"]
-    stages = [
-        ("(a) read (uproot)", read),
-        ("    feature building (hidden in (c))", features),
-        (f"(b) inference, padding {args.padding}", inference),
-        ("(b0) inference, padding fixed", fixed),
-        ("(a) + (b)", Timing(read.wall + inference.wall, read.cpu + inference.cpu)),
-        ("(c) bsym score end to end, this checkout", best["end_to_end"]),
-    ]
-    if "before" in best:
-        stages.append((f"(c0) bsym score end to end, {args.before_checkout}", best["before"]))
-    if "plain" in best:
-        stages.append(("(d) plain uproot + ONNX Runtime loop", best["plain"]))
-    for stage, timing in stages:
-        peak = f"{timing.peak_bytes / 2**30:.2f}" if timing.peak_bytes else "-"
+    for column in ("stage", "precision", "wall s", "muons/s", "CPU s", "peak RSS GiB", "× fp32"):
+        table.add_column(column, justify="left" if column in {"stage", "precision"} else "right")
+
+    def add(stage: str, label: str, timing: Timing, fp32: Timing | None, last: bool) -> None:
         table.add_row(
             stage,
+            label,
             f"{timing.wall:.2f}",
             f"{rows / timing.wall:,.0f}",
             f"{timing.cpu:.2f}",
-            peak,
+            f"{timing.peak_bytes / 2**30:.2f}" if timing.peak_bytes else "-",
+            "" if fp32 is None else f"{fp32.wall / timing.wall:.2f}",
+            end_section=last,
         )
+
+    add("(a) read (uproot)", "-", read, None, False)
+    add("    feature building (hidden in (c))", "-", features, None, True)
+    for stage, name in (
+        ("inference", f"(b) inference, padding {args.padding}"),
+        ("inference_fixed", "(b0) inference, padding fixed"),
+        ("parts", "(a) + (b)"),
+        ("end_to_end", "(c) bsym score end to end, this checkout"),
+    ):
+        for k, (precision, label) in enumerate(labels.items()):
+            fp32 = best.get((stage, Precision.fp32))
+            add(name if k == 0 else "", label, best[(stage, precision)], fp32, k == len(labels) - 1)
+    if ("before", own) in best:
+        name = f"(c0) bsym score end to end, {args.before_checkout}"
+        add(name, labels.get(own, own.value), best[("before", own)], None, False)
+    if ("plain", own) in best:
+        name = "(d) plain uproot + ONNX Runtime loop"
+        add(name, labels.get(own, own.value), best[("plain", own)], None, False)
     out.print(table)
-    lines = []
 
-    def ratios(label: str, end: Timing, inference: Timing) -> None:
-        parts = read.wall + inference.wall
-        ratio = end.wall / parts
-        verdict = "ok" if ratio <= TARGET_RATIO else "MISSED"
+    ratios = Table(title="End to end against its parts")
+    for column in (
+        "end to end",
+        "precision",
+        "(c)/((a)+(b))",
+        f"<= {TARGET_RATIO}",
+        "(c)/max((a),(b))",
+        "CPU s (c)/((a)+(b))",
+        "peak RSS GiB",
+        f"< {TARGET_PEAK_GIB} GiB",
+    ):
+        ratios.add_column(
+            column, justify="left" if column in {"end to end", "precision"} else "right"
+        )
+
+    def ratio_row(name: str, label: str, end: Timing, inference: Timing) -> None:
+        ratio = end.wall / (read.wall + inference.wall)
         peak = end.peak_bytes / 2**30
-        lines.append(
-            f"{label}: (c)/((a)+(b)) = {ratio:.3f} (target <= {TARGET_RATIO}: {verdict}), "
-            f"(c)/max((a),(b)) = {end.wall / max(read.wall, inference.wall):.3f}, in CPU "
-            f"seconds (c)/((a)+(b)) = {end.cpu / (read.cpu + inference.cpu):.3f}; peak RSS "
-            f"{peak:.2f} GiB (target < {TARGET_PEAK_GIB}: "
-            f"{'ok' if peak < TARGET_PEAK_GIB else 'MISSED'})"
+        ratios.add_row(
+            name,
+            label,
+            f"{ratio:.3f}",
+            "ok" if ratio <= TARGET_RATIO else "MISSED",
+            f"{end.wall / max(read.wall, inference.wall):.3f}",
+            f"{end.cpu / (read.cpu + inference.cpu):.3f}",
+            f"{peak:.2f}",
+            "ok" if peak < TARGET_PEAK_GIB else "MISSED",
         )
 
-    ratios("this checkout", best["end_to_end"], inference)
-    if "before" in best:
-        ratios("before (its inference is fixed padding, (b0))", best["before"], fixed)
+    for k, (precision, label) in enumerate(labels.items()):
+        end, inference = best[("end_to_end", precision)], best[("inference", precision)]
+        ratio_row("(c) this checkout" if k == 0 else "", label, end, inference)
+    measured_own = own in labels
+    if ("before", own) in best and measured_own:
+        before, fixed = best[("before", own)], best[("inference_fixed", own)]
+        ratio_row("(c0) before, its inference (b0)", labels[own], before, fixed)
+    out.print(ratios)
+    lines = []
+    if ("before", own) in best and measured_own:
+        speedup = best[("before", own)].wall / best[("end_to_end", own)].wall
+        lines.append(f"speed-up of (c) over (c0), {labels[own]}: {speedup:.2f}x")
+    if ("plain", own) in best and measured_own:
+        plain, end = best[("plain", own)], best[("end_to_end", own)]
         lines.append(
-            f"speed-up of (c) over (c0): {best['before'].wall / best['end_to_end'].wall:.2f}x"
-        )
-    if "plain" in best:
-        plain = best["plain"]
-        end = best["end_to_end"]
-        lines.append(
-            f"lead of (c) over the plain loop (d): {plain.wall / end.wall:.2f}x faster, "
-            f"peak RSS {end.peak_bytes / max(plain.peak_bytes, 1):.2f} of its"
+            f"lead of (c) over the plain loop (d), {labels[own]}: {plain.wall / end.wall:.2f}x "
+            f"faster, peak RSS {end.peak_bytes / max(plain.peak_bytes, 1):.2f} of its"
         )
     for line in lines:
         out.print(line, highlight=False)
@@ -581,7 +722,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--muons", type=int, default=1_000_000, help="muons in the test file")
     parser.add_argument("--data-dir", type=Path, default=HERE / ".data", help="cache directory")
     parser.add_argument(
-        "--model", type=Path, default=None, help="an exported model.onnx (a precision variant)"
+        "--model",
+        type=Path,
+        default=None,
+        help="an exported model.onnx (default: the bench PFN); --precision applies to it",
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=[p.value for p in Precision],
+        default=None,
+        help="precisions of (b) and (c), measured in the order fp32, bf16, int8 (default: all;\n"
+        "a --model that is itself bf16 or int8: its own)",
     )
     parser.add_argument(
         "--step-size",

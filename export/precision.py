@@ -134,32 +134,19 @@ def reduce_precision(
     """
     if not math.isfinite(auc_tolerance):
         raise ConfigError(f"the AUC tolerance must be a finite number, got {auc_tolerance}")
-    if precision is Precision.fp32:
-        raise ConfigError("fp32 is the exported graph itself, not a reduced precision")
+    variant = fastest_variant(
+        proto, precision, held_out.inputs, calibration=calibration, quant_format=quant_format
+    )
     reference = proto.SerializeToString()
     rate_fp32 = inference_rate(reference, held_out.inputs)
-    candidates: dict[str, onnx.ModelProto]
     calibration_rows = 0
-    if precision is Precision.bf16:
-        candidates = {"bf16 weights, fp32 compute": bf16_weights(proto)}
-    else:
-        if calibration is None:
-            raise ConfigError("int8 quantization needs calibration rows")
+    if precision is Precision.int8 and calibration is not None:
         calibration_rows = len(next(iter(calibration.values())))
-        formats = (
-            [QuantFormat.qdq, QuantFormat.qoperator]
-            if quant_format is QuantFormat.auto
-            else [quant_format]
-        )
-        candidates = {f.value: quantize_int8(proto, calibration, f) for f in formats}
-    rates = _fastest(candidates, held_out.inputs)
-    chosen = max(rates, key=rates.__getitem__)
-    reduced = candidates[chosen]
     fp32_scores = run_scores(reference, held_out.inputs)
-    scores = run_scores(reduced.SerializeToString(), held_out.inputs)
+    scores = run_scores(variant.proto.SerializeToString(), held_out.inputs)
     report = PrecisionReport(
         precision=precision,
-        format=chosen,
+        format=variant.format,
         rows=len(held_out.label),
         source=held_out.source,
         auc_fp32=_auc(held_out, fp32_scores),
@@ -168,10 +155,50 @@ def reduce_precision(
         auc_tolerance=auc_tolerance,
         calibration_rows=calibration_rows,
         rate_fp32=rate_fp32,
-        rate=rates[chosen],
-        format_rates=rates,
+        rate=variant.format_rates[variant.format],
+        format_rates=variant.format_rates,
     )
-    return reduced, report
+    return variant.proto, report
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A reduced-precision graph and how fast each format built for it ran."""
+
+    format: str
+    proto: onnx.ModelProto
+    format_rates: dict[str, float]
+    """Rows/s of every format built (both int8 formats with ``auto``); ``format`` is the fastest."""
+
+
+def fastest_variant(
+    proto: onnx.ModelProto,
+    precision: Precision,
+    inputs: dict[str, npt.NDArray[Any]],
+    *,
+    calibration: dict[str, npt.NDArray[Any]] | None = None,
+    quant_format: QuantFormat = QuantFormat.auto,
+) -> Variant:
+    """The ``precision`` variant of the fp32 graph ``proto``: every format asked for is built
+    and timed on ``inputs`` (:func:`inference_rate`), and the fastest kept. int8 needs
+    ``calibration`` rows. Like the quantizer, it leaves ``metadata_props`` to the caller."""
+    if precision is Precision.fp32:
+        raise ConfigError("fp32 is the exported graph itself, not a reduced precision")
+    candidates: dict[str, onnx.ModelProto]
+    if precision is Precision.bf16:
+        candidates = {"bf16 weights, fp32 compute": bf16_weights(proto)}
+    else:
+        if calibration is None:
+            raise ConfigError("int8 quantization needs calibration rows")
+        formats = (
+            [QuantFormat.qdq, QuantFormat.qoperator]
+            if quant_format is QuantFormat.auto
+            else [quant_format]
+        )
+        candidates = {f.value: quantize_int8(proto, calibration, f) for f in formats}
+    rates = _fastest(candidates, inputs)
+    chosen = max(rates, key=rates.__getitem__)
+    return Variant(chosen, candidates[chosen], rates)
 
 
 def quantize_int8(
