@@ -21,6 +21,7 @@ from bsym.features import FeatureBatch, build_features, required_branches
 from bsym.serving.backend import sharing_cores
 from bsym.serving.onnx_backend import OnnxRuntimeBackend
 from bsym.serving.prefetch import prefetched
+from bsym.serving.scorer import score_files
 from bsym.training.config import load_config
 from bsym.training.models.sets import PFN
 
@@ -105,3 +106,23 @@ def test_a_one_thread_session_never_narrows(pfn_and_batch: tuple[Path, FeatureBa
     with sharing_cores(backend, busy):
         backend.predict(batch.inputs())
     assert asked == [] and backend._narrow_session is None
+
+
+def test_the_scorer_shares_the_cores_with_its_reader_and_scores_the_same(
+    pfn_and_batch: tuple[Path, FeatureBatch], isolation_sample: Path, tmp_path: Path
+) -> None:
+    path, _ = pfn_and_batch
+    source = str(isolation_sample / "isolation_muons_000.root")
+    one = OnnxRuntimeBackend(path, threads=1)
+    two = OnnxRuntimeBackend(path, threads=2)
+    for backend, out in ((one, tmp_path / "one"), (two, tmp_path / "two")):
+        summary = score_files([source], backend, out, progress=False, step_size=500)
+        assert not summary.failed and len(summary.scored) == 1
+    assert two._narrow_session is not None  # opened when the scorer's reader shared the cores
+    found = [
+        uproot.open(tmp_path / name / "isolation_muons_000.share_pfn.root")["Muons"][
+            "share_pfn"
+        ].array(library="np")
+        for name in ("one", "two")
+    ]
+    np.testing.assert_allclose(found[1], found[0], rtol=0, atol=1e-6)
