@@ -41,11 +41,15 @@ from bsym.export.defaults import DEFAULT_TOLERANCE
 from bsym.export.onnx_export import (
     PARITY_BATCH_SIZES,
     PARITY_MAX_ROWS,
+    PARITY_THREADS,
     check_graph,
+    git_commit,
+    onnx_inputs,
     worst_differences,
 )
+from bsym.export.precision import cpu_session
 from bsym.export.triton.common import Flavour
-from bsym.features import FeatureBatch, FeatureSpec
+from bsym.features import FeatureSpec
 from bsym.rootio import parse_inputs
 from bsym.settings import StrictModel
 
@@ -407,11 +411,8 @@ def reference_outputs(
 ) -> dict[str, npt.NDArray[np.float64]]:
     """The original model through ONNX Runtime on the numpy preprocessing."""
     import onnx
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(
-        proto.SerializeToString(), _options(), providers=["CPUExecutionProvider"]
-    )
+    session = cpu_session(proto.SerializeToString(), threads=PARITY_THREADS)
     graph = proto.graph
     types = {
         v.name: (onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type), _dims(v))
@@ -720,21 +721,9 @@ def adapted_graph(proto: Any, spec: FeatureSpec, plan_: Plan, name: str) -> Any:
 
 
 def _score_width(model: Any, inputs: dict[str, Tensor]) -> int:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(
-        model.SerializeToString(), _options(), providers=["CPUExecutionProvider"]
-    )
+    session = cpu_session(model.SerializeToString(), threads=PARITY_THREADS)
     feed = {v.name: inputs[v.name][:2] for v in session.get_inputs()}
     return int(session.run([contract.SCORE], feed)[0].shape[1])
-
-
-def _options() -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return options
 
 
 # -- adoption ---------------------------------------------------------------------------------
@@ -755,7 +744,6 @@ def adopt(
     """Adopt ``model_path`` as ``repository/<name>/<version>/model.onnx`` after the parity check."""
     import onnx
 
-    from bsym.export.onnx_export import git_commit
     from bsym.export.triton.description import check_model_name
     from bsym.export.triton.repository import write_model_version
     from bsym.training.dataset import read_rows
@@ -777,8 +765,8 @@ def adopt(
         raise ConfigError("bsym adopt needs --parity-data FILES: the rows the parity check runs on")
     sources = parse_inputs(parity_data, default_tree=spec.tree)
     batch, _ = read_rows(sources, spec, max_rows=PARITY_MAX_ROWS, with_label=False)
-    inputs = _bsym_inputs(batch)
     adopted = adapted_graph(proto, spec, plan_, name)
+    inputs = onnx_inputs(batch, [v.name for v in adopted.graph.input])
     width = _score_width(adopted, inputs)
     if plan_.labels and len(plan_.labels) != width:
         raise SpecMismatchError(
@@ -834,10 +822,6 @@ def adopt(
     )
 
 
-def _bsym_inputs(batch: FeatureBatch) -> dict[str, Tensor]:
-    return {k: np.ascontiguousarray(v) for k, v in batch.inputs().items()}
-
-
 def _parity(
     adopted: Any,
     inputs: dict[str, Tensor],
@@ -845,11 +829,7 @@ def _parity(
     tolerance: float,
     source: str,
 ) -> dict[str, float]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(
-        adopted.SerializeToString(), _options(), providers=["CPUExecutionProvider"]
-    )
+    session = cpu_session(adopted.SerializeToString(), threads=PARITY_THREADS)
     names = [v.name for v in session.get_inputs()]
     rows = len(inputs[names[0]])
     feed = {n: inputs[n] for n in names}

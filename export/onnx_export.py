@@ -40,7 +40,7 @@ from bsym.export.defaults import (
     Precision,
     QuantFormat,
 )
-from bsym.export.precision import HeldOut, PrecisionReport
+from bsym.export.precision import HeldOut, PrecisionReport, cpu_session
 from bsym.export.triton.common import Flavour
 from bsym.features import FeatureBatch, narrowed, slot_lengths
 from bsym.rootio import atomic_output, parse_inputs
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 PARITY_MAX_ROWS = 20_000
 PARITY_MIN_ROWS = 2_000
 PARITY_BATCH_SIZES = (4096, 333, 1)
+PARITY_THREADS = 0
+"""Intra-op threads of the parity sessions: 0 leaves the count to ONNX Runtime."""
 SINGLE_ROW_CHECKS = 64
 """Batches of one row are slow in Python, so only the first rows are checked one by one."""
 
@@ -225,7 +227,7 @@ def _export_loaded(
     input_names = tuple(model.input_names)
     output_names = tuple(getattr(model, "output_names", DEFAULT_OUTPUT_NAMES))
     batch, source = _parity_batch(loaded, parity_data)
-    inputs = _inputs(batch, input_names)
+    inputs = onnx_inputs(batch, input_names)
 
     proto = to_onnx(model, inputs, input_names, output_names, opset)
     check_graph(proto, f"model '{model_name}': the exported graph")
@@ -296,7 +298,7 @@ def _reduce(
     held_out = HeldOut(inputs, batch.label, batch.weight, source)
     calibration = None
     if reduced.precision is Precision.int8:
-        calibration = _inputs(_calibration_batch(loaded), loaded.model.input_names)
+        calibration = onnx_inputs(_calibration_batch(loaded), loaded.model.input_names)
     stderr.print(f"building the {reduced.precision.value} model…", highlight=False)
     variant, report = reduce_precision(
         proto,
@@ -340,15 +342,9 @@ def check_parity(
     ``inputs`` maps tensor names to arrays in the model's input order. Raises
     :class:`SpecMismatchError` naming the output and its largest deviation.
     """
-    import onnxruntime as ort
-
     rows = len(next(iter(inputs.values())))
     expected = _torch_outputs(model, inputs, output_names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = cpu_session(proto.SerializeToString(), threads=PARITY_THREADS)
     worst = worst_differences(session, inputs, expected, source, candidate="ONNX Runtime")
     if has_dynamic_constituents(session):
         narrow = narrowed_differences(session, inputs, expected, source)
@@ -492,7 +488,8 @@ def _parity_batch(
     return batch, source
 
 
-def _inputs(batch: FeatureBatch, input_names: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
+def onnx_inputs(batch: FeatureBatch, input_names: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
+    """The tensors ``input_names`` of ``batch``, C-contiguous, as ONNX Runtime is fed them."""
     available = batch.inputs()
     missing = [name for name in input_names if name not in available]
     if missing:
