@@ -579,28 +579,34 @@ class _Rows:
         flat = _as_flat(ak.flatten(self.jagged(branch)), branch)
         linked = self.layout == "event" and index is not None and link is not None
         if linked and _collection(branch) != _collection(str(link)):
-            flat = flat[self._through_index(branch, str(index))]
+            sizes = np.asarray(ak.num(self.jagged(branch), axis=1), dtype=np.int64)
+            flat = flat[self._positions(str(index), "index", sizes, f"'{branch}'")]
         if len(flat) != offsets[-1]:
             raise SpecMismatchError(
                 f"constituent branch '{branch}' has {len(flat)} values, expected {offsets[-1]}"
             )
         return (flat if order is None else flat[order]), offsets
 
-    def _through_index(self, branch: str, index: str) -> npt.NDArray[np.int64]:
-        """Positions in the flattened ``branch`` of the constituents the links point to."""
+    def _positions(
+        self, index: str, role: str, sizes: npt.NDArray[np.int64], into: str
+    ) -> npt.NDArray[np.int64]:
+        """Where the values of the jagged ``index`` branch point in a flat collection of
+        ``sizes`` items per entry (a value counts from its own entry's first item); ``role``
+        and ``into`` name the branch's part and the collection in the error for a value
+        outside it."""
         if index not in self._indexing:
             values = self.jagged(index)
             event_of = np.repeat(np.arange(len(values)), np.asarray(ak.num(values, axis=1)))
             local = np.asarray(ak.flatten(values), dtype=np.int64)
             self._indexing[index] = (event_of, local)
         event_of, local = self._indexing[index]
-        sizes = np.asarray(ak.num(self.jagged(branch), axis=1), dtype=np.int64)
         outside = (local < 0) | (local >= sizes[event_of])
         if np.any(outside):
-            entry = int(event_of[np.argmax(outside)])
+            first_outside = int(np.argmax(outside))
+            entry = int(event_of[first_outside])
             raise BadValueError(
-                f"index branch '{index}' points outside '{branch}' ({int(outside.sum())} "
-                f"values; first in entry {entry}: {int(local[np.argmax(outside)])} not in "
+                f"{role} branch '{index}' points outside {into} ({int(outside.sum())} "
+                f"values; first in entry {entry}: {int(local[first_outside])} not in "
                 f"[0, {int(sizes[entry])}))"
             )
         first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
@@ -635,16 +641,8 @@ class _Rows:
                     f"{self.spec.objects}; set 'link' in the feature spec"
                 )
             assert self.counts is not None
-            index = self.jagged(link)
-            event_of = np.repeat(np.arange(len(self.counts)), np.asarray(ak.num(index, axis=1)))
-            local = np.asarray(ak.flatten(index), dtype=np.int64)
-            if np.any((local < 0) | (local >= self.counts[event_of])):
-                raise BadValueError(
-                    f"link branch '{link}' points outside the {self.spec.objects} collection "
-                    f"(values must lie in [0, {self.spec.count_branch}))"
-                )
-            first_object = np.concatenate(([0], np.cumsum(self.counts)[:-1]))
-            row = first_object[event_of] + local
+            into = f"the {self.spec.objects} collection ('{self.spec.count_branch}')"
+            row = self._positions(link, "link", self.counts, into)
             if not np.all(row[1:] >= row[:-1]):
                 order = np.argsort(row, kind="stable")
             counts = np.bincount(row, minlength=self.n_rows).astype(np.int64)

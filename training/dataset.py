@@ -89,7 +89,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     """Read ``config.data.train`` and split it by ``config.seed``."""
     tree = config.data.tree or config.features.tree
     sources = parse_inputs(config.data.train, default_tree=tree)
-    batch, records = read_training_rows(sources, config, max_rows=config.data.max_rows)
+    batch, records, kept = _read_training_rows(sources, config, max_rows=config.data.max_rows)
     split = split_rows(
         batch.n_rows,
         seed=config.seed,
@@ -104,31 +104,29 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     extras = {}
     if config.decorrelation is not None:
         variable = config.decorrelation.variable
-        values = read_row_values(sources, config, variable, max_rows=config.data.max_rows)
-        if values.size != batch.n_rows:
-            raise SpecMismatchError(
-                f"the decorrelation variable '{variable}' gives {values.size} rows, the "
-                f"features {batch.n_rows}; it needs one value per row (docs/decorrelation.md)"
-            )
-        extras[variable] = values
+        extras[variable] = read_row_values(
+            sources, config.features, variable, kept, max_rows=config.data.max_rows
+        )
     return TrainingData(batch, split, extras)
 
 
 def read_row_values(
-    sources: Sequence[TreeSource], config: TrainConfig, branch: str, *, max_rows: int | None
+    sources: Sequence[TreeSource],
+    spec: FeatureSpec,
+    branch: str,
+    kept: npt.NDArray[np.bool_],
+    *,
+    max_rows: int | None,
 ) -> npt.NDArray[np.float64]:
-    """``branch``'s value of every row :func:`read_training_rows` gives, in its order."""
-    spec, supervision = config.features, config.supervision
-    label = spec.label
-    by_truth = supervision.type == "truth" and label is not None and label.leaves_out
-    label_branch = [label.branch] if by_truth and label is not None else []
-    columns = read_columns(sources, spec, [branch, *label_branch], max_rows=max_rows)
-    keep = np.arange(columns[branch].size, dtype=np.int64)
-    if supervision.type == "cwola" or supervision.select:
-        keep = read_cwola_rows(sources, spec, supervision, max_rows=max_rows).keep
-    if by_truth and label is not None:
-        keep = keep[label.classify(columns[label.branch][keep].astype(np.int64)) >= 0]
-    return columns[branch][keep]
+    """``branch``'s value of the rows ``kept`` (of the rows read, as :func:`read_training_rows`
+    leaves them out), in their order."""
+    values = read_columns(sources, spec, [branch], max_rows=max_rows)[branch]
+    if values.size != kept.size:
+        raise SpecMismatchError(
+            f"the decorrelation variable '{branch}' gives {values.size} rows, the "
+            f"features {kept.size}; it needs one value per row (docs/decorrelation.md)"
+        )
+    return values[kept]
 
 
 def held_out_test(config: TrainConfig, split: Split) -> FeatureBatch:
@@ -160,18 +158,38 @@ def read_training_rows(
     sources: Sequence[TreeSource], config: TrainConfig, *, max_rows: int | None
 ) -> tuple[FeatureBatch, list[SourceRecord]]:
     """The labelled rows of ``config.supervision``: truth labels, or CWoLa's kept rows."""
-    if config.supervision.type == "truth" and not config.supervision.select:
-        return read_rows(sources, config.features, max_rows=max_rows)
-    if config.supervision.type == "truth":
-        batch, records = read_rows(
-            sources, config.features, max_rows=max_rows, leave_out_neither=False
-        )
-        rows = read_cwola_rows(sources, config.features, config.supervision, max_rows=max_rows)
-        selected = _leave_out_neither(take(batch, rows.keep), config.features, sources)
-        return selected, records
-    batch, records = read_rows(sources, config.features, max_rows=max_rows, with_label=False)
-    rows = read_cwola_rows(sources, config.features, config.supervision, max_rows=max_rows)
-    return apply_cwola(batch, rows), records
+    batch, records, _ = _read_training_rows(sources, config, max_rows=max_rows)
+    return batch, records
+
+
+def _read_training_rows(
+    sources: Sequence[TreeSource], config: TrainConfig, *, max_rows: int | None
+) -> tuple[FeatureBatch, list[SourceRecord], npt.NDArray[np.bool_]]:
+    """:func:`read_training_rows`, and which of the rows read it keeps."""
+    spec, supervision = config.features, config.supervision
+    if supervision.type == "cwola":
+        batch, records = read_rows(sources, spec, max_rows=max_rows, with_label=False)
+        rows = read_cwola_rows(sources, spec, supervision, max_rows=max_rows)
+        return apply_cwola(batch, rows), records, _kept(batch.n_rows, rows.keep)
+    batch, records = read_rows(sources, spec, max_rows=max_rows, leave_out_neither=False)
+    n_read = batch.n_rows
+    keep: Indices | None = None
+    if supervision.select:
+        keep = read_cwola_rows(sources, spec, supervision, max_rows=max_rows).keep
+        batch = take(batch, keep)
+    batch, of_one_class = _leave_out_neither(batch, spec, sources)
+    if of_one_class is not None:
+        keep = of_one_class if keep is None else keep[of_one_class]
+    return batch, records, _kept(n_read, keep)
+
+
+def _kept(n_rows: int, keep: Indices | None) -> npt.NDArray[np.bool_]:
+    """``keep`` (``None``: every row) as a mask over ``n_rows`` rows."""
+    if keep is None:
+        return np.ones(n_rows, dtype=np.bool_)
+    kept = np.zeros(n_rows, dtype=np.bool_)
+    kept[keep] = True
+    return kept
 
 
 def read_rows(
@@ -211,19 +229,20 @@ def read_rows(
     if max_rows is not None and batch.n_rows > max_rows:
         batch = take(batch, np.arange(max_rows, dtype=np.int64))
     if with_label and leave_out_neither:
-        batch = _leave_out_neither(batch, spec, sources)
+        batch, _ = _leave_out_neither(batch, spec, sources)
     return batch, records
 
 
 def _leave_out_neither(
     batch: FeatureBatch, spec: FeatureSpec, sources: Sequence[TreeSource]
-) -> FeatureBatch:
-    """The rows of ``batch`` whose truth is of one class; the others are counted in the log."""
+) -> tuple[FeatureBatch, Indices | None]:
+    """The rows of ``batch`` whose truth is of one class and their positions in ``batch``
+    (``None`` where that is every row); the others are counted in the log."""
     if batch.label is None or spec.label is None or not spec.label.leaves_out:
-        return batch
+        return batch, None
     neither = batch.label < 0
     if not neither.any():
-        return batch
+        return batch, None
     truth = batch.truth if batch.truth is not None else np.full(batch.n_rows, -1, np.int64)
     found = Counter(truth[neither].tolist())
     values = ", ".join(f"{value}: {count}" for value, count in sorted(found.items()))
@@ -235,7 +254,8 @@ def _leave_out_neither(
         spec.label.branch,
         values,
     )
-    return take(batch, np.flatnonzero(~neither).astype(np.int64))
+    of_one_class = np.flatnonzero(~neither).astype(np.int64)
+    return take(batch, of_one_class), of_one_class
 
 
 def split_rows(
