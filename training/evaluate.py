@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +40,7 @@ FLAVOUR_COLUMNS = {
     "c_rej77": "c rej77",
 }
 """Flavour taggers' extra columns: rejection at 70% and 77% b-efficiency on D_b."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -283,21 +284,33 @@ def _bootstrap(
     seed: int,
 ) -> tuple[float, float, float]:
     """Standard deviations of AUC, rej50 and rej90 over resamplings of the rows."""
-    rng = np.random.default_rng(seed)
-    n_rows = len(scores)
-    samples: list[tuple[float, float, float]] = []
-    for _ in range(n_bootstrap):
-        rows = rng.integers(0, n_rows, size=n_rows)
+
+    def figures(rows: npt.NDArray[np.int64]) -> tuple[float, float, float]:
         w = None if weights is None else weights[rows]
-        try:
-            fpr, tpr, _ = roc_curve(labels[rows], scores[rows], w)
-            auc = roc_auc(labels[rows], scores[rows], w)
-        except ValueError:  # a resampling without one of the classes
-            continue
+        fpr, tpr, _ = roc_curve(labels[rows], scores[rows], w)
+        auc = roc_auc(labels[rows], scores[rows], w)
         rej50, rej90 = (background_rejection(fpr, tpr, point) for point in WORKING_POINTS)
-        samples.append((auc, rej50, rej90))
+        return auc, rej50, rej90
+
+    samples = _resampled(len(scores), figures, n_bootstrap=n_bootstrap, seed=seed)
     values = np.asarray(samples, dtype=np.float64).reshape(-1, 3)
     return (finite_std(values[:, 0]), finite_std(values[:, 1]), finite_std(values[:, 2]))
+
+
+def _resampled(
+    n_rows: int, figures: Callable[[npt.NDArray[np.int64]], T], *, n_bootstrap: int, seed: int
+) -> list[T]:
+    """``figures`` of ``n_bootstrap`` resamplings of the rows with replacement, leaving out
+    the resamplings it rejects with ``ValueError`` (one without one of the classes)."""
+    rng = np.random.default_rng(seed)
+    samples: list[T] = []
+    for _ in range(n_bootstrap):
+        rows = rng.integers(0, n_rows, size=n_rows)
+        try:
+            samples.append(figures(rows))
+        except ValueError:
+            continue
+    return samples
 
 
 def _multi_class(
@@ -324,15 +337,12 @@ def _multi_class(
         backgrounds = {names[k]: k for k in range(signal)}
     weights = batch.weight
     figures = flavour_figures(label, scores, backgrounds, signal, weights)
-    rng = np.random.default_rng(seed)
-    samples: list[dict[str, float]] = []
-    for _ in range(n_bootstrap):
-        rows = rng.integers(0, len(label), size=len(label))
-        try:
-            w = None if weights is None else weights[rows]
-            samples.append(flavour_figures(label[rows], scores[rows], backgrounds, signal, w))
-        except ValueError:  # a resampling without one of the classes
-            continue
+
+    def resampled(rows: npt.NDArray[np.int64]) -> dict[str, float]:
+        w = None if weights is None else weights[rows]
+        return flavour_figures(label[rows], scores[rows], backgrounds, signal, w)
+
+    samples = _resampled(len(label), resampled, n_bootstrap=n_bootstrap, seed=seed)
     errors = {key: finite_std([sample[key] for sample in samples]) for key in figures}
     return (label == signal).astype(np.int64), scores, (figures, errors)
 

@@ -10,6 +10,7 @@ module adds what a training run on user files needs around it: the split of the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,7 @@ def train(
         terms = [InvarianceTerm(augmentation.invariance.c2)]
         loss_weight = augmentation.invariance.c1
     run = _Run(config, data.split, where)
-    with deterministic():
-        torch.manual_seed(config.seed)
-        model = build_model(config.model, config.features, train_rows)
+    model = seeded_model(config, train_rows)
     if isinstance(model, NetworkModel):
         extras = {}
         if config.decorrelation is not None:
@@ -132,6 +131,57 @@ def train(
     else:
         run.state = previous.fit_state()
     return run.result()
+
+
+def seeded_model(config: TrainConfig, train_rows: FeatureBatch) -> BsymModel:
+    """The model of ``config``, built and fitted to ``train_rows`` under ``config.seed``."""
+    with deterministic():
+        torch.manual_seed(config.seed)
+        return build_model(config.model, config.features, train_rows)
+
+
+def fit_network(
+    model: NetworkModel,
+    config: TrainConfig,
+    train_rows: FeatureBatch,
+    validation_rows: FeatureBatch,
+    *,
+    copies: int = 1,
+    terms: Sequence[LossTerm] = (),
+    loss_weight: float = 1.0,
+    state: FitState | None = None,
+    on_epoch: Callable[[FitState], None] | None = None,
+    progress: bool = False,
+    device: torch.device | None = None,
+    extras: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> FitState:
+    """``model`` trained by :func:`~bsym.training.fit.fit` with ``config``'s optimizer, seed
+    and class weights (``train_rows`` holding ``copies`` rotated copies of each row; ``extras``
+    the decorrelation variable of the ``train`` and ``validation`` rows)."""
+    extras = extras or {}
+    rows = replace(Rows.of(model, train_rows, copies=copies), extras=extras.get("train", {}))
+    class_weights = None
+    if config.class_weights is not None:
+        class_weights = resolve_class_weights(
+            config.class_weights, rows.label, rows.weight, model.n_classes
+        )
+        log.info("class weights %s", ", ".join(f"{w:.4g}" for w in class_weights))
+    return fit(
+        model,
+        rows,
+        replace(Rows.of(model, validation_rows), extras=extras.get("validation", {})),
+        config.optimizer,
+        seed=config.seed,
+        terms=terms,
+        loss_weight=loss_weight,
+        state=state,
+        on_epoch=on_epoch,
+        description=f"train {config.name}",
+        progress=progress,
+        device=device,
+        class_weights=class_weights,
+        keep_last=config.decorrelation is not None,
+    )
 
 
 def with_input_ranges(config: TrainConfig, train_rows: FeatureBatch) -> TrainConfig:
@@ -168,29 +218,19 @@ class _Run:
         state = None
         if previous is not None:
             state = self._restore(model, previous)
-        extras = extras or {}
-        rows = replace(Rows.of(model, train_rows, copies=copies), extras=extras.get("train", {}))
-        class_weights = None
-        if self.config.class_weights is not None:
-            class_weights = resolve_class_weights(
-                self.config.class_weights, rows.label, rows.weight, model.n_classes
-            )
-            log.info("class weights %s", ", ".join(f"{w:.4g}" for w in class_weights))
-        self.state = fit(
+        self.state = fit_network(
             model,
-            rows,
-            replace(Rows.of(model, validation_rows), extras=extras.get("validation", {})),
-            self.config.optimizer,
-            seed=self.config.seed,
+            self.config,
+            train_rows,
+            validation_rows,
+            copies=copies,
             terms=terms,
             loss_weight=loss_weight,
             state=state,
             on_epoch=lambda state: self._save(model, state),
             progress=progress,
-            description=f"train {self.config.name}",
             device=self.device,
-            keep_last=self.config.decorrelation is not None,
-            class_weights=class_weights,
+            extras=extras,
         )
 
     def fixed(

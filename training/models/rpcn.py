@@ -34,14 +34,13 @@ from bsym.training.models.base import (
     BsymModel,
     DualNetwork,
     ModelSettings,
-    NetworkModel,
     Standardise,
     SymmetryMix,
     mlp,
     n_globals_of,
     need,
 )
-from bsym.training.models.sets import ParticleSum, check_globals
+from bsym.training.models.sets import GlobalsHead, ParticleSum, check_globals
 
 Pooling = Literal["max", "mean"]
 # rows per forward pass when the gate's input statistics are fitted (B·N·P·C floats each)
@@ -172,7 +171,7 @@ class RotationSubnet(nn.Module):
         return torch.amax(h, dim=1) if self.pool == "max" else torch.mean(h, dim=1)
 
 
-class RPCN(NetworkModel):
+class RPCN(GlobalsHead):
     """``F(pool_k conv(h)(g_k) ⊕ globals)``: invariant under rotations by 2π/N exactly."""
 
     kind = "rpcn"
@@ -211,21 +210,11 @@ class RPCN(NetworkModel):
         self.subnet = RotationSubnet(
             n_features, (x, y), n_angles, phi_sizes, conv_sizes, kernel, pool, energy
         )
-        self.norm_globals = Standardise(n_globals)
-        n_head = self.subnet.width + (n_globals if self.use_globals else 0)
-        self.f = mlp(n_head, f_sizes)
-        self.out = nn.Linear(f_sizes[-1] if f_sizes else n_head, 1)
+        self.build_head(self.subnet.width, n_globals, f_sizes)
 
     def prepare(self, batch: FeatureBatch) -> None:
         self.subnet.lift.fit(need(batch.constituents, "constituents"), need(batch.mask, "mask"))
-        if self.use_globals:
-            self.norm_globals.fit(need(batch.globals, "globals"))
-
-    def head(self, latent: Tensor, rest: Sequence[Tensor]) -> Tensor:
-        if self.use_globals:
-            latent = torch.cat([latent, self.norm_globals(rest[0])], dim=1)
-        output: Tensor = self.out(self.f(latent))
-        return output
+        self.fit_globals(batch)
 
     def logits(self, *inputs: Tensor) -> Tensor:
         constituents, mask, *rest = self.unpack(inputs)

@@ -124,7 +124,38 @@ class ParticleSum(nn.Module):
         return latent
 
 
-class PFN(NetworkModel):
+class GlobalsHead(NetworkModel):
+    """A network whose head F reads a pooled latent ⊕ the standardised globals:
+    ``out(f(latent ⊕ norm_globals(globals)))``, the globals only where ``use_globals``."""
+
+    use_globals: bool
+    norm_globals: Standardise
+    f: nn.Sequential
+    out: nn.Linear
+
+    def build_head(
+        self, width: int, n_globals: int, f_sizes: Sequence[int], n_classes: int = 1
+    ) -> None:
+        """``norm_globals``, ``f`` and ``out`` for a latent of ``width`` (after
+        ``use_globals`` is set)."""
+        self.norm_globals = Standardise(n_globals)
+        n_head = width + (n_globals if self.use_globals else 0)
+        self.f = mlp(n_head, f_sizes)
+        self.out = nn.Linear(f_sizes[-1] if f_sizes else n_head, n_classes)
+
+    def fit_globals(self, batch: FeatureBatch) -> None:
+        if self.use_globals:
+            self.norm_globals.fit(need(batch.globals, "globals"))
+
+    def head(self, latent: Tensor, rest: Sequence[Tensor]) -> Tensor:
+        """F of ``latent`` and, where ``use_globals``, the globals ``rest[0]``."""
+        if self.use_globals:
+            latent = torch.cat([latent, self.norm_globals(rest[0])], dim=1)
+        output: Tensor = self.out(self.f(latent))
+        return output
+
+
+class PFN(GlobalsHead):
     """Particle-flow network: ``F(Σ_i mask_i Φ(x_i) ⊕ globals)``."""
 
     kind = "pfn"
@@ -164,24 +195,16 @@ class PFN(NetworkModel):
         )
         widths = [*phi_sizes, latent] if latent is not None else list(phi_sizes)
         self.flow = ParticleSum(n_features, widths)
-        self.norm_globals = Standardise(n_globals)
-        n_head = widths[-1] + (n_globals if self.use_globals else 0)
-        self.f = mlp(n_head, f_sizes)
-        self.out = nn.Linear(f_sizes[-1] if f_sizes else n_head, n_classes)
+        self.build_head(widths[-1], n_globals, f_sizes, n_classes)
 
     def prepare(self, batch: FeatureBatch) -> None:
         constituents, mask = need(batch.constituents, "constituents"), need(batch.mask, "mask")
         self.flow.fit(constituents, mask)
-        if self.use_globals:
-            self.norm_globals.fit(need(batch.globals, "globals"))
+        self.fit_globals(batch)
 
     def logits(self, *inputs: Tensor) -> Tensor:
         constituents, mask, *rest = self.unpack(inputs)
-        latent = self.flow(constituents, mask)
-        if self.use_globals:
-            latent = torch.cat([latent, self.norm_globals(rest[0])], dim=1)
-        output: Tensor = self.out(self.f(latent))
-        return output
+        return self.head(self.flow(constituents, mask), rest)
 
 
 class DNN(NetworkModel):

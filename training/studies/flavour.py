@@ -418,28 +418,18 @@ def _train_and_score(
 
 
 def _trained(config: TrainConfig) -> tuple[BsymModel, list[EpochRecord], list[float], int]:
-    """The model of ``config`` trained with the one training loop (a model fitted to the
-    data rather than trained, as IP3D, is only prepared); its epoch history, each epoch's
-    wall seconds (training and validation) and the number of training jets."""
-    import torch
-
+    """The model of ``config`` trained as ``bsym train`` trains it, without checkpoints (a
+    model fitted to the data rather than trained, as IP3D, is only prepared); its epoch
+    history, each epoch's wall seconds (training and validation) and the training jets."""
     from bsym.training.dataset import load_training_data
-    from bsym.training.fit import Rows, deterministic, fit
-    from bsym.training.losses import resolve_class_weights
-    from bsym.training.models import NetworkModel, build_model
+    from bsym.training.models import NetworkModel
+    from bsym.training.train import fit_network, seeded_model
 
     data = load_training_data(config)
     train_rows, validation_rows = data.subset("train"), data.subset("validation")
-    with deterministic():
-        torch.manual_seed(config.seed)
-        model = build_model(config.model, config.features, train_rows)
+    model = seeded_model(config, train_rows)
     if not isinstance(model, NetworkModel):
         return model, [], [], train_rows.n_rows
-    rows = Rows.of(model, train_rows)
-    assert config.class_weights is not None
-    class_weights = resolve_class_weights(
-        config.class_weights, rows.label, rows.weight, model.n_classes
-    )
     seconds: list[float] = []
     last = [time.perf_counter()]
 
@@ -448,15 +438,7 @@ def _trained(config: TrainConfig) -> tuple[BsymModel, list[EpochRecord], list[fl
         seconds.append(now - last[0])
         last[0] = now
 
-    state = fit(
-        model,
-        rows,
-        Rows.of(model, validation_rows),
-        config.optimizer,
-        seed=config.seed,
-        class_weights=class_weights,
-        on_epoch=timed,
-    )
+    state = fit_network(model, config, train_rows, validation_rows, on_epoch=timed)
     return model, state.history, seconds, train_rows.n_rows
 
 
