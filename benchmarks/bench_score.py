@@ -397,8 +397,9 @@ else:
         tree = file[spec.tree]
         layout = detect_layout(tree.keys(), spec)
         branches = required_branches(spec, layout, with_label=False)
-        step_size = args["step_size"] or args["read_step_size"]
-        for arrays in tree.iterate(branches, step_size=step_size, library="ak"):
+        # as a user writes it: uproot's own step size unless --step-size says otherwise
+        chunking = {"step_size": args["step_size"]} if args["step_size"] else {}
+        for arrays in tree.iterate(branches, library="ak", **chunking):
             inputs = build_features(arrays, spec, layout).inputs()
             rows = len(inputs[names[0]])
             for start in range(0, rows, args["batch_size"]):
@@ -418,7 +419,6 @@ def run_child(python: Path, mode: str, args: argparse.Namespace, **settings: Any
         "model": str(args.model),
         "out": str(args.data_dir / "out"),
         "step_size": args.step_size,
-        "read_step_size": args.read_step_size,
         "batch_size": args.batch_size,
         "threads": args.threads,
         "padding": None,
