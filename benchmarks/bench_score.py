@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -556,20 +557,24 @@ def main() -> None:
         label = stage if precision is None else f"{stage} {precision.value}"
         console.print(f"  {label}: {timing.wall:.2f} s", highlight=False)
 
-    # interleaved, best of each: robust to a busy machine; the precisions side by side
+    # interleaved, best of each: robust to a busy machine; the precisions side by side, and
+    # each (c) right after its (b), so that the ratio of one repeat spans seconds, not minutes
     for number in range(args.repeat):
         console.print(f"run {number + 1}/{args.repeat}")
         read, entries = measure_read(source, spec, args.read_step_size)
         record(("read", None), read)
         for precision, backend in backends.items():
             record(("inference", precision), measure_inference(backend, batches, args.padding))
-        for precision, backend in backends.items():
-            record(("inference_fixed", precision), measure_inference(backend, batches, "fixed"))
-        for precision, path in models.items():
             end_to_end = run_child(
-                Path(sys.executable), "score", args, model=str(path), padding=args.padding
+                Path(sys.executable),
+                "score",
+                args,
+                model=str(models[precision]),
+                padding=args.padding,
             )
             record(("end_to_end", precision), end_to_end)
+        for precision, backend in backends.items():
+            record(("inference_fixed", precision), measure_inference(backend, batches, "fixed"))
         if before is not None:
             record(("before", own), run_child(before, "score", args))
         if not args.no_plain:
@@ -579,6 +584,24 @@ def main() -> None:
     loads.append(load_line())
     best = {key: min(timings, key=lambda t: t.wall) for key, timings in runs.items()}
     report(args, entries, rows, features, best, labels, own, padding_rows, loads)
+    for precision, label in labels.items():
+        each = repeat_ratios(runs, precision)
+        Console(width=150).print(
+            f"(c)/((a)+(b)) in each repeat, {label}: {' '.join(f'{r:.3f}' for r in each)}; "
+            f"median {statistics.median(each):.3f}",
+            highlight=False,
+        )
+
+
+def repeat_ratios(runs: dict[Key, list[Timing]], precision: Precision) -> list[float]:
+    """(c)/((a)+(b)) of each repeat from that repeat's own three measurements: on a machine
+    whose speed drifts, the best (a), (b) and (c) may come from different minutes."""
+    reads, inferences = runs[("read", None)], runs[("inference", precision)]
+    ends = runs[("end_to_end", precision)]
+    return [
+        end.wall / (read.wall + inference.wall)
+        for read, inference, end in zip(reads, inferences, ends, strict=True)
+    ]
 
 
 def report(
