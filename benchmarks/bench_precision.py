@@ -212,11 +212,14 @@ CEILING_WIDTHS = (32, 64, 128, 256)
 def cpu_matrix_flags() -> str:
     """Which of :data:`MATRIX_FLAGS` the CPU has, from /proc/cpuinfo."""
     flags: set[str] = set()
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):  # x86, ARM
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in MATRIX_FLAGS)
 
 

@@ -208,14 +208,17 @@ def make_model(path: Path, spec: FeatureSpec) -> Path:
 
 
 def make_variant(
-    model: Path, precision: Precision, batches: list[FeatureBatch], data_dir: Path
+    model: Path, precision: Precision, batches: list[FeatureBatch], data: Path, data_dir: Path
 ) -> Path:
     """The ``precision`` variant of the fp32 ``model``, built as ``bsym export --precision``
-    builds it (int8 calibrated on the first rows of ``batches``), with the model's metadata
-    and the precision and format added; cached under ``data_dir`` by the model's content."""
+    builds it (int8 calibrated on the first rows of ``batches``, read from ``data``), with the
+    model's metadata and the precision and format added; cached under ``data_dir`` by the
+    model's content and the calibration file's name. The int8 format is the one that ran
+    faster on the machine that built it."""
     digest = hashlib.sha256(model.read_bytes()).hexdigest()[:12]
-    path = data_dir / f"{model.stem}.{digest}.{precision.value}.onnx"
+    path = data_dir / f"{model.stem}.{digest}.{data.stem}.{precision.value}.onnx"
     if path.is_file():
+        console.print(f"reusing {path} (delete it to build it again)", highlight=False)
         return path
     import onnx
 
@@ -539,7 +542,7 @@ def main() -> None:
         precision: (
             args.model
             if precision is own
-            else make_variant(args.model, precision, batches, args.data_dir)
+            else make_variant(args.model, precision, batches, args.data, args.data_dir)
         )
         for precision in precisions
     }
@@ -692,7 +695,7 @@ def report(
     measured_own = own in labels
     if ("before", own) in best and measured_own:
         before, fixed = best[("before", own)], best[("inference_fixed", own)]
-        ratio_row("(c0) before, its inference (b0)", labels[own], before, fixed)
+        ratio_row("(c0) before, over this checkout's (a), (b0)", labels[own], before, fixed)
     out.print(ratios)
     lines = []
     if ("before", own) in best and measured_own:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +69,7 @@ class OnnxRuntimeBackend:
         if not providers:
             check_session_providers(self._session.get_providers(), device, str(self.path))
         self._narrow_session: Any = None
+        self._narrow_lock = threading.Lock()
         self._busy: Callable[[], bool] | None = None
         self._metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         self._name, self._spec = model_identity(self._metadata, str(self.path))
@@ -109,13 +112,14 @@ class OnnxRuntimeBackend:
         slowest thread; this keeps the threads at work within the cores there are. It
         changes nothing on a GPU or for a session of one thread.
         """
-        # ONNX Runtime's default is one thread per physical core
-        cores = self.threads or psutil.cpu_count(logical=False) or 1
-        if self.device != "cpu" or cores < 2:
+        cores = self.threads or _default_threads()
+        on_cpu = self._session.get_providers()[0] == "CPUExecutionProvider"
+        if not on_cpu or cores < 2:
             yield
             return
-        if self._narrow_session is None:
-            self._narrow_session = self._open_session(cores - 1)
+        with self._narrow_lock:
+            if self._narrow_session is None:
+                self._narrow_session = self._open_session(cores - 1)
         self._busy = busy
         try:
             yield
@@ -152,8 +156,8 @@ class OnnxRuntimeBackend:
         parts: list[list[Tensor]] = [[] for _ in self._outputs]
         for start in range(0, max(rows, 1), self.batch_size):
             feed = {name: array[start : start + self.batch_size] for name, array in inputs.items()}
-            busy = self._busy is not None and self._busy()
-            session = self._narrow_session if busy else self._session
+            busy = self._busy  # read once: another thread may leave its block meanwhile
+            session = self._narrow_session if busy is not None and busy() else self._session
             try:
                 results = session.run(list(self._outputs), feed)
             except Exception as error:
@@ -176,6 +180,13 @@ class OnnxRuntimeBackend:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _default_threads() -> int:
+    """The threads ONNX Runtime's default session runs: one per physical core, here capped by
+    the CPUs this process may use (a batch slot's cpuset), which ONNX Runtime ignores."""
+    physical = psutil.cpu_count(logical=False) or 1
+    return max(1, min(physical, len(os.sched_getaffinity(0))))
 
 
 def _tensor_spec(node: Any) -> TensorSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
@@ -11,6 +12,9 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 _POLL_SECONDS = 0.1
+BUSY_CPU_SHARE = 0.25
+"""The share of a core the producer must have used lately to count as at work."""
+_SAMPLE_SECONDS = 0.02
 
 
 class _End:
@@ -22,19 +26,28 @@ class _End:
 
 class Prefetched(Generic[T]):
     """The items a background producer made, in order; :attr:`producing` says whether the
-    producer is at work now, so the consumer can leave it a core."""
+    producer is at work on a CPU now, so the consumer can leave it a core."""
 
-    def __init__(self, items: queue.Queue[T | _End], finished: threading.Event) -> None:
+    def __init__(
+        self, items: queue.Queue[T | _End], finished: threading.Event, thread: threading.Thread
+    ) -> None:
         self._items = items
         self._finished = finished
+        self._ended = False
+        self._cpu_clock = _thread_cpu_clock(thread)
+        self._sample = (time.perf_counter(), self._cpu_seconds())
+        self._working = True
 
     def __iter__(self) -> Iterator[T]:
         return self
 
     def __next__(self) -> T:
+        if self._ended:
+            raise StopIteration
         item = self._items.get()
         if isinstance(item, _End):
             self._finished.set()
+            self._ended = True
             if item.error is not None:
                 raise item.error
             raise StopIteration
@@ -42,9 +55,37 @@ class Prefetched(Generic[T]):
 
     @property
     def producing(self) -> bool:
-        """Whether the producer is making an item now: it has not finished and is not
-        waiting for room in the queue."""
-        return not self._finished.is_set() and not self._items.full()
+        """Whether the producer is making an item on a CPU now: it has not finished, is not
+        waiting for room in the queue, and used at least :data:`BUSY_CPU_SHARE` of a core
+        lately (a reader waiting on a remote file needs no core)."""
+        if self._finished.is_set() or self._items.full():
+            return False
+        now = time.perf_counter()
+        then, cpu_then = self._sample
+        if now - then >= _SAMPLE_SECONDS:
+            cpu = self._cpu_seconds()
+            self._working = (cpu - cpu_then) / (now - then) >= BUSY_CPU_SHARE
+            self._sample = (now, cpu)
+        return self._working
+
+    def _cpu_seconds(self) -> float:
+        """The producer thread's CPU time; where it cannot be read, it counts as always busy."""
+        if self._cpu_clock is None:
+            return float("inf")
+        try:
+            return time.clock_gettime(self._cpu_clock)
+        except OSError:  # the thread has ended
+            return float("inf")
+
+
+def _thread_cpu_clock(thread: threading.Thread) -> int | None:
+    getcpuclockid = getattr(time, "pthread_getcpuclockid", None)  # POSIX only
+    if getcpuclockid is None or thread.ident is None:
+        return None
+    try:
+        return int(getcpuclockid(thread.ident))
+    except OSError:
+        return None
 
 
 @contextmanager
@@ -88,7 +129,7 @@ def prefetched(produce: Callable[[], Iterator[T]], *, depth: int = 1) -> Iterato
     thread = threading.Thread(target=work, name="bsym-prefetch", daemon=True)
     thread.start()
     try:
-        yield Prefetched(items, finished)
+        yield Prefetched(items, finished, thread)
     finally:
         stop.set()
         thread.join()
