@@ -35,7 +35,8 @@ class Prefetched(Generic[T]):
         self._finished = finished
         self._ended = False
         self._cpu_clock = _thread_cpu_clock(thread)
-        self._sample = (time.perf_counter(), self._cpu_seconds())
+        started = None if self._cpu_clock is None else _clock_seconds(self._cpu_clock)
+        self._sample = (time.perf_counter(), started or 0.0)
         self._working = True
 
     def __iter__(self) -> Iterator[T]:
@@ -46,7 +47,6 @@ class Prefetched(Generic[T]):
             raise StopIteration
         item = self._items.get()
         if isinstance(item, _End):
-            self._finished.set()
             self._ended = True
             if item.error is not None:
                 raise item.error
@@ -57,25 +57,27 @@ class Prefetched(Generic[T]):
     def producing(self) -> bool:
         """Whether the producer is making an item on a CPU now: it has not finished, is not
         waiting for room in the queue, and used at least :data:`BUSY_CPU_SHARE` of a core
-        lately (a reader waiting on a remote file needs no core)."""
+        lately (a reader waiting on a remote file needs no core). Where its CPU time cannot
+        be read, a producer that is neither finished nor waiting for room counts as at work."""
         if self._finished.is_set() or self._items.full():
             return False
+        if self._cpu_clock is None:
+            return True
         now = time.perf_counter()
         then, cpu_then = self._sample
         if now - then >= _SAMPLE_SECONDS:
-            cpu = self._cpu_seconds()
-            self._working = (cpu - cpu_then) / (now - then) >= BUSY_CPU_SHARE
-            self._sample = (now, cpu)
+            cpu = _clock_seconds(self._cpu_clock)
+            self._working = cpu is not None and (cpu - cpu_then) / (now - then) >= BUSY_CPU_SHARE
+            self._sample = (now, cpu_then if cpu is None else cpu)
         return self._working
 
-    def _cpu_seconds(self) -> float:
-        """The producer thread's CPU time; where it cannot be read, it counts as always busy."""
-        if self._cpu_clock is None:
-            return float("inf")
-        try:
-            return time.clock_gettime(self._cpu_clock)
-        except OSError:  # the thread has ended
-            return float("inf")
+
+def _clock_seconds(clock: int) -> float | None:
+    """The time of ``clock``; ``None`` once its thread has ended."""
+    try:
+        return time.clock_gettime(clock)
+    except OSError:
+        return None
 
 
 def _thread_cpu_clock(thread: threading.Thread) -> int | None:
